@@ -1,0 +1,349 @@
+"""The run configuration: typed sections, validated, saved next to the artefacts.
+
+A config is JSON (or TOML) with the sections below; every key is optional and
+unknown keys are refused (a typo must not silently fall back to a default).
+``FedloraConfig.to_dict()`` is the *resolved* config written to
+``RUN_DIR/config.json``; loading that file reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fedlora.errors import ConfigError
+
+CONFIG_FORMAT = "fedlora.config"
+CONFIG_VERSION = 1
+
+DEFAULT_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``path``: a local Hugging Face causal-LM checkpoint; null = the embedded default."""
+
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, f"lora.r must be ≥ 1, got {self.r}")
+        _require(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _require(len(self.target_modules) > 0, "lora.target_modules must name at least one module")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``path``: JSONL (``device``, ``text``) or a directory of per-device text files; null = embedded."""
+
+    path: str | None = None
+    partition: str = "natural"
+    dirichlet_alpha: float = 0.5
+    heldout_fraction: float = 0.1
+    server_fraction: float = 0.1
+    seq_len: int = 64
+
+    def __post_init__(self) -> None:
+        _require(
+            self.partition in ("natural", "iid", "dirichlet"),
+            f"data.partition must be natural, iid or dirichlet, got {self.partition!r}",
+        )
+        _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha must be > 0")
+        _require(0 < self.heldout_fraction < 1, "data.heldout_fraction must be in (0, 1)")
+        _require(0 < self.server_fraction < 1, "data.server_fraction must be in (0, 1)")
+        _require(8 <= self.seq_len <= 4096, f"data.seq_len must be in [8, 4096], got {self.seq_len}")
+
+
+@dataclass(frozen=True)
+class FleetSection:
+    """How many simulated devices, and how many the coordinator samples per round."""
+
+    num_devices: int = 20
+    devices_per_round: int = 10
+    min_devices: int = 3
+
+    def __post_init__(self) -> None:
+        _require(self.num_devices >= 2, f"fleet.num_devices must be ≥ 2, got {self.num_devices}")
+        _require(self.devices_per_round >= 1, "fleet.devices_per_round must be ≥ 1")
+        _require(self.min_devices >= 1, "fleet.min_devices must be ≥ 1")
+        _require(
+            self.min_devices <= self.devices_per_round,
+            "fleet.min_devices must be ≤ fleet.devices_per_round",
+        )
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    rounds: int = 5
+    local_steps: int = 10
+    batch_size: int = 16
+    learning_rate: float = 0.05
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, f"training.rounds must be ≥ 1, got {self.rounds}")
+        _require(self.local_steps >= 1, "training.local_steps must be ≥ 1")
+        _require(self.batch_size >= 1, "training.batch_size must be ≥ 1")
+        _require(
+            self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            "training.learning_rate must be a positive number",
+        )
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    """Record-level DP-SGD on each device.
+
+    Each device has a budget ``epsilon`` at ``delta``. With ``noise_multiplier``
+    null the device calibrates σ so that its whole planned schedule fits the
+    budget; with a fixed σ it trains until the next round would exceed the
+    budget, then declines (and the coordinator stops sampling it).
+    """
+
+    enabled: bool = True
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    accountant: str = "prv"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.epsilon > 0 and math.isfinite(self.epsilon),
+            f"privacy.epsilon must be a positive number, got {self.epsilon}",
+        )
+        _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
+        _require(self.max_grad_norm > 0, "privacy.max_grad_norm must be > 0")
+        _require(
+            self.noise_multiplier is None or self.noise_multiplier > 0,
+            "privacy.noise_multiplier must be > 0 (or null to calibrate it from epsilon)",
+        )
+        _require(
+            self.accountant in ("prv", "rdp"),
+            f"privacy.accountant must be prv or rdp, got {self.accountant!r}",
+        )
+
+
+@dataclass(frozen=True)
+class SecAggSection:
+    """Flower SecAgg+ parameters. Only the adapter update is masked."""
+
+    enabled: bool = True
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.6
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _require(0 < self.num_shares <= 1, "secagg.num_shares is a fraction in (0, 1]")
+        _require(
+            0 < self.reconstruction_threshold <= 1,
+            "secagg.reconstruction_threshold is a fraction in (0, 1]",
+        )
+        _require(self.clipping_range > 0, "secagg.clipping_range must be > 0")
+        _require(self.quantization_range >= 2**8, "secagg.quantization_range must be ≥ 256")
+        _require(self.timeout_s > 0, "secagg.timeout_s must be > 0 (Flower's None waits forever)")
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    enabled: bool = True
+    formats: tuple[str, ...] = ("int8",)
+
+
+@dataclass(frozen=True)
+class FedloraConfig:
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    fleet: FleetSection = field(default_factory=FleetSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    secagg: SecAggSection = field(default_factory=SecAggSection)
+    export: ExportSection = field(default_factory=ExportSection)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.fleet.devices_per_round <= self.fleet.num_devices,
+            f"fleet.devices_per_round ({self.fleet.devices_per_round}) exceeds "
+            f"fleet.num_devices ({self.fleet.num_devices})",
+        )
+        if self.secagg.enabled:
+            _require(
+                self.fleet.min_devices >= 3,
+                "SecAgg+ needs at least 3 devices per round: raise fleet.min_devices "
+                "or disable secagg",
+            )
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION}
+        out.update(_to_plain(self))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FedloraConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("config must be a JSON object with sections like 'training'")
+        data = dict(data)
+        fmt = data.pop("format", CONFIG_FORMAT)
+        version = data.pop("version", CONFIG_VERSION)
+        _require(fmt == CONFIG_FORMAT, f"not a fedlora config (format {fmt!r})")
+        _require(version == CONFIG_VERSION, f"unsupported config version {version}")
+        return _from_plain(cls, data, "")
+
+    def replace(self, **sections: Any) -> FedloraConfig:
+        """A copy with some fields replaced, e.g. ``replace(training={"rounds": 3})``."""
+        merged = self.to_dict()
+        for name, value in sections.items():
+            if isinstance(value, dict):
+                merged.setdefault(name, {}).update(value)
+            else:
+                merged[name] = value
+        return FedloraConfig.from_dict(merged)
+
+
+def load_config(path: str | Path) -> FedloraConfig:
+    """Read a JSON or TOML config file; every error is one ConfigError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        else:
+            data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        kind = "TOML" if p.suffix == ".toml" else "JSON"
+        raise ConfigError(f"config file {p} is not valid {kind}: {exc}") from None
+    try:
+        return FedloraConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+# ---------------------------------------------------------------- plumbing
+T = TypeVar("T")
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: str, where: str) -> Any:
+    """Check ``value`` against the annotation string ``tp`` (fields use PEP 563 strings)."""
+    optional = tp.endswith("| None")
+    base = tp.removesuffix("| None").strip()
+    if value is None:
+        _require(optional, f"{where} must not be null")
+        return None
+    if base == "bool":
+        _require(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
+        return value
+    if base == "int":
+        _require(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"{where} must be an integer, got {value!r}",
+        )
+        return value
+    if base == "float":
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{where} must be a number, got {value!r}",
+        )
+        return float(value)
+    if base == "str":
+        _require(isinstance(value, str), f"{where} must be a string, got {value!r}")
+        return value
+    if base == "tuple[str, ...]":
+        _require(
+            isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+            f"{where} must be a list of strings, got {value!r}",
+        )
+        return tuple(value)
+    raise AssertionError(f"unhandled config type {tp} at {where}")  # programming error
+
+
+def _from_plain(cls: type[T], data: dict[str, Any], prefix: str) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]!r}; valid keys"
+            f"{' in ' + prefix if prefix else ''}: {', '.join(sorted(fields))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = fields[name]
+        where = f"{prefix}.{name}" if prefix else name
+        sub = _SECTIONS.get(str(f.type))
+        if sub is not None:
+            _require(isinstance(value, dict), f"config section {where!r} must be an object")
+            kwargs[name] = _from_plain(sub, value, where)
+        else:
+            kwargs[name] = _coerce(value, str(f.type), where)
+    return cls(**kwargs)
+
+
+_SECTIONS: dict[str, type] = {
+    "ModelSection": ModelSection,
+    "LoraSection": LoraSection,
+    "DataSection": DataSection,
+    "FleetSection": FleetSection,
+    "TrainingSection": TrainingSection,
+    "PrivacySection": PrivacySection,
+    "SecAggSection": SecAggSection,
+    "ExportSection": ExportSection,
+}
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> FedloraConfig:
+    """Resolve the config a Flower app was started with (``flwr run`` or ``fedlora``).
+
+    ``fedlora-config-json`` carries a resolved config inline (what ``fedlora``
+    passes); ``fedlora-config`` names a config file (what ``pyproject.toml``
+    passes to ``flwr run .``); neither means the built-in defaults.
+    """
+    inline = run_config.get("fedlora-config-json")
+    if isinstance(inline, str) and inline:
+        return FedloraConfig.from_dict(json.loads(inline))
+    path = run_config.get("fedlora-config")
+    if isinstance(path, str) and path:
+        return load_config(path)
+    return FedloraConfig()

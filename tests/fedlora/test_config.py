@@ -1,0 +1,73 @@
+"""Config: defaults, validation, unknown keys, round trip, file loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedlora.config import FedloraConfig, config_from_run_config, load_config
+from fedlora.errors import ConfigError
+
+
+def test_defaults_meet_the_promised_run():
+    cfg = FedloraConfig()
+    assert cfg.fleet.num_devices >= 20 and cfg.training.rounds >= 5
+    assert cfg.privacy.enabled and cfg.privacy.epsilon <= 8 and cfg.privacy.delta <= 1e-5
+    assert cfg.secagg.enabled
+
+
+def test_round_trip_through_dict_and_json(tmp_path):
+    cfg = FedloraConfig().replace(training={"rounds": 3}, seed=7, lora={"target_modules": ["q_proj"]})
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    again = load_config(path)
+    assert again == cfg and again.lora.target_modules == ("q_proj",)
+
+
+def test_toml_config(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("seed = 3\n[training]\nrounds = 2\n")
+    cfg = load_config(path)
+    assert cfg.seed == 3 and cfg.training.rounds == 2
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"trainig": {}}, "unknown config key 'trainig'"),
+        ({"training": {"roundz": 3}}, r"unknown config key training\.'roundz'"),
+        ({"training": {"rounds": "5"}}, "must be an integer"),
+        ({"training": {"rounds": True}}, "must be an integer"),
+        ({"privacy": {"epsilon": 0}}, "epsilon must be a positive"),
+        ({"privacy": {"epsilon": -1.0}}, "epsilon must be a positive"),
+        ({"privacy": {"delta": 1.5}}, "delta must be in"),
+        ({"privacy": {"accountant": "gdp"}}, "prv or rdp"),
+        ({"fleet": {"num_devices": 4, "devices_per_round": 10}}, "exceeds"),
+        ({"data": {"partition": "random"}}, "natural, iid or dirichlet"),
+        ({"training": []}, "must be an object"),
+        ({"fleet": {"min_devices": 2, "devices_per_round": 5}}, "SecAgg\\+ needs at least 3"),
+    ],
+)
+def test_invalid_configs_are_refused_with_one_line(data, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        FedloraConfig.from_dict(data)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(bad)
+
+
+def test_run_config_resolution(tmp_path):
+    cfg = FedloraConfig().replace(seed=11)
+    assert config_from_run_config({"fedlora-config-json": json.dumps(cfg.to_dict())}) == cfg
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"seed": 5}))
+    assert config_from_run_config({"fedlora-config": str(path)}).seed == 5
+    assert config_from_run_config({}) == FedloraConfig()
