@@ -1,0 +1,223 @@
+"""PRV accountant (Gopi, Lee, Wutschitz 2021), the default: tight ε for DP-SGD.
+
+Wraps the ``prv_accountant`` package (the authors' code): its grid
+(``Domain``), the mean of the truncated privacy random variable (PRV) of the
+Poisson-subsampled Gaussian, and its (ε, δ) read-out with error bounds. The
+discretisation and composition are done here because the package's are slow for
+our use (called per device per round, and ~10 times per calibration):
+
+* the package evaluates the PRV's CDF and composes pmfs in ``longdouble`` on a
+  grid whose length is often far from FFT-friendly; here the grid length is
+  rounded up to an even 5-smooth number, the CDF is evaluated once per cell edge
+  in float64 (as its survival function, accurate in the upper tail that δ depends
+  on; tests check it against the package's CDF) and the FFT runs in float64 as
+  Opacus does — ~15x faster, same ε to 5 decimals;
+* every group of identical (σ, q) is self-composed ``steps`` times and all
+  groups are multiplied in Fourier space at once (one inverse FFT);
+* the truncation domain is sized by the package's rule (Gopi et al. Remark 5.6) but
+  from our cached, vectorised RDP instead of its per-call RDP loop.
+
+Claims use the UPPER bound: ``ε_estimate + eps_error`` evaluated at
+``δ - delta_error`` (or RDP's bound if smaller, which happens only for tiny ε).
+Results are cached per (history, δ, settings).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import numpy.typing as npt
+from prv_accountant import PoissonSubsampledGaussianMechanism
+from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
+from prv_accountant.domain import Domain
+from prv_accountant.privacy_random_variables import PrivacyRandomVariableTruncated
+from scipy import fft, special
+
+from fedlora.errors import PrivacyError
+from privacy.accountants.base import Accountant, History, check_delta
+from privacy.accountants.rdp import rdp_epsilon
+
+DEFAULT_EPS_ERROR = 0.01
+"""Absolute slack on ε; the reported upper bound is at most ~2x this above the true ε."""
+
+DEFAULT_DELTA_ERROR_RATIO = 1e-3
+"""delta_error = δ / 1000, as Opacus and the package's examples use."""
+
+DEFAULT_MAX_GRID = 2**21
+"""Largest discretisation grid; beyond it the mesh is coarsened and eps_error grows to match."""
+
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def survival(t: FloatArray, sample_rate: float, noise_multiplier: float) -> FloatArray:
+    """P[Y > t] for the PRV Y of one Poisson-subsampled Gaussian step.
+
+    With ``z = log((q - 1 + e^t) / q)``:
+    ``P[Y > t] = q/2·erfc((2σ²z - 1) / (2√2σ)) + (1-q)/2·erfc((2σ²z + 1) / (2√2σ))``
+    for ``t > log(1 - q)`` and 1 below (the package's ``cdf`` is 1 minus this).
+    """
+    q, sigma = sample_rate, noise_multiplier
+    t = np.asarray(t, dtype=np.float64)
+    floor = math.log1p(-q) if q < 1.0 else -math.inf
+    live = t > floor
+    tl = np.where(live, t, 1.0)
+    with np.errstate(over="ignore", divide="ignore"):
+        # z computed without overflow for large t and without cancellation near 0.
+        z_pos = tl - math.log(q) + np.log1p((q - 1.0) * np.exp(-np.abs(tl)))
+        z_neg = np.log1p(np.expm1(np.minimum(tl, 0.0)) / q)
+    z = np.where(tl > 0, z_pos, z_neg)
+    scale = 2.0 * math.sqrt(2.0) * sigma
+    tail = q / 2.0 * special.erfc((2.0 * sigma**2 * z - 1.0) / scale) + (
+        1.0 - q
+    ) / 2.0 * special.erfc((2.0 * sigma**2 * z + 1.0) / scale)
+    out: FloatArray = np.where(live, tail, 1.0)
+    return out
+
+
+def _discretise(
+    sample_rate: float, noise_multiplier: float, domain: Domain
+) -> tuple[FloatArray, float]:
+    """Cell-centred pmf of the PRV truncated to the domain, and the shift that fixes its mean.
+
+    As ``prv_accountant.discretisers.CellCentred``: cell i holds the mass of
+    ``[t_i - dt/2, t_i + dt/2]`` and the grid is shifted so the discrete mean
+    equals the continuous (truncated) mean.
+    """
+    size, dt, t_min, t_max = len(domain), domain.dt(), domain.t_min(), domain.t_max()
+    edges = np.clip(t_min - dt / 2.0 + dt * np.arange(size + 1), t_min, t_max)
+    sf = survival(edges, sample_rate, noise_multiplier)
+    pmf: FloatArray = -np.diff(sf) / (sf[0] - sf[-1])
+    centres = t_min + dt * np.arange(size)
+    prv = PoissonSubsampledGaussianMechanism(
+        sampling_probability=sample_rate, noise_multiplier=noise_multiplier
+    )
+    with np.errstate(over="ignore"):  # the package's CDF overflows harmlessly far out
+        mean = float(PrivacyRandomVariableTruncated(prv, t_min, t_max).mean())
+    shift = mean - float(np.dot(centres, pmf))
+    if not abs(shift) < dt / 2.0:
+        raise PrivacyError(
+            f"PRV accountant cannot discretise sigma={noise_multiplier}, q={sample_rate}: "
+            "the discrete mean is off by more than half a cell"
+        )
+    return pmf, shift
+
+
+def _int_power(x: npt.NDArray[np.complex128], n: int) -> npt.NDArray[np.complex128]:
+    """x**n by repeated squaring (numpy's complex power goes through exp/log for large n)."""
+    result: npt.NDArray[np.complex128] | None = None
+    base = x
+    while True:
+        if n & 1:
+            result = base if result is None else result * base
+        n >>= 1
+        if not n:
+            break
+        base = base * base
+    assert result is not None  # n >= 1
+    return result
+
+
+def _even_fast_len(n: int) -> int:
+    """Smallest even 5-smooth integer >= n (a fast real-FFT length)."""
+    m = int(fft.next_fast_len(n, real=True))
+    while m % 2:
+        m = int(fft.next_fast_len(m + 1, real=True))
+    return m
+
+
+def _domain_half_width(history: History, eps_error: float, delta_error: float) -> float:
+    """Truncation bound L for the composed PRV (Gopi et al. Remark 5.6, as ``prv_accountant``)."""
+    total = sum(n for _, _, n in history)
+    bound = rdp_epsilon(history, delta_error / 4.0)
+    for sigma, q, _ in history:
+        bound = max(bound, rdp_epsilon(((sigma, q, 1),), delta_error / 8.0 / total))
+    return max(bound, eps_error) + 3.0
+
+
+@lru_cache(maxsize=2048)
+def prv_epsilon_bounds(
+    history: History,
+    delta: float,
+    eps_error: float = DEFAULT_EPS_ERROR,
+    delta_error_ratio: float = DEFAULT_DELTA_ERROR_RATIO,
+    max_grid: int = DEFAULT_MAX_GRID,
+) -> tuple[float, float, float]:
+    """(lower, estimate, upper) ε at ``delta`` of a non-empty history ``((σ, q, steps), ...)``."""
+    total = sum(n for _, _, n in history)
+    delta_error = delta * delta_error_ratio
+    half_width = _domain_half_width(history, eps_error, delta_error)
+
+    # Mesh from Gopi et al. Theorem 5.5 for the requested eps_error; a grid of
+    # t_i = (i - a)·mesh, i = 0..N-1 with N = 2a + 2 even and FFT-friendly.
+    error_per_mesh = math.sqrt(total / 2.0 * math.log(12.0 / delta_error))
+    mesh = eps_error / error_per_mesh
+    size = _even_fast_len(2 * math.ceil(half_width / mesh) + 2)
+    if size > max_grid:  # keep memory bounded when ε is huge; pay in eps_error instead
+        size = max_grid
+        mesh = half_width / (size / 2 - 1)
+    eps_error = mesh * error_per_mesh
+    a = size // 2 - 1
+    domain = Domain(-a * mesh, (a + 1) * mesh, size)
+
+    spectrum: npt.NDArray[np.complex128] | None = None
+    shift = 0.0
+    for sigma, q, steps in history:
+        pmf, group_shift = _discretise(q, sigma, domain)
+        group = _int_power(fft.rfft(pmf), steps)
+        spectrum = group if spectrum is None else spectrum * group
+        shift += steps * group_shift
+    assert spectrum is not None  # history is non-empty
+
+    # The sum of `total` grid values (i_r - a)·mesh has index Σ i_r; put the
+    # value (i - a)·mesh back at index i: roll by -(total - 1)·a (mod N).
+    pmf = np.roll(fft.irfft(spectrum, n=size), -((total - 1) * a) % size)
+    # This PRV has no mass at infinity (log_pmc_inf = 0).
+    composed = DiscretePrivacyRandomVariable(pmf, domain.shift_right(shift))
+    try:
+        lower, estimate, upper = composed.compute_epsilon(delta, delta_error, eps_error)
+    except (ValueError, RuntimeError) as err:
+        raise PrivacyError(
+            f"PRV accountant cannot compute epsilon at delta={delta}: {err}"
+        ) from None
+    return max(0.0, lower), max(0.0, estimate), max(0.0, upper)
+
+
+class PRVAccountant(Accountant):
+    """Privacy-random-variable accountant; reports the upper bound of ε.
+
+    ``get_epsilon`` is the PRV upper bound, or the RDP bound where that is
+    smaller (only for tiny ε); ``get_epsilon_bounds`` gives the PRV's own
+    (lower, estimate, upper).
+    """
+
+    name = "prv"
+
+    def __init__(
+        self,
+        eps_error: float = DEFAULT_EPS_ERROR,
+        delta_error_ratio: float = DEFAULT_DELTA_ERROR_RATIO,
+    ) -> None:
+        super().__init__()
+        if not (0.0 < eps_error <= 1.0) or not (0.0 < delta_error_ratio < 1.0):
+            raise PrivacyError(
+                "PRV accountant needs 0 < eps_error <= 1 and 0 < delta_error_ratio < 1, "
+                f"got {eps_error!r}, {delta_error_ratio!r}"
+            )
+        self.eps_error = float(eps_error)
+        self.delta_error_ratio = float(delta_error_ratio)
+
+    def _epsilon(self, history: History, delta: float) -> float:
+        upper = prv_epsilon_bounds(history, delta, self.eps_error, self.delta_error_ratio)[2]
+        # Both are upper bounds; RDP is only the smaller one when ε is tiny and the
+        # PRV's eps_error slack dominates (e.g. ε ≈ 0.005 reported as 0.015).
+        return min(upper, rdp_epsilon(history, delta))
+
+    def get_epsilon_bounds(self, delta: float) -> tuple[float, float, float]:
+        """(lower, estimate, upper) ε at ``delta``; ``get_epsilon`` returns the upper one."""
+        delta = check_delta(delta)
+        if not self.history:
+            return (0.0, 0.0, 0.0)
+        return prv_epsilon_bounds(self.history, delta, self.eps_error, self.delta_error_ratio)
