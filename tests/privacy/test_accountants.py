@@ -192,9 +192,10 @@ class AccountantContract:
 class TestPRVAccountant(AccountantContract):
     name = "prv"
     expected = (
-        # prv_accountant 0.2.0's own PRVAccountant(eps_error=0.01, delta_error=δ/1000), upper
-        (((1.0, 0.1, 500),), 1e-5, 16.575977, 1e-5),
-        (((1.0, 0.1, 200), (1.5, 0.1, 100), (0.9, 0.2, 50)), 1e-5, 16.779052, 1e-5),
+        # Opacus 1.6 PRVAccountant (eps_error=0.01, delta_error=δ/1000), its upper bound
+        (((1.0, 0.1, 500),), 1e-5, 16.572575, 1e-6),
+        (((1.0, 0.1, 200), (1.5, 0.1, 100), (0.9, 0.2, 50)), 1e-5, 16.777691, 1e-6),
+        (((0.7, 0.2, 300),), 1e-5, 55.156127, 1e-6),  # prv_accountant 0.2.0 itself fails here
     )
 
     def gaussian_bounds(self, steps, sigma, delta):
