@@ -1,0 +1,93 @@
+"""The registry of export formats: one module per format, one entry here each.
+
+A format turns the merged fp32 checkpoint into a device artefact (``write``) and
+loads that artefact back as something with the transformers causal-LM call
+signature (``load``), so :func:`fedlora.export.export_run` can measure it against
+the merged model and hold it to ``default_gate``. Adding a format (GGUF for
+llama.cpp, say) is a new module plus one :func:`register_format` call; the
+pipeline and the manifest need no change.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import ConfigError
+from fedlora.export import int8
+from fedlora.export.quality import QualityGate
+
+MERGED = "merged-fp32"
+"""Name of the artefact every export has: the adapter merged into the base, fp32."""
+
+MERGED_DIR = "merged"
+"""Directory of the merged checkpoint inside an export."""
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+MERGED_GATE = QualityGate(max_kl=1e-6, min_top1_agreement=0.99)
+"""Merged vs base+adapter should differ only by fp32 rounding; more means a bad merge."""
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """How to write one kind of artefact from the merged checkpoint and load it back."""
+
+    name: str
+    """Artefact name, directory name under the export and key of the ``gate`` dict."""
+    file_format: str
+    """Container of the weights, recorded in the manifest (``safetensors``, ``gguf``)."""
+    quantization: str
+    """Scheme recorded in the manifest (``int8-weight-only-per-channel``)."""
+    write: Callable[[Path, Path], Path]
+    """``(merged_dir, out_dir) -> out_dir``: write the artefact's files into ``out_dir``."""
+    load: Callable[[Path], Any]
+    """``artefact_dir -> model``: a runnable model whose logits the quality check compares."""
+    default_gate: QualityGate
+
+
+_FORMATS: dict[str, ExportFormat] = {}
+
+
+def register_format(fmt: ExportFormat, *, replace: bool = False) -> None:
+    """Make ``fmt`` available to ``export_run(formats=...)`` under ``fmt.name``."""
+    if fmt.name in (MERGED, MERGED_DIR) or not _NAME.fullmatch(fmt.name):
+        raise ConfigError(
+            f"export format name {fmt.name!r} is reserved or not a plain directory name: "
+            "use lowercase letters, digits, '-' or '_' and not 'merged'"
+        )
+    if fmt.name in _FORMATS and not replace:
+        raise ConfigError(f"export format {fmt.name!r} is already registered: pass replace=True")
+    _FORMATS[fmt.name] = fmt
+
+
+def unregister_format(name: str) -> None:
+    _FORMATS.pop(name, None)
+
+
+def available_formats() -> tuple[str, ...]:
+    return tuple(sorted(_FORMATS))
+
+
+def get_format(name: str) -> ExportFormat:
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown export format {name!r}: choose from {list(available_formats())}"
+        ) from None
+
+
+register_format(
+    ExportFormat(
+        name="int8",
+        file_format="safetensors",
+        quantization=int8.SCHEME,
+        write=lambda merged, out: int8.quantize_int8(merged, out),
+        load=lambda path: int8.load_int8_model(path),
+        default_gate=QualityGate(max_kl=1e-3, min_top1_agreement=0.98),
+    )
+)
