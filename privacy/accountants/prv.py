@@ -97,10 +97,11 @@ def _truncated_mean(
         return (float(survival(np.array([t]), q, sigma)[0]) - float(s_max)) / mass
 
     start = max(t_min, math.log1p(-q)) if q < 1.0 else t_min  # the tail is 1 below log(1-q)
-    points = [start, 0.0, t_max]
+    # Log-spaced cuts from ±1e-5 towards the ends (endpoint excluded: a cut that
+    # rounds to next to an end would leave quad a zero-width piece to complain about).
+    points = [start, 0.0, t_max, *np.logspace(-5.0, math.log10(t_max), 10, endpoint=False)]
     if start < -1e-5:
-        points += list(-np.logspace(math.log10(-start), -5.0, 10))
-    points += list(np.logspace(-5.0, math.log10(t_max), 10))
+        points += list(-np.logspace(-5.0, math.log10(-start), 10, endpoint=False))
     cuts = sorted({float(p) for p in points if start <= p <= t_max})
     total = start - t_min
     for a, b in itertools.pairwise(cuts):
