@@ -1,0 +1,51 @@
+"""fedlora.privacy: events, ledger, accountants, noise calibration and the privacy report.
+
+Imports no torch and no Flower, so the coordinator, the report tooling and the
+tests can use it alone. Typical use on a device, before each round::
+
+    from privacy import DPSGDEvent, PrivacyLedger, epsilon_after
+
+    event = DPSGDEvent(device="d1", round=r, noise_multiplier=sigma,
+                       sample_rate=q, steps=steps, delta=1e-5)
+    if epsilon_after(ledger.events, event, delta=1e-5) > budget:
+        raise BudgetExhaustedError(...)
+    ...train...
+    ledger.append(event)
+    ledger.save(path)
+"""
+
+from privacy.accountants import (
+    ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
+    Accountant,
+    PRVAccountant,
+    RDPAccountant,
+    epsilon_for,
+    get_accountant,
+)
+from privacy.calibrate import calibrate_noise_multiplier, epsilon_after
+from privacy.events import MECHANISMS, POISSON_SUBSAMPLED_GAUSSIAN, DPSGDEvent
+from privacy.ledger import LEDGER_FORMAT, LEDGER_VERSION, PrivacyLedger
+from privacy.report import REPORT_FORMAT, REPORT_VERSION, build_report, write_report
+
+__all__ = [
+    "ACCOUNTANTS",
+    "DEFAULT_ACCOUNTANT",
+    "LEDGER_FORMAT",
+    "LEDGER_VERSION",
+    "MECHANISMS",
+    "POISSON_SUBSAMPLED_GAUSSIAN",
+    "REPORT_FORMAT",
+    "REPORT_VERSION",
+    "Accountant",
+    "DPSGDEvent",
+    "PRVAccountant",
+    "PrivacyLedger",
+    "RDPAccountant",
+    "build_report",
+    "calibrate_noise_multiplier",
+    "epsilon_after",
+    "epsilon_for",
+    "get_accountant",
+    "write_report",
+]
