@@ -71,14 +71,13 @@ def _solve(
 ) -> float:
     """Smallest feasible σ (``eps(σ) <= target``) to ``rtol``, from a feasible ``sigma``.
 
-        Works on ``x = log σ`` and ``y = log(ε(σ) - base)`` where ``base`` is the ε of
-        the history alone: the planned rounds' share of ε falls roughly like a power
-        of σ, so y is nearly linear in x and secant steps land close. First steps
-        down until infeasible (extrapolating, overshooting by 30 %), then shrinks the
-        bracket with secant guesses straddled by ±0.45·log(1+rtol) so a good guess
-        closes it in two evaluations; two rounds in a row that do not halve it add a
-    bisection step.
-        Returns ``min_sigma`` if even that is feasible.
+    Works on ``x = log σ`` and ``y = log(ε(σ) - base)`` where ``base`` (< target)
+    is the ε of the history alone: the planned rounds' share of ε falls roughly
+    like a power of σ, so y is nearly linear in x and secant steps land close.
+    First steps down until infeasible (extrapolating, overshooting by 30 %), then
+    shrinks the bracket with secant guesses straddled by ±0.45·log(1+rtol), so a
+    good guess closes it in two evaluations; two rounds in a row that do not
+    halve it add a bisection step. Returns ``min_sigma`` if even that is feasible.
     """
     goal = math.log(target - base)
     floor = math.log(min_sigma)
@@ -106,9 +105,7 @@ def _solve(
         return xb + (goal - yb) / slope
 
     # 1. Step down until infeasible: ε ∝ 1/σ as a first guess, then extrapolate.
-    for _ in range(_MAX_ITERATIONS):
-        if lo_x is not None:
-            break
+    while lo_x is None:  # each step goes down by at least 5 % or reaches the floor
         if hi_x <= floor:
             return min_sigma
         step = min(max((hi_x - secant(default_slope=-1.0)) * 1.3, math.log(1.05)), math.log(10))
@@ -193,8 +190,8 @@ def calibrate_noise_multiplier(
         sigma = _solve(rdp, target, eps_spent, max_sigma, rdp_max, min_sigma, rtol)
         return _finish(rdp, target, sigma)
     hi = max_sigma
-    if rdp_max <= target:
-        rdp_spent = epsilon_for(spent, delta, "rdp")
+    rdp_spent = epsilon_for(spent, delta, "rdp")
+    if rdp_max <= target and rdp_spent < target:
         hi = _solve(rdp, target, rdp_spent, max_sigma, rdp_max, min_sigma, rtol=0.02)
 
     # 2. Refine with the chosen accountant from the RDP answer.

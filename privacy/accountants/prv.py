@@ -174,6 +174,8 @@ def prv_epsilon_bounds(
     max_grid: int = DEFAULT_MAX_GRID,
 ) -> tuple[float, float, float]:
     """(lower, estimate, upper) ε at ``delta`` of a non-empty history ``((σ, q, steps), ...)``."""
+    if not history or any(n < 1 for _, _, n in history):
+        raise PrivacyError("PRV accountant needs a history of groups with steps >= 1")
     total = sum(n for _, _, n in history)
     delta_error = delta * delta_error_ratio
     half_width = _domain_half_width(history, eps_error, delta_error)
