@@ -1,0 +1,36 @@
+# The README's two commands:
+#   make run    install fedlora and run a simulated fleet on the embedded model and data
+#   make test   install the dev tools and run lint, type checks and the test suite
+VENV ?= .venv
+RUN_DIR ?= runs/default
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+# Flower would install app dependencies at run time; everything is installed up front.
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
+
+.PHONY: install install-dev run test lint typecheck unit clean
+
+install:
+	scripts/install.sh
+
+install-dev:
+	scripts/install.sh dev
+
+run: install
+	$(VENV)/bin/fedlora simulate --out $(RUN_DIR) --force
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck:
+	$(VENV)/bin/mypy
+
+unit:
+	$(VENV)/bin/pytest -m "not slow"
+
+test: install-dev lint typecheck
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,131 @@
+"""Per-process state shared by every device or coordinator task in one worker.
+
+A simulation worker (a Ray actor) serves many devices in turn. Building the
+base model, the LoRA wrapper and the fleet's data once per process — not once
+per device or per round — is what keeps a fleet of hundreds of devices cheap.
+Everything here is keyed by the parts of the config it depends on, so two runs
+with different configs in one process never share state by accident.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from fedlora.config import FedloraConfig
+
+if TYPE_CHECKING:
+    from fedlora.data.fleet import Fleet
+
+_MAX_ENCODED = 32
+_lock = threading.RLock()
+_models: dict[tuple[Any, ...], ModelBundle] = {}
+_fleets: dict[tuple[Any, ...], Fleet] = {}
+_encoded: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@dataclass
+class ModelBundle:
+    """The base model with the LoRA adapter attached, its tokenizer and the initial adapter."""
+
+    model: Any  # peft.PeftModel
+    tokenizer: Any
+    initial_arrays: list[np.ndarray]
+    names: list[str]
+
+
+def resolve_model_path(cfg: FedloraConfig) -> Path:
+    """The checkpoint to fine-tune: the user's ``model.path`` or the embedded default."""
+    from fedlora.model import default_model_path
+
+    if cfg.model.path:
+        return Path(cfg.model.path)
+    return default_model_path()
+
+
+def model_bundle(cfg: FedloraConfig) -> ModelBundle:
+    """Load the base model once per process and attach the configured LoRA adapter.
+
+    The adapter's initial values come from ``cfg.seed``, so the coordinator and
+    every device agree on the starting point without sending it.
+    """
+    from fedlora.adapter import LoraSettings, adapter_names, attach_lora, get_adapter_arrays
+    from fedlora.model import load_base_model
+
+    path = resolve_model_path(cfg)
+    key = (str(path), cfg.lora, cfg.seed)
+    with _lock:
+        bundle = _models.get(key)
+        if bundle is None:
+            base, tokenizer = load_base_model(path)
+            torch.manual_seed(cfg.seed)
+            settings = LoraSettings(
+                r=cfg.lora.r,
+                alpha=cfg.lora.alpha,
+                dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules,
+            )
+            model = attach_lora(base, settings)
+            bundle = ModelBundle(
+                model=model,
+                tokenizer=tokenizer,
+                initial_arrays=get_adapter_arrays(model),
+                names=adapter_names(model),
+            )
+            _models[key] = bundle
+        return bundle
+
+
+def fleet(cfg: FedloraConfig) -> Fleet:
+    """The simulated fleet's data, partitioned deterministically from the config's seed."""
+    from fedlora.data.fleet import build_fleet
+
+    d = cfg.data
+    key = (d.path, d.partition, d.dirichlet_alpha, d.heldout_fraction, d.server_fraction,
+           cfg.fleet.num_devices, cfg.seed)  # fmt: skip
+    with _lock:
+        f = _fleets.get(key)
+        if f is None:
+            f = build_fleet(
+                d.path,
+                num_devices=cfg.fleet.num_devices,
+                partition=d.partition,
+                alpha=d.dirichlet_alpha,
+                seed=cfg.seed,
+                heldout_fraction=d.heldout_fraction,
+                server_fraction=d.server_fraction,
+            )
+            _fleets[key] = f
+        return f
+
+
+def encoded(
+    cfg: FedloraConfig, name: str, texts: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``texts`` (one record = one sequence), cached by name."""
+    from fedlora.data.tokenize import encode_texts
+
+    path = resolve_model_path(cfg)
+    key = (str(path), cfg.data.seq_len, name, len(texts), hash(texts))
+    with _lock:
+        hit = _encoded.get(key)
+        if hit is None:
+            tokenizer = model_bundle(cfg).tokenizer
+            hit = encode_texts(tokenizer, list(texts), cfg.data.seq_len)
+            if len(_encoded) >= _MAX_ENCODED:  # bounded: a worker serves many devices
+                _encoded.pop(next(iter(_encoded)))
+            _encoded[key] = hit
+        return hit
+
+
+def clear() -> None:
+    """Forget every cached model and dataset (tests use this between configs)."""
+    with _lock:
+        _models.clear()
+        _fleets.clear()
+        _encoded.clear()

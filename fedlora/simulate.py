@@ -1,0 +1,205 @@
+"""``fedlora simulate``: a whole simulated fleet on this machine, start to finish.
+
+Order of work, so that bad input costs nothing: resolve and validate the config,
+read the data and the model (every user error surfaces here, before RUN_DIR
+exists) → write ``config.json`` and ``run.json`` (status "running") → run
+Flower's simulation engine with the coordinator (ServerApp) and the device
+clients (ClientApp) → the coordinator writes the adapter, ledger, report and
+export → ``run.json`` becomes "complete". A run that dies leaves ``run.json``
+saying "failed" with the reason, never a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from fedlora import __version__
+from fedlora.config import FedloraConfig
+from fedlora.errors import ConfigError, FedloraError
+
+RUN_FORMAT = "fedlora.run"
+
+
+def versions() -> dict[str, str]:
+    import flwr
+    import opacus
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "fedlora": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
+        "opacus": opacus.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def prepare(cfg: FedloraConfig) -> dict[str, Any]:
+    """Load data and model once up front, so every user error is raised before a run starts."""
+    from fedlora import runtime
+
+    fleet = runtime.fleet(cfg)
+    if len(fleet.devices) < cfg.fleet.devices_per_round:
+        raise ConfigError(
+            f"the data has {len(fleet.devices)} devices but fleet.devices_per_round is "
+            f"{cfg.fleet.devices_per_round}: lower it or use more devices"
+        )
+    bundle = runtime.model_bundle(cfg)
+    return {
+        "devices": len(fleet.devices),
+        "train_records": sum(len(d.train) for d in fleet.devices),
+        "server_eval_records": len(fleet.server_eval),
+        "model_path": str(runtime.resolve_model_path(cfg)),
+        "adapter_tensors": len(bundle.names),
+        "adapter_parameters": int(sum(a.size for a in bundle.initial_arrays)),
+        "data_description": fleet.description,
+    }
+
+
+def check_run_dir(run_dir: Path, force: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise ConfigError(
+            f"run directory {run_dir} already exists and is not empty: "
+            "pick a new --out or pass --force to overwrite it"
+        )
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def simulate(
+    cfg: FedloraConfig,
+    run_dir: Path,
+    *,
+    force: bool = False,
+    verbose: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run the simulated fleet; returns the run summary (also written to ``run.json``)."""
+    import shutil
+
+    check_run_dir(run_dir, force)
+    info = prepare(cfg)
+
+    if run_dir.exists() and force:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    _write_json(
+        run_dir / "config.json",
+        {**cfg.to_dict(), "resolved": info, "versions": versions()},
+    )
+    status: dict[str, Any] = {"format": RUN_FORMAT, "status": "running", "started": time.time()}
+    _write_json(run_dir / "run.json", status)
+
+    t0 = time.perf_counter()
+    try:
+        rows, coordinator = _run_engine(cfg, run_dir, info, verbose, show_progress)
+    except BaseException as exc:  # record the failure, then let the CLI report it
+        status.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        _write_json(run_dir / "run.json", status)
+        raise
+    summary = _summary(cfg, run_dir, rows, coordinator, time.perf_counter() - t0)
+    status.update(status="complete", finished=time.time(), summary=summary)
+    _write_json(run_dir / "run.json", status)
+    return summary
+
+
+def _run_engine(
+    cfg: FedloraConfig,
+    run_dir: Path,
+    info: dict[str, Any],
+    verbose: bool,
+    show_progress: bool,
+) -> tuple[list[dict[str, Any]], Any]:
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from fedlora.progress import RunProgress
+    from server.app import make_server_app
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cpus = os.cpu_count() or 1
+    result: dict[str, Any] = {}
+    with RunProgress(cfg, info, enabled=show_progress) as progress:
+        server_app = make_server_app(cfg, run_dir, observer=progress.on_round, result=result)
+        client_app = make_client_app(cfg)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=info["devices"],
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {
+                    "num_cpus": cpus,
+                    "num_gpus": 0,
+                    "include_dashboard": False,
+                    "logging_level": "DEBUG" if verbose else "ERROR",
+                    "log_to_driver": verbose,
+                },
+            },
+            verbose_logging=verbose,
+        )
+    coordinator = result.get("coordinator")
+    rows = coordinator.strategy.rows if coordinator is not None else []
+    if (
+        coordinator is None
+        or len(rows) < cfg.training.rounds + 1
+        or not (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    ):
+        raise FedloraError(
+            f"the simulation stopped before finishing ({max(len(rows) - 1, 0)} of "
+            f"{cfg.training.rounds} rounds): rerun with --verbose to see Flower's log"
+        )
+    return rows, coordinator
+
+
+def _summary(
+    cfg: FedloraConfig, run_dir: Path, rows: list[dict[str, Any]], coordinator: Any, wall: float
+) -> dict[str, Any]:
+    first, last = rows[0], rows[-1]
+    summary: dict[str, Any] = {
+        "rounds": cfg.training.rounds,
+        "eval_loss_round0": first["eval_loss"],
+        "eval_loss_final": last["eval_loss"],
+        "secagg": cfg.secagg.enabled,
+        "dp": cfg.privacy.enabled,
+        "wall_s": round(wall, 2),
+        "artefacts": {
+            "adapter": str(run_dir / "adapter"),
+            "metrics": str(run_dir / "metrics.jsonl"),
+            "ledger": str(run_dir / "privacy" / "ledger.json"),
+        },
+    }
+    if cfg.privacy.enabled:
+        report = json.loads((run_dir / "privacy" / "report.json").read_text())
+        summary["privacy"] = {
+            "accountant": report["accountant"],
+            "delta": report["delta"],
+            "max_epsilon": report["fleet"]["max_epsilon"],
+            "budget_epsilon": cfg.privacy.epsilon,
+        }
+        summary["artefacts"]["privacy_report"] = str(run_dir / "privacy" / "report.json")
+    if cfg.export.enabled:
+        summary["artefacts"]["export"] = str(run_dir / "export")
+        manifest = getattr(coordinator, "export_manifest", None)
+        if manifest:
+            summary["export"] = {
+                a["name"]: {"bytes": a["total_bytes"], **a.get("quality", {})}
+                for a in manifest["artefacts"]
+            }
+    return summary

@@ -1,0 +1,161 @@
+"""The coordinator: a Flower ServerApp running SecAgg+ over the LoRA strategy.
+
+SecAgg+ in Flower 1.39 runs only through the legacy workflow, so ``main``
+wraps the strategy in a ``LegacyContext`` and runs ``DefaultWorkflow`` with
+``SecAggPlusWorkflow`` as its fit workflow (``--no-secagg`` uses Flower's
+default fit workflow with the same strategy, for comparison).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora import runtime
+from fedlora.config import FedloraConfig, config_from_run_config
+from fedlora.evaluation import mean_token_loss
+from server.budget import FleetBudget
+from server.strategy import LoraFedAvg, RoundObserver
+
+log = logging.getLogger("fedlora.server")
+
+
+def make_evaluator(cfg: FedloraConfig) -> Any:
+    """Loss of a global adapter on the coordinator's own held-out set."""
+    from fedlora.adapter import set_adapter_arrays
+
+    texts = runtime.fleet(cfg).server_eval
+    bundle = runtime.model_bundle(cfg)
+
+    def evaluate(arrays: list[np.ndarray]) -> float:
+        ids, mask = runtime.encoded(cfg, "server-eval", texts)
+        set_adapter_arrays(bundle.model, arrays)
+        return mean_token_loss(bundle.model, ids, mask)
+
+    return evaluate
+
+
+def secagg_workflow(cfg: FedloraConfig) -> SecAggPlusWorkflow:
+    s = cfg.secagg
+    # max_weight bounds num_examples; larger weights would overflow the masked sum.
+    max_train = max(len(d.train) for d in runtime.fleet(cfg).devices)
+    return SecAggPlusWorkflow(
+        num_shares=s.num_shares,
+        reconstruction_threshold=s.reconstruction_threshold,
+        max_weight=float(max(1000, max_train)),
+        clipping_range=s.clipping_range,
+        quantization_range=s.quantization_range,
+        timeout=s.timeout_s,
+    )
+
+
+class Coordinator:
+    """Everything one run of the ServerApp owns: strategy, budgets, run directory."""
+
+    def __init__(
+        self, cfg: FedloraConfig, run_dir: Path, observer: RoundObserver | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        bundle = runtime.model_bundle(cfg)
+        self.budget = FleetBudget(cfg.privacy)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self._observer = observer
+        self.strategy = LoraFedAvg(
+            cfg,
+            initial_arrays=bundle.initial_arrays,
+            names=bundle.names,
+            evaluator=make_evaluator(cfg),
+            budget=self.budget,
+            run_dir=run_dir,
+            observer=self._on_round,
+        )
+
+    def _on_round(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+        if self._observer is not None:
+            self._observer(row)
+
+    def run(self, grid: Grid, context: Context) -> None:
+        legacy = LegacyContext(
+            context,
+            config=ServerConfig(num_rounds=self.cfg.training.rounds),
+            strategy=self.strategy,
+        )
+        fit_workflow = secagg_workflow(self.cfg) if self.cfg.secagg.enabled else None
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+        self.finish()
+
+    def finish(self) -> None:
+        """Write the run's artefacts: final adapter, ledger, privacy report, export."""
+        from fedlora.adapter import save_adapter, set_adapter_arrays
+        from privacy import build_report, write_report
+
+        cfg = self.cfg
+        bundle = runtime.model_bundle(cfg)
+        set_adapter_arrays(bundle.model, self.strategy.global_arrays)
+        save_adapter(
+            bundle.model,
+            self.run_dir / "adapter",
+            metadata={"rounds": cfg.training.rounds, "seed": cfg.seed},
+        )
+        self.budget.save(self.run_dir / "privacy" / "ledger.json")
+        budgets = {d.device: self.budget.budget(d.device) for d in runtime.fleet(cfg).devices}
+        if cfg.privacy.enabled:
+            report = build_report(
+                self.budget.ledger, budgets, cfg.privacy.delta, accountant=cfg.privacy.accountant
+            )
+            write_report(report, self.run_dir / "privacy" / "report.json")
+        if cfg.export.enabled:
+            from fedlora.export import export_run
+
+            ids, mask = runtime.encoded(cfg, "server-eval", runtime.fleet(cfg).server_eval)
+            self.export_manifest = export_run(
+                runtime.resolve_model_path(cfg),
+                self.run_dir / "adapter",
+                self.run_dir / "export",
+                ids,
+                mask,
+                formats=cfg.export.formats,
+            )
+
+
+def make_server_app(
+    cfg: FedloraConfig | None = None,
+    run_dir: Path | None = None,
+    observer: RoundObserver | None = None,
+    result: dict[str, Any] | None = None,
+) -> ServerApp:
+    """The ServerApp; with ``cfg`` None it reads config and run dir from the run config.
+
+    ``result`` (if given) receives the Coordinator, so the caller can read the
+    final adapter, metrics and ledger after the run.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        resolved = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
+        out = run_dir if run_dir is not None else Path(str(context.run_config.get("run-dir", "runs/flwr")))
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg is None:
+            (out / "config.json").write_text(json.dumps(resolved.to_dict(), indent=2))
+        coordinator = Coordinator(resolved, out, observer)
+        if result is not None:
+            result["coordinator"] = coordinator
+        coordinator.run(grid, context)
+
+    return app
+
+
+app = make_server_app()

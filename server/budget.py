@@ -1,0 +1,105 @@
+"""The coordinator's view of every device's privacy budget.
+
+The coordinator keeps its own ledger, built from the DP-SGD events devices
+report with their updates (metrics travel in plaintext beside SecAgg+), and
+uses it to decide who may be sampled: a device whose next round would take it
+past its budget is not asked. The device checks again on its side (and its
+ledger is the authority); the two ledgers are compared in tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import PrivacySection
+from fedlora.errors import UpdateError
+from privacy import DPSGDEvent, PrivacyLedger, epsilon_for
+
+
+class FleetBudget:
+    def __init__(self, privacy: PrivacySection, ledger: PrivacyLedger | None = None) -> None:
+        self.privacy = privacy
+        self.ledger = ledger if ledger is not None else PrivacyLedger()
+        self.node_device: dict[int, str] = {}
+        self._eps_cache: dict[str, tuple[int, float]] = {}
+
+    def budget(self, device: str) -> float:
+        return self.privacy.epsilon
+
+    def record(self, node_id: int, metrics: Mapping[str, Any]) -> DPSGDEvent | None:
+        """Add the event a device reported with its update (None when it trained without DP)."""
+        device = metrics.get("device")
+        if not isinstance(device, str):
+            raise UpdateError(f"node {node_id} sent an update without its device id")
+        self.node_device[node_id] = device
+        if not metrics.get("dp"):
+            return None
+        try:
+            event = DPSGDEvent(
+                device=device,
+                round=int(metrics["round"]),
+                noise_multiplier=float(metrics["noise_multiplier"]),
+                sample_rate=float(metrics["sample_rate"]),
+                steps=int(metrics["steps"]),
+                delta=float(metrics["delta"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpdateError(f"device {device} reported an incomplete privacy event: {exc}")
+        self.ledger.append(event)
+        return event
+
+    def epsilon(self, device: str) -> float:
+        events = self.ledger.events_for(device)
+        hit = self._eps_cache.get(device)
+        if hit is not None and hit[0] == len(events):
+            return hit[1]
+        eps = epsilon_for(events, self.privacy.delta, self.privacy.accountant) if events else 0.0
+        self._eps_cache[device] = (len(events), eps)
+        return eps
+
+    def can_train_again(self, device: str) -> bool:
+        """Whether one more round (like its last one) keeps the device within budget."""
+        if not self.privacy.enabled:
+            return True
+        events = self.ledger.events_for(device)
+        if not events:
+            return True
+        budget = self.budget(device)
+        if self.privacy.noise_multiplier is None:
+            # Calibrating devices spread the budget over the whole run; only a spent one stops.
+            return self.epsilon(device) < budget * (1 - 1e-9)
+        last = events[-1]
+        nxt = DPSGDEvent(
+            device=device,
+            round=last.round + 1,
+            noise_multiplier=last.noise_multiplier,
+            sample_rate=last.sample_rate,
+            steps=last.steps,
+            delta=last.delta,
+        )
+        return epsilon_for((*events, nxt), self.privacy.delta, self.privacy.accountant) <= budget
+
+    def eligible(self, node_ids: list[int]) -> list[int]:
+        """Nodes that may be sampled: unknown ones, and known devices with budget left."""
+        return [
+            nid
+            for nid in node_ids
+            if nid not in self.node_device or self.can_train_again(self.node_device[nid])
+        ]
+
+    def worst_epsilon(self) -> float:
+        return max((self.epsilon(d) for d in self.ledger.devices()), default=0.0)
+
+    def num_exhausted(self) -> int:
+        return sum(not self.can_train_again(d) for d in self.ledger.devices())
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.ledger.save(path)
+
+
+def finite_or(value: float, default: float) -> float:
+    return value if math.isfinite(value) else default
