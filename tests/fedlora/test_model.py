@@ -229,7 +229,6 @@ def test_the_default_base_knows_public_text_better_than_private_text() -> None:
     from fedlora.data.synthetic import default_records
 
     path = default_model_path()  # the session's cache: shared with the end-to-end tests
-    info = json.loads((path / BUILD_INFO).read_text())
     model, tokenizer = load_base_model(path)
     public = [r.text for r in default_records(1, seed=1, split="public", num_records=300)]
     private = [r.text for r in default_records(20, seed=0)][::8]
@@ -237,5 +236,6 @@ def test_the_default_base_knows_public_text_better_than_private_text() -> None:
     public_loss = mean_token_loss(model, tokenizer, public, seq_len=64)
     private_loss = mean_token_loss(model, tokenizer, private, seq_len=64)
 
-    assert info["build_seconds"] < 180  # ~45 s on 2 idle cores; generous for busy machines
+    # Build time (~40 s on 2 idle cores) is recorded in fedlora_base.json, not asserted:
+    # it depends on how busy the machine is.
     assert public_loss < 1.0 < private_loss
