@@ -19,8 +19,8 @@ from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 
-from client.mods import secagg_mod
 from client.ledger import load_device_ledger, save_device_ledger
+from client.mods import secagg_mod
 from client.train import LocalTrainingPlan, train_lora
 from fedlora import runtime
 from fedlora.config import FedloraConfig, config_from_run_config
@@ -98,6 +98,13 @@ class DeviceClient(NumPyClient):
         self.device = self.data.device
         ledger_path = context.node_config.get("ledger-path")
         self.ledger_path = Path(str(ledger_path)) if ledger_path else None
+
+    def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
+        """What the coordinator may know before sampling: who this is and its budget."""
+        props: dict[str, Any] = {"device": self.device, "num_records": len(self.data.train)}
+        if self.cfg.privacy.enabled:
+            props["budget_epsilon"] = self.cfg.privacy.epsilon
+        return props
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         return [a.copy() for a in runtime.model_bundle(self.cfg).initial_arrays]

@@ -129,7 +129,7 @@ def train_lora(
                 if dp:
                     # Noise-only step: zero per-sample gradients for an empty batch.
                     for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
                     optimizer.step()
                 continue
             out = net(

@@ -71,27 +71,47 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
     sim.add_argument("--config", type=Path, metavar="FILE", help="JSON or TOML config file")
     sim.add_argument("--devices", type=_positive_int, metavar="N", help="simulated devices")
-    sim.add_argument("--devices-per-round", type=_positive_int, metavar="K",
-                     help="devices sampled per round")  # fmt: skip
+    sim.add_argument(
+        "--devices-per-round", type=_positive_int, metavar="K", help="devices sampled per round"
+    )
     sim.add_argument("--rounds", type=_positive_int, metavar="R", help="federated rounds")
-    sim.add_argument("--local-steps", type=_positive_int, metavar="S",
-                     help="DP-SGD steps per device per round")  # fmt: skip
-    sim.add_argument("--data", metavar="PATH",
-                     help="JSONL with 'device' and 'text' fields, or a directory with one text "
-                          "file per device (default: the embedded fleet)")  # fmt: skip
-    sim.add_argument("--partition", choices=["natural", "iid", "dirichlet"],
-                     help="how records are split into devices (default: natural, by device key)")  # fmt: skip
-    sim.add_argument("--model", metavar="PATH",
-                     help="local Hugging Face causal-LM checkpoint (default: the embedded model)")  # fmt: skip
-    sim.add_argument("--epsilon", type=_positive_float, metavar="E",
-                     help="each device's privacy budget ε (default 8)")  # fmt: skip
+    sim.add_argument(
+        "--local-steps", type=_positive_int, metavar="S", help="DP-SGD steps per device per round"
+    )
+    sim.add_argument(
+        "--data",
+        metavar="PATH",
+        help="JSONL with 'device' and 'text' fields, or a directory with one text "
+        "file per device (default: the embedded fleet)",
+    )
+    sim.add_argument(
+        "--partition",
+        choices=["natural", "iid", "dirichlet"],
+        help="how records are split into devices (default: natural, by device key)",
+    )
+    sim.add_argument(
+        "--model",
+        metavar="PATH",
+        help="local Hugging Face causal-LM checkpoint (default: the embedded model)",
+    )
+    sim.add_argument(
+        "--epsilon",
+        type=_positive_float,
+        metavar="E",
+        help="each device's privacy budget ε (default 8)",
+    )
     sim.add_argument("--delta", type=_positive_float, metavar="D", help="δ (default 1e-5)")
     sim.add_argument("--seed", type=int, metavar="S", help="seed of the whole run (default 0)")
-    sim.add_argument("--no-secagg", action="store_true",
-                     help="aggregate without SecAgg+ (for comparison; the coordinator then "
-                          "sees each update)")  # fmt: skip
-    sim.add_argument("--no-dp", action="store_true",
-                     help="train without DP-SGD (non-private baseline; no privacy report)")  # fmt: skip
+    sim.add_argument(
+        "--no-secagg",
+        action="store_true",
+        help="aggregate without SecAgg+ (for comparison; the coordinator then sees each update)",
+    )
+    sim.add_argument(
+        "--no-dp",
+        action="store_true",
+        help="train without DP-SGD (non-private baseline; no privacy report)",
+    )
     sim.add_argument("--no-export", action="store_true", help="skip merge + quantization")
     sim.add_argument("--force", action="store_true", help="overwrite an existing RUN_DIR")
     sim.add_argument("--quiet", action="store_true", help="no progress display")
@@ -163,8 +183,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if "kl" in figures:
             extra = f", KL {figures['kl']:.2e}, top-1 {figures['top1_agreement']:.4f}"
         console.print(f"export {name}: {figures['bytes'] / 1e6:.2f} MB{extra}")
-    console.print(f"artefacts in {args.out}/ (run.json, config.json, metrics.jsonl, adapter/, "
-                  f"privacy/, export/)")  # fmt: skip
+    console.print(
+        f"artefacts in {args.out}/ (run.json, config.json, metrics.jsonl, adapter/, "
+        f"privacy/, export/)"
+    )
     return 0
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 from fedlora.errors import ConfigError
 
@@ -60,7 +61,11 @@ class LoraSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    """``path``: JSONL (``device``, ``text``) or a directory of per-device text files; null = embedded."""
+    """Where device data comes from and how it is split.
+
+    ``path``: JSONL (``device``, ``text``) or a directory of per-device text
+    files; null is the embedded fleet.
+    """
 
     path: str | None = None
     partition: str = "natural"
@@ -77,7 +82,9 @@ class DataSection:
         _require(self.dirichlet_alpha > 0, "data.dirichlet_alpha must be > 0")
         _require(0 < self.heldout_fraction < 1, "data.heldout_fraction must be in (0, 1)")
         _require(0 < self.server_fraction < 1, "data.server_fraction must be in (0, 1)")
-        _require(8 <= self.seq_len <= 4096, f"data.seq_len must be in [8, 4096], got {self.seq_len}")
+        _require(
+            8 <= self.seq_len <= 4096, f"data.seq_len must be in [8, 4096], got {self.seq_len}"
+        )
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ class TrainingSection:
     rounds: int = 5
     local_steps: int = 10
     batch_size: int = 16
-    learning_rate: float = 0.05
+    learning_rate: float = 0.2
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, f"training.rounds must be ≥ 1, got {self.rounds}")

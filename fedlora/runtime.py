@@ -63,14 +63,13 @@ def model_bundle(cfg: FedloraConfig) -> ModelBundle:
         bundle = _models.get(key)
         if bundle is None:
             base, tokenizer = load_base_model(path)
-            torch.manual_seed(cfg.seed)
             settings = LoraSettings(
                 r=cfg.lora.r,
                 alpha=cfg.lora.alpha,
                 dropout=cfg.lora.dropout,
                 target_modules=cfg.lora.target_modules,
             )
-            model = attach_lora(base, settings)
+            model = attach_lora(base, settings, seed=cfg.seed)
             bundle = ModelBundle(
                 model=model,
                 tokenizer=tokenizer,
@@ -86,8 +85,15 @@ def fleet(cfg: FedloraConfig) -> Fleet:
     from fedlora.data.fleet import build_fleet
 
     d = cfg.data
-    key = (d.path, d.partition, d.dirichlet_alpha, d.heldout_fraction, d.server_fraction,
-           cfg.fleet.num_devices, cfg.seed)  # fmt: skip
+    key = (
+        d.path,
+        d.partition,
+        d.dirichlet_alpha,
+        d.heldout_fraction,
+        d.server_fraction,
+        cfg.fleet.num_devices,
+        cfg.seed,
+    )
     with _lock:
         f = _fleets.get(key)
         if f is None:

@@ -91,6 +91,8 @@ def simulate(
     """Run the simulated fleet; returns the run summary (also written to ``run.json``)."""
     import shutil
 
+    if not verbose:
+        quiet_libraries()
     check_run_dir(run_dir, force)
     info = prepare(cfg)
 
@@ -117,6 +119,30 @@ def simulate(
     return summary
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal to fedlora's own display: library chatter goes, errors stay.
+
+    Flower's deprecation notice for ``run_simulation``, Ray's accelerator tip and
+    transformers' weight-loading bars say nothing actionable to a fedlora user;
+    ``--verbose`` brings them back.
+    """
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from flwr.supercore.logger import update_console_handler  # importing sets its level
+
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.ERROR)
+    flwr_logger.propagate = False  # opacus calls logging.basicConfig: no second copy via root
+    update_console_handler(level=logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def _run_engine(
     cfg: FedloraConfig,
     run_dir: Path,
@@ -130,9 +156,6 @@ def _run_engine(
     from fedlora.progress import RunProgress
     from server.app import make_server_app
 
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cpus = os.cpu_count() or 1
     result: dict[str, Any] = {}
     with RunProgress(cfg, info, enabled=show_progress) as progress:

@@ -51,5 +51,6 @@ def apply_update(
 ) -> list[np.ndarray]:
     """The next global adapter: global + mean update."""
     return [
-        (g.astype(np.float32) + u.astype(np.float32)) for g, u in zip(global_arrays, update, strict=True)
+        (g.astype(np.float32) + u.astype(np.float32))
+        for g, u in zip(global_arrays, update, strict=True)
     ]

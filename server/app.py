@@ -23,6 +23,7 @@ from fedlora import runtime
 from fedlora.config import FedloraConfig, config_from_run_config
 from fedlora.evaluation import mean_token_loss
 from server.budget import FleetBudget
+from server.discovery import discover_devices
 from server.strategy import LoraFedAvg, RoundObserver
 
 log = logging.getLogger("fedlora.server")
@@ -66,7 +67,11 @@ class Coordinator:
         self.cfg = cfg
         self.run_dir = run_dir
         bundle = runtime.model_bundle(cfg)
-        self.budget = FleetBudget(cfg.privacy)
+        self.budget = FleetBudget(
+            cfg.privacy,
+            steps_per_round=cfg.training.local_steps,
+            batch_size=cfg.training.batch_size,
+        )
         self.metrics_path = run_dir / "metrics.jsonl"
         self.metrics_path.write_text("")
         self._observer = observer
@@ -87,6 +92,14 @@ class Coordinator:
             self._observer(row)
 
     def run(self, grid: Grid, context: Context) -> None:
+        devices = discover_devices(
+            grid,
+            expected=len(runtime.fleet(self.cfg).devices),
+            min_nodes=self.cfg.fleet.min_devices,
+            timeout_s=self.cfg.secagg.timeout_s,
+        )
+        for node_id, props in devices.items():
+            self.budget.register(node_id, props)
         legacy = LegacyContext(
             context,
             config=ServerConfig(num_rounds=self.cfg.training.rounds),
@@ -146,7 +159,11 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         resolved = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
-        out = run_dir if run_dir is not None else Path(str(context.run_config.get("run-dir", "runs/flwr")))
+        out = (
+            run_dir
+            if run_dir is not None
+            else Path(str(context.run_config.get("run-dir", "runs/flwr")))
+        )
         out.mkdir(parents=True, exist_ok=True)
         if cfg is None:
             (out / "config.json").write_text(json.dumps(resolved.to_dict(), indent=2))

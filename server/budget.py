@@ -20,11 +20,29 @@ from privacy import DPSGDEvent, PrivacyLedger, epsilon_for
 
 
 class FleetBudget:
-    def __init__(self, privacy: PrivacySection, ledger: PrivacyLedger | None = None) -> None:
+    def __init__(
+        self,
+        privacy: PrivacySection,
+        ledger: PrivacyLedger | None = None,
+        *,
+        steps_per_round: int = 1,
+        batch_size: int = 1,
+    ) -> None:
         self.privacy = privacy
         self.ledger = ledger if ledger is not None else PrivacyLedger()
+        self.steps_per_round = steps_per_round
+        self.batch_size = batch_size
         self.node_device: dict[int, str] = {}
+        self.num_records: dict[str, int] = {}
         self._eps_cache: dict[str, tuple[int, float]] = {}
+
+    def register(self, node_id: int, props: Mapping[str, Any]) -> None:
+        """What a device said about itself at discovery: its id and how many records it has."""
+        device = str(props["device"])
+        self.node_device[node_id] = device
+        n = props.get("num_records")
+        if isinstance(n, int) and n > 0:
+            self.num_records[device] = n
 
     def budget(self, device: str) -> float:
         return self.privacy.epsilon
@@ -47,7 +65,9 @@ class FleetBudget:
                 delta=float(metrics["delta"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise UpdateError(f"device {device} reported an incomplete privacy event: {exc}")
+            raise UpdateError(
+                f"device {device} reported an incomplete privacy event: {exc}"
+            ) from None
         self.ledger.append(event)
         return event
 
@@ -65,20 +85,26 @@ class FleetBudget:
         if not self.privacy.enabled:
             return True
         events = self.ledger.events_for(device)
-        if not events:
-            return True
         budget = self.budget(device)
         if self.privacy.noise_multiplier is None:
             # Calibrating devices spread the budget over the whole run; only a spent one stops.
             return self.epsilon(device) < budget * (1 - 1e-9)
-        last = events[-1]
+        if events:
+            last = events[-1]
+            q, steps, rnd = last.sample_rate, last.steps, last.round + 1
+        elif device in self.num_records:
+            # Not trained yet: its first round costs what its data size implies.
+            q = min(1.0, self.batch_size / self.num_records[device])
+            steps, rnd = self.steps_per_round, 1
+        else:
+            return True  # nothing known yet; the device itself will decline if it must
         nxt = DPSGDEvent(
             device=device,
-            round=last.round + 1,
-            noise_multiplier=last.noise_multiplier,
-            sample_rate=last.sample_rate,
-            steps=last.steps,
-            delta=last.delta,
+            round=rnd,
+            noise_multiplier=self.privacy.noise_multiplier,
+            sample_rate=q,
+            steps=steps,
+            delta=self.privacy.delta,
         )
         return epsilon_for((*events, nxt), self.privacy.delta, self.privacy.accountant) <= budget
 
@@ -94,7 +120,9 @@ class FleetBudget:
         return max((self.epsilon(d) for d in self.ledger.devices()), default=0.0)
 
     def num_exhausted(self) -> int:
-        return sum(not self.can_train_again(d) for d in self.ledger.devices())
+        """Devices that cannot afford another round (known from discovery or the ledger)."""
+        known = set(self.node_device.values()) | set(self.ledger.devices())
+        return sum(not self.can_train_again(d) for d in known)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -93,9 +93,12 @@ class LoraFedAvg(Strategy):
         self._round = _RoundState(started=time.perf_counter())
         self.global_arrays = parameters_to_ndarrays(parameters)
         fleet = self.cfg.fleet
-        client_manager.wait_for(fleet.min_devices, timeout=self.cfg.secagg.timeout_s)
-        proxies = client_manager.all()
-        eligible = self.budget.eligible(sorted(proxies))
+        client_manager.wait_for(fleet.min_devices, timeout=int(self.cfg.secagg.timeout_s))
+        proxies = {p.node_id: p for p in client_manager.all().values()}
+        # Order by device id (stable across runs), not by Flower's random node ids.
+        known = self.budget.node_device
+        ordered = sorted(proxies, key=lambda nid: (known.get(nid, "~"), nid))
+        eligible = self.budget.eligible(ordered)
         self._round.eligible = len(eligible)
         k = min(fleet.devices_per_round, len(eligible))
         if k < fleet.min_devices:
@@ -105,7 +108,10 @@ class LoraFedAvg(Strategy):
             )
             log.warning("round %d skipped: %s", server_round, self._round.skipped_reason)
             return []
-        chosen = sorted(self._rng.choice(eligible, size=k, replace=False).tolist())
+        # Choose positions, not ids: Flower node ids are uint64 and numpy would turn a mix
+        # of large ones into float64.
+        picked = self._rng.choice(len(eligible), size=k, replace=False)
+        chosen = sorted(eligible[int(i)] for i in picked)
         self._round.sampled = k
         ins = FitIns(
             parameters,

@@ -13,13 +13,15 @@ from privacy import DPSGDEvent, PrivacyLedger, epsilon_for
 
 
 def _context() -> Context:
-    return Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
-                   run_config={})  # fmt: skip
+    return Context(
+        run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+    )
 
 
 def _event(rnd: int, sigma: float = 1.0, q: float = 0.1, steps: int = 10) -> DPSGDEvent:
-    return DPSGDEvent(device="d0", round=rnd, noise_multiplier=sigma, sample_rate=q,
-                      steps=steps, delta=1e-5)  # fmt: skip
+    return DPSGDEvent(
+        device="d0", round=rnd, noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5
+    )
 
 
 def test_ledger_persists_across_rounds_in_node_state(tmp_path):

@@ -66,8 +66,12 @@ def test_empty_batch_takes_a_noise_only_step_of_the_right_scale():
     before = _trainable(model)
     lr, sigma, clip, batch = 0.1, 2.0, 0.5, 2
     plan = LocalTrainingPlan(
-        steps=1, expected_batch_size=batch, learning_rate=lr, max_grad_norm=clip,
-        noise_multiplier=sigma, seed=3,
+        steps=1,
+        expected_batch_size=batch,
+        learning_rate=lr,
+        max_grad_norm=clip,
+        noise_multiplier=sigma,
+        seed=3,
     )
     # sample_rate = B/N = 1/4; pick a seed whose single Poisson batch is empty
     for seed in range(1000):
@@ -77,7 +81,7 @@ def test_empty_batch_takes_a_noise_only_step_of_the_right_scale():
     plan = LocalTrainingPlan(**{**plan.__dict__, "seed": seed})
     result = train_lora(model, ids, mask, plan)
     assert result.empty_batches == 1 and math.isnan(result.mean_loss)
-    delta = torch.cat([(a - b).flatten() for a, b in zip(_trainable(model), before)])
+    delta = torch.cat([(a - b).flatten() for a, b in zip(_trainable(model), before, strict=True)])
     assert delta.abs().max() > 0, "an empty batch must still add noise"
     expected_std = lr * sigma * clip / batch
     assert abs(delta.std().item() / expected_std - 1) < 0.1
@@ -90,11 +94,15 @@ def test_per_sample_clipping_bounds_the_update():
     before = _trainable(model)
     lr, clip = 1.0, 1e-3
     plan = LocalTrainingPlan(
-        steps=1, expected_batch_size=8, learning_rate=lr, max_grad_norm=clip,
-        noise_multiplier=1e-9, seed=0,
+        steps=1,
+        expected_batch_size=8,
+        learning_rate=lr,
+        max_grad_norm=clip,
+        noise_multiplier=1e-9,
+        seed=0,
     )
     train_lora(model, ids, mask, plan)  # q = 1: every record in the batch
-    delta = torch.cat([(a - b).flatten() for a, b in zip(_trainable(model), before)])
+    delta = torch.cat([(a - b).flatten() for a, b in zip(_trainable(model), before, strict=True)])
     assert 0 < delta.norm().item() <= lr * clip * (1 + 1e-3)
 
 
@@ -103,22 +111,33 @@ def test_training_reduces_loss_and_model_is_reusable_across_rounds():
     ids, mask = _data(n=16)
     ids[:] = ids[0]  # one repeated sequence: easy to fit
     plan = LocalTrainingPlan(
-        steps=30, expected_batch_size=8, learning_rate=0.5, max_grad_norm=10.0,
-        noise_multiplier=0.01, seed=0,
+        steps=30,
+        expected_batch_size=8,
+        learning_rate=0.5,
+        max_grad_norm=10.0,
+        noise_multiplier=0.01,
+        seed=0,
     )
     r1 = train_lora(model, ids, mask, plan)
     r2 = train_lora(model, ids, mask, plan)  # second round on the same replica
     assert r2.mean_loss < r1.mean_loss
-    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None
-                   for p in model.parameters())
+    assert not any(
+        hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters()
+    )
 
 
 def test_only_lora_parameters_change():
     model = tiny_lora_model()
     ids, mask = _data()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    plan = LocalTrainingPlan(steps=2, expected_batch_size=4, learning_rate=0.1,
-                             max_grad_norm=1.0, noise_multiplier=1.0, seed=0)
+    plan = LocalTrainingPlan(
+        steps=2,
+        expected_batch_size=4,
+        learning_rate=0.1,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+        seed=0,
+    )
     train_lora(model, ids, mask, plan)
     for n, p in model.named_parameters():
         if n in frozen:
@@ -130,7 +149,13 @@ def test_model_without_trainable_parameters_is_refused():
     for p in model.parameters():
         p.requires_grad_(False)
     ids, mask = _data()
-    plan = LocalTrainingPlan(steps=1, expected_batch_size=4, learning_rate=0.1,
-                             max_grad_norm=1.0, noise_multiplier=1.0, seed=0)
+    plan = LocalTrainingPlan(
+        steps=1,
+        expected_batch_size=4,
+        learning_rate=0.1,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+        seed=0,
+    )
     with pytest.raises(ValueError, match="no trainable parameters"):
         train_lora(model, ids, mask, plan)

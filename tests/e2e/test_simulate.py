@@ -48,7 +48,7 @@ def runs(tmp_path_factory):
 
 
 def test_run_directory_is_complete(runs):
-    cfg, run_dir, summary = runs["secagg"]
+    _cfg, run_dir, summary = runs["secagg"]
     status = json.loads((run_dir / "run.json").read_text())
     assert status["status"] == "complete"
     config = json.loads((run_dir / "config.json").read_text())
@@ -138,3 +138,60 @@ def test_secagg_aggregate_matches_plain_aggregation(runs):
     # 4 devices × quantization step (2·clipping_range / quantization_range) plus weight rounding
     assert diff < 1e-4, diff
     assert moved > 100 * diff  # the comparison is not vacuous: the adapter moved
+
+
+def test_devices_stop_being_sampled_exactly_when_their_budget_would_be_exceeded(tmp_path):
+    """Fixed σ and a small budget: the coordinator stops sampling each device at the round
+    its next step would exceed its budget, computed here independently of the run."""
+    from fedlora import runtime
+    from fedlora.simulate import simulate
+    from privacy import DPSGDEvent, PrivacyLedger, epsilon_for
+
+    rounds, steps, batch, sigma, delta = 5, 3, 8, 1.0, 1e-5
+    base = small_config(
+        fleet={"num_devices": 5, "devices_per_round": 5, "min_devices": 3},
+        training={"rounds": rounds, "local_steps": steps, "batch_size": batch},
+        export={"enabled": False},
+    )
+    fleet = runtime.fleet(base)
+    rates = {d.device: min(1.0, batch / len(d.train)) for d in fleet.devices}
+
+    def eps(device: str, n: int) -> float:
+        evs = [
+            DPSGDEvent(
+                device=device,
+                round=r,
+                noise_multiplier=sigma,
+                sample_rate=rates[device],
+                steps=steps,
+                delta=delta,
+            )
+            for r in range(1, n + 1)
+        ]
+        return epsilon_for(evs, delta, "prv") if evs else 0.0
+
+    median = sorted(rates, key=rates.get)[len(rates) // 2]
+    budget = eps(median, 2) * 1.001  # the median device affords exactly 2 rounds
+    affordable = {d: max(n for n in range(rounds + 1) if eps(d, n) <= budget) for d in rates}
+    expected_counts = dict.fromkeys(rates, 0)
+    expected_skips = []
+    for r in range(1, rounds + 1):
+        eligible = [d for d in rates if expected_counts[d] < affordable[d]]
+        if len(eligible) < 3:
+            expected_skips.append(r)
+            continue
+        for d in eligible:
+            expected_counts[d] += 1
+
+    cfg = base.replace(privacy={"epsilon": budget, "noise_multiplier": sigma, "delta": delta})
+    simulate(cfg, tmp_path / "run", show_progress=False)
+
+    ledger = PrivacyLedger.load(tmp_path / "run" / "privacy" / "ledger.json")
+    assert {d: len(ledger.events_for(d)) for d in rates} == expected_counts
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if "skipped" in r] == expected_skips
+    assert expected_skips, "the budget must run out within the run for this test to mean anything"
+    assert all(r["failures"] == 0 for r in rows)  # no device had to decline: none was asked
+    report = json.loads((tmp_path / "run" / "privacy" / "report.json").read_text())
+    for dev in report["devices"]:
+        assert dev["epsilon"] <= budget

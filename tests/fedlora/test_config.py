@@ -18,7 +18,9 @@ def test_defaults_meet_the_promised_run():
 
 
 def test_round_trip_through_dict_and_json(tmp_path):
-    cfg = FedloraConfig().replace(training={"rounds": 3}, seed=7, lora={"target_modules": ["q_proj"]})
+    cfg = FedloraConfig().replace(
+        training={"rounds": 3}, seed=7, lora={"target_modules": ["q_proj"]}
+    )
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg.to_dict()))
     again = load_config(path)
