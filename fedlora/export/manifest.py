@@ -50,16 +50,15 @@ def file_entries(root: Path, subdir: str, *, fsync: bool = False) -> list[dict[s
 
 
 def fingerprint(model_dir: Path) -> dict[str, Any]:
-    """sha256 over the config and weight files of a local checkpoint, with their names."""
+    """The base model's identity: ``fedlora.model.model_fingerprint`` and the files it covers."""
+    from fedlora.model import model_fingerprint
+
     names = sorted(
         p.name
         for p in model_dir.iterdir()
-        if p.is_file() and (p.name == "config.json" or p.name.endswith(".safetensors"))
+        if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
     )
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(f"{name}\0{sha256_file(model_dir / name)}\n".encode())
-    return {"sha256": digest.hexdigest(), "files": names}
+    return {"sha256": model_fingerprint(model_dir), "files": names}
 
 
 def write_manifest(export_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -111,9 +111,9 @@ def test_training_reduces_loss_and_model_is_reusable_across_rounds():
     ids, mask = _data(n=16)
     ids[:] = ids[0]  # one repeated sequence: easy to fit
     plan = LocalTrainingPlan(
-        steps=30,
+        steps=10,
         expected_batch_size=8,
-        learning_rate=0.5,
+        learning_rate=1.0,
         max_grad_norm=10.0,
         noise_multiplier=0.01,
         seed=0,
