@@ -11,52 +11,20 @@ so a malformed update leaves the model untouched.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedlora.errors import ConfigError, ModelError, UpdateError
+from fedlora.config import LoraSettings as LoraSettings  # re-exported: the adapter's settings
+from fedlora.errors import ModelError, UpdateError
 
 ADAPTER_METADATA = "fedlora_adapter.json"
-LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA rank, scaling (``alpha / r``), dropout and the linear layers it adapts."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = LLAMA_LINEAR_MODULES
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"lora r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise ConfigError(f"lora alpha must be a number, got {self.alpha!r}")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ConfigError(f"lora alpha must be positive, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ConfigError(f"lora dropout must be a number, got {self.dropout!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
-        modules = self.target_modules
-        if isinstance(modules, str) or not all(isinstance(m, str) and m for m in modules):
-            raise ConfigError(
-                f"lora target_modules must be a list of module names, got {modules!r}"
-            )
-        if not modules or len(set(modules)) != len(modules):
-            raise ConfigError(f"lora target_modules must be non-empty and unique, got {modules!r}")
-        object.__setattr__(self, "target_modules", tuple(modules))
 
 
 def attach_lora(model: Any, settings: LoraSettings, *, seed: int | None = None) -> Any:

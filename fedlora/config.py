@@ -22,15 +22,8 @@ from fedlora.errors import ConfigError
 CONFIG_FORMAT = "fedlora.config"
 CONFIG_VERSION = 1
 
-DEFAULT_TARGET_MODULES = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+#: Every linear layer of a LLaMA decoder block: the default LoRA targets.
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -46,17 +39,33 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
-class LoraSection:
+class LoraSettings:
+    """LoRA rank, scaling (``alpha / r``), dropout and the linear layers it adapts."""
+
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    target_modules: tuple[str, ...] = LLAMA_LINEAR_MODULES
 
     def __post_init__(self) -> None:
-        _require(self.r >= 1, f"lora.r must be ≥ 1, got {self.r}")
-        _require(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
-        _require(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
-        _require(len(self.target_modules) > 0, "lora.target_modules must name at least one module")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora r must be a positive integer, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ConfigError(f"lora alpha must be a number, got {self.alpha!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"lora alpha must be positive, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ConfigError(f"lora dropout must be a number, got {self.dropout!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        modules = self.target_modules
+        if isinstance(modules, str) or not all(isinstance(m, str) and m for m in modules):
+            raise ConfigError(
+                f"lora target_modules must be a list of module names, got {modules!r}"
+            )
+        if not modules or len(set(modules)) != len(modules):
+            raise ConfigError(f"lora target_modules must be non-empty and unique, got {modules!r}")
+        object.__setattr__(self, "target_modules", tuple(modules))
 
 
 @dataclass(frozen=True)
@@ -188,7 +197,7 @@ class ExportSection:
 class FedloraConfig:
     seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)
-    lora: LoraSection = field(default_factory=LoraSection)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSection = field(default_factory=DataSection)
     fleet: FleetSection = field(default_factory=FleetSection)
     training: TrainingSection = field(default_factory=TrainingSection)
@@ -330,7 +339,7 @@ def _from_plain(cls: type[T], data: dict[str, Any], prefix: str) -> T:
 
 _SECTIONS: dict[str, type] = {
     "ModelSection": ModelSection,
-    "LoraSection": LoraSection,
+    "LoraSettings": LoraSettings,
     "DataSection": DataSection,
     "FleetSection": FleetSection,
     "TrainingSection": TrainingSection,

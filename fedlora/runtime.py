@@ -54,7 +54,7 @@ def model_bundle(cfg: FedloraConfig) -> ModelBundle:
     The adapter's initial values come from ``cfg.seed``, so the coordinator and
     every device agree on the starting point without sending it.
     """
-    from fedlora.adapter import LoraSettings, adapter_names, attach_lora, get_adapter_arrays
+    from fedlora.adapter import adapter_names, attach_lora, get_adapter_arrays
     from fedlora.model import load_base_model
 
     path = resolve_model_path(cfg)
@@ -63,13 +63,7 @@ def model_bundle(cfg: FedloraConfig) -> ModelBundle:
         bundle = _models.get(key)
         if bundle is None:
             base, tokenizer = load_base_model(path)
-            settings = LoraSettings(
-                r=cfg.lora.r,
-                alpha=cfg.lora.alpha,
-                dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules,
-            )
-            model = attach_lora(base, settings, seed=cfg.seed)
+            model = attach_lora(base, cfg.lora, seed=cfg.seed)
             bundle = ModelBundle(
                 model=model,
                 tokenizer=tokenizer,

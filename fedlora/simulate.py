@@ -128,9 +128,8 @@ def quiet_libraries() -> None:
     """
     import warnings
 
-    from transformers.utils import logging as hf_logging
-
     from flwr.supercore.logger import update_console_handler  # importing sets its level
+    from transformers.utils import logging as hf_logging
 
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.ERROR)
