@@ -83,7 +83,9 @@ def plan_noise(
 class DeviceClient(NumPyClient):
     """One device: its data, its model replica (shared per worker), its ledger."""
 
-    def __init__(self, cfg: FedloraConfig, context: Context) -> None:
+    def __init__(
+        self, cfg: FedloraConfig, context: Context, device_root: Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.context = context
         pid = context.node_config.get("partition-id")
@@ -97,7 +99,12 @@ class DeviceClient(NumPyClient):
         self.data = fleet.devices[index]
         self.device = self.data.device
         ledger_path = context.node_config.get("ledger-path")
-        self.ledger_path = Path(str(ledger_path)) if ledger_path else None
+        if ledger_path:
+            self.ledger_path: Path | None = Path(str(ledger_path))
+        elif device_root is not None:  # a simulated device's "local disk"
+            self.ledger_path = device_root / self.device / "ledger.json"
+        else:
+            self.ledger_path = None
 
     def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
         """What the coordinator may know before sampling: who this is and its budget."""
@@ -189,19 +196,22 @@ def _seed(seed: int, device_index: int, server_round: int) -> int:
     return (seed * 1_000_003 + device_index * 10_007 + server_round) % (2**63)
 
 
-def make_client_app(cfg: FedloraConfig | None = None) -> ClientApp:
+def make_client_app(cfg: FedloraConfig | None = None, device_root: Path | None = None) -> ClientApp:
     """The ClientApp; with ``cfg`` None it reads the config from the run config.
 
     A device built with a config that enables SecAgg+ refuses to send an
     unmasked update; one built without a config (``flwr run .``) follows the
     coordinator.
+
+    ``device_root`` gives each simulated device a directory of its own
+    (``device_root/<device>/ledger.json``) standing in for its local disk.
     """
     required = cfg.secagg.enabled if cfg is not None else False
 
     def client_fn(context: Context) -> Any:
         torch.set_num_threads(1)  # one core per simulated device; Ray gives each actor one
         resolved = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
-        return DeviceClient(resolved, context).to_client()
+        return DeviceClient(resolved, context, device_root).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secagg_mod(required)])
 

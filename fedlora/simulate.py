@@ -159,7 +159,7 @@ def _run_engine(
     result: dict[str, Any] = {}
     with RunProgress(cfg, info, enabled=show_progress) as progress:
         server_app = make_server_app(cfg, run_dir, observer=progress.on_round, result=result)
-        client_app = make_client_app(cfg)
+        client_app = make_client_app(cfg, device_root=run_dir / "devices")
         run_simulation(
             server_app=server_app,
             client_app=client_app,

@@ -108,6 +108,20 @@ def test_ledger_and_report_agree_with_an_independent_recount(runs):
     assert summary["privacy"]["max_epsilon"] <= cfg.privacy.epsilon
 
 
+def test_each_device_ledger_agrees_with_the_coordinator_ledger(runs):
+    """Every device kept its own ledger on its 'local disk'; the coordinator's is their union."""
+    from privacy import PrivacyLedger
+
+    _, run_dir, _ = runs["secagg"]
+    coordinator = PrivacyLedger.load(run_dir / "privacy" / "ledger.json")
+    device_files = sorted((run_dir / "devices").glob("*/ledger.json"))
+    assert {p.parent.name for p in device_files} == set(coordinator.devices())
+    for path in device_files:
+        own = PrivacyLedger.load(path)
+        assert own.devices() == (path.parent.name,)
+        assert own.events == coordinator.events_for(path.parent.name)
+
+
 def test_export_manifest_describes_files_on_disk(runs):
     import hashlib
 
