@@ -209,3 +209,49 @@ def test_devices_stop_being_sampled_exactly_when_their_budget_would_be_exceeded(
     report = json.loads((tmp_path / "run" / "privacy" / "report.json").read_text())
     for dev in report["devices"]:
         assert dev["epsilon"] <= budget
+
+
+def test_a_users_own_checkpoint_via_model_path(tmp_path):
+    """``--model PATH``: a LLaMA-family checkpoint of another size with its own tokenizer,
+    saved by this test and loaded through the real ``from_pretrained`` path, end to end."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedlora import runtime
+    from fedlora.data.synthetic import default_records
+    from fedlora.model import train_tokenizer
+    from fedlora.simulate import simulate
+
+    texts = [r.text for r in default_records(4, seed=9, split="public")]
+    tokenizer = train_tokenizer(texts, vocab_size=400, max_length=128)
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, intermediate_size=96, max_position_embeddings=128,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    user_model = tmp_path / "my-llama"
+    model.save_pretrained(user_model)
+    tokenizer.save_pretrained(user_model)
+
+    cfg = small_config(
+        model={"path": str(user_model)},
+        fleet={"num_devices": 4, "devices_per_round": 3, "min_devices": 3},
+        training={"rounds": 1, "local_steps": 2},
+        lora={"r": 2, "target_modules": ["q_proj", "v_proj"]},
+    )
+    summary = simulate(cfg, tmp_path / "run", show_progress=False)
+    runtime.clear()
+
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["resolved"]["model_path"] == str(user_model)
+    adapter_cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 2 and set(adapter_cfg["target_modules"]) == {"q_proj", "v_proj"}
+    assert math.isfinite(summary["eval_loss_final"])
+    manifest = json.loads((tmp_path / "run" / "export" / "manifest.json").read_text())
+    merged = json.loads((tmp_path / "run" / "export" / "merged" / "config.json").read_text())
+    assert merged["hidden_size"] == 48 and merged["vocab_size"] == len(tokenizer)
+    assert any(a["name"] == "int8" for a in manifest["artefacts"])
