@@ -10,6 +10,7 @@ ledger is the authority); the two ledgers are compared in tests.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 from fedlora.config import PrivacySection
 from fedlora.errors import UpdateError
 from privacy import DPSGDEvent, PrivacyLedger, epsilon_for
+
+#: How a device's budget refusal reads (see ``client.app.plan_noise``).
+DECLINE_PATTERN = re.compile(r"device (\S+) declines round (\d+)")
 
 
 class FleetBudget:
@@ -34,6 +38,7 @@ class FleetBudget:
         self.batch_size = batch_size
         self.node_device: dict[int, str] = {}
         self.num_records: dict[str, int] = {}
+        self.declined: set[str] = set()
         self._eps_cache: dict[str, tuple[int, float]] = {}
 
     def register(self, node_id: int, props: Mapping[str, Any]) -> None:
@@ -80,10 +85,25 @@ class FleetBudget:
         self._eps_cache[device] = (len(events), eps)
         return eps
 
+    def note_failure(self, reason: str) -> str | None:
+        """Read a device's refusal out of a failed reply; the device is not asked again.
+
+        A device that declines for its budget raises ``BudgetExhaustedError``
+        ("device D declines round R: ..."), which Flower returns as the reply's
+        error text. Returns the device id, or None for any other failure.
+        """
+        match = DECLINE_PATTERN.search(reason)
+        if match is None:
+            return None
+        self.declined.add(match.group(1))
+        return match.group(1)
+
     def can_train_again(self, device: str) -> bool:
         """Whether one more round (like its last one) keeps the device within budget."""
         if not self.privacy.enabled:
             return True
+        if device in self.declined:
+            return False
         events = self.ledger.events_for(device)
         budget = self.budget(device)
         if self.privacy.noise_multiplier is None:

@@ -53,6 +53,7 @@ class _RoundState:
     aggregated: int = 0
     rejected: int = 0
     failures: int = 0
+    declined: int = 0
     train_losses: list[float] = field(default_factory=list)
     skipped_reason: str | None = None
 
@@ -128,7 +129,13 @@ class LoraFedAvg(Strategy):
         st = self._round
         st.failures = len(failures)
         for f in failures:
-            log.warning("round %d: a device failed: %s", server_round, _describe_failure(f))
+            reason = _describe_failure(f)
+            declined = self.budget.note_failure(str(f) if isinstance(f, BaseException) else reason)
+            if declined is not None:
+                st.declined += 1
+                log.warning("round %d: %s declined: budget spent", server_round, declined)
+            else:
+                log.warning("round %d: a device failed: %s", server_round, reason)
         accepted: list[tuple[list[np.ndarray], int]] = []
         for proxy, res in results:
             try:
@@ -189,6 +196,7 @@ class LoraFedAvg(Strategy):
             "sampled": st.sampled,
             "eligible": st.eligible,
             "failures": st.failures,
+            "declined": st.declined,
             "rejected": st.rejected,
             "train_loss": float(np.mean(st.train_losses)) if st.train_losses else None,
             "secagg": self.cfg.secagg.enabled,
