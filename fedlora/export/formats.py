@@ -4,8 +4,8 @@ A format turns the merged fp32 checkpoint into a device artefact (``write``) and
 loads that artefact back as something with the transformers causal-LM call
 signature (``load``), so :func:`fedlora.export.export_run` can measure it against
 the merged model and hold it to ``default_gate``. Adding a format (GGUF for
-llama.cpp, say) is a new module plus one :func:`register_format` call; the
-pipeline and the manifest need no change.
+llama.cpp) is a new module plus one :func:`register_format` call; the pipeline
+and the manifest need no change.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from fedlora.errors import ConfigError
-from fedlora.export import int8
+from fedlora.export import gguf, int8
 from fedlora.export.quality import QualityGate
 
 MERGED = "merged-fp32"
@@ -47,6 +48,8 @@ class ExportFormat:
     load: Callable[[Path], Any]
     """``artefact_dir -> model``: a runnable model whose logits the quality check compares."""
     default_gate: QualityGate
+    describe: Callable[[Path], dict[str, Any]] | None = None
+    """``artefact_dir -> details`` recorded in the manifest (GGUF: the tensor types written)."""
 
 
 _FORMATS: dict[str, ExportFormat] = {}
@@ -91,3 +94,23 @@ register_format(
         default_gate=QualityGate(max_kl=1e-3, min_top1_agreement=0.98),
     )
 )
+
+# GGUF for llama.cpp. Gates: F32 is a pure layout conversion (a q/k permutation or
+# tokenizer mistake shows up here first); F16 / Q8_0 / Q4_K_M as the issue sets them.
+for _quant, _gate in (
+    ("f32", QualityGate(max_kl=1e-5, min_top1_agreement=0.99)),
+    ("f16", QualityGate(max_kl=1e-4, min_top1_agreement=0.99)),
+    ("q8_0", QualityGate(max_kl=1e-3, min_top1_agreement=0.98)),
+    ("q4_k_m", QualityGate(max_kl=1e-2, min_top1_agreement=0.90)),
+):
+    register_format(
+        ExportFormat(
+            name=f"gguf-{_quant}",
+            file_format="gguf",
+            quantization=_quant.upper(),
+            write=partial(gguf.write_gguf, quant=_quant),
+            load=gguf.load_gguf,
+            default_gate=_gate,
+            describe=gguf.describe_gguf,
+        )
+    )

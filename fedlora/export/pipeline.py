@@ -117,9 +117,10 @@ def _artefact(
     quantization: str,
     quality: dict[str, Any],
     gate: QualityGate,
+    details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     files = file_entries(root, subdir, fsync=True)
-    return {
+    entry = {
         "name": name,
         "format": file_format,
         "quantization": quantization,
@@ -129,6 +130,9 @@ def _artefact(
         "quality": quality,
         "gate": gate.as_dict(),
     }
+    if details is not None:
+        entry["details"] = details
+    return entry
 
 
 def export_run(
@@ -187,6 +191,7 @@ def export_run(
                     fmt.quantization,
                     quality,
                     gates[fmt.name],
+                    fmt.describe(out) if fmt.describe else None,
                 )
             )
         manifest = {

@@ -1,0 +1,376 @@
+"""GGUF export for llama.cpp: an F32 GGUF written here, quantized by llama.cpp itself.
+
+* :func:`write_f32_gguf` converts the merged checkpoint (a llama-family
+  ``save_pretrained`` directory with a byte-level BPE ``tokenizer.json``) into an
+  F32 GGUF with the full tokenizer: vocab, merges, token types, special ids and
+  whether BOS is prepended. ``q_proj`` / ``k_proj`` are permuted from the Hugging
+  Face rotate-half layout to ggml's interleaved rotary layout; a file written
+  without it loads and runs but is wrong, which the quality gate catches.
+* :func:`quantize_gguf` quantizes it with ``llama_cpp.llama_model_quantize``
+  (the ``gguf`` package cannot write K-quants). llama.cpp quantizes a tensor to
+  a block type only if its row length is a multiple of the block (32 for Q8_0 /
+  Q5_0, 256 for K-quants) and otherwise falls back to another type, so the
+  manifest records the tensor types actually in the file (:func:`describe_gguf`).
+* :class:`LlamaCppModel` runs a GGUF in llama.cpp behind the transformers call
+  signature, so :func:`fedlora.export.quality.compare_logits` measures it.
+
+The GGUF formats are registered in :mod:`fedlora.export.formats` as
+``gguf-f32``, ``gguf-f16``, ``gguf-q8_0`` and ``gguf-q4_k_m``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora.errors import ExportError, ModelError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+F32_FILE = "model-f32.gguf"
+# llama.cpp's file types (enum llama_ftype) for the quantizations fedlora exports.
+QUANT_FTYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}
+_FTYPE_NAMES = {0: "F32", 1: "F16", 7: "Q8_0", 15: "Q4_K_M"}
+K_QUANT_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"})
+
+
+def _install_hint(package: str) -> ExportError:
+    return ExportError(
+        f"GGUF export needs the {package} package: pip install 'fedlora[dev]' "
+        f"(or pip install {package})"
+    )
+
+
+# ------------------------------------------------------------------ HF → F32 GGUF
+
+
+def read_llama_config(model_dir: Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint llama.cpp's ``llama`` architecture can run, or refuse."""
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"no readable config.json in {model_dir}: {err}") from None
+    arch = (cfg.get("architectures") or ["?"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(
+            f"GGUF export supports {', '.join(SUPPORTED_ARCHITECTURES)}; "
+            f"{model_dir} is {arch}: export it as safetensors (int8) instead"
+        )
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ModelError(
+            f"GGUF export supports only default RoPE; {model_dir} uses {rope.get('rope_type')!r}"
+        )
+    if cfg.get("mlp_bias"):
+        raise ModelError(f"GGUF export does not support MLP biases ({model_dir} has mlp_bias)")
+    if cfg.get("sliding_window") and cfg["sliding_window"] < cfg["max_position_embeddings"]:
+        raise ModelError(f"GGUF export does not support sliding-window attention ({model_dir})")
+    return cfg
+
+
+def permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Rows of a q/k projection from HF's rotate-half order to ggml's interleaved pairs.
+
+    HF rotates dimension ``i`` with ``i + d/2`` within each head; ggml rotates
+    ``2i`` with ``2i + 1``. The same permutation as llama.cpp's ``convert_hf_to_gguf``.
+    """
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
+    """llama.cpp's name for the pre-tokenizer regex, for the byte-level BPE ones it knows."""
+    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    raise ModelError(
+        "GGUF export supports byte-level BPE tokenizers with the GPT-2 pre-tokenizer "
+        f"(tokenizer.json pre_tokenizer ByteLevel, use_regex true); got {pre!r}"
+    )
+
+
+def _add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> None:
+    from gguf import TokenType
+    from tokenizers import Tokenizer
+
+    file = model_dir / "tokenizer.json"
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+        tokenizer = Tokenizer.from_file(str(file))
+    except (OSError, ValueError, Exception) as err:
+        raise ModelError(f"GGUF export needs a readable {file}: {err}") from None
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ModelError(f"GGUF export supports BPE tokenizers; {file} is not one")
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= vocab_size:
+        raise ModelError(f"{file} has token ids beyond the model's vocab_size {vocab_size}")
+    by_id = {i: t for t, i in vocab.items()}
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(TokenType.CONTROL if added[i]["special"] else TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    config = _tokenizer_config(model_dir)
+    ids: dict[str, int] = {}
+    for role in ("bos", "eos", "unk", "pad"):
+        token = config.get(f"{role}_token")
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and token in vocab:
+            ids[role] = vocab[token]
+    for role, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
+        if role in ids:
+            add(ids[role])
+    probe = tokenizer.encode("a", add_special_tokens=True).ids
+    writer.add_add_bos_token("bos" in ids and probe[:1] == [ids["bos"]])
+    writer.add_add_eos_token("eos" in ids and probe[-1:] == [ids["eos"]])
+
+
+def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
+    file = model_dir / "tokenizer_config.json"
+    if not file.is_file():
+        return {}
+    config: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
+    return config
+
+
+def _hf_tensors(model_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"no *.safetensors weights in {model_dir}: save with safetensors")
+    tensors: dict[str, np.ndarray] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensors[name] = f.get_tensor(name).to(torch.float32).numpy()
+    return tensors
+
+
+def write_f32_gguf(
+    merged_dir: str | Path, out_file: str | Path, *, permute_qk: bool = True
+) -> Path:
+    """Convert a llama-family checkpoint to an F32 GGUF with its tokenizer; returns ``out_file``.
+
+    ``permute_qk=False`` writes q/k in the HF layout: a wrong file, for tests that
+    the quality check catches it.
+    """
+    import gguf
+
+    src, out = Path(merged_dir), Path(out_file)
+    cfg = read_llama_config(src)
+    n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    rope = cfg.get("rope_parameters") or {}
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_name(src.name)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_tokenizer(writer, src, cfg["vocab_size"])
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    tensors = _hf_tensors(src)
+    if cfg.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output is absent
+    for name, data in tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise ModelError(f"GGUF export: no llama.cpp tensor for {name} in {src}")
+        if permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+            data = permute_rotary(data, n_head)
+        elif permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+            data = permute_rotary(data, n_kv)
+        writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float32))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+# ------------------------------------------------------------------ llama.cpp glue
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise _install_hint("llama-cpp-python") from None
+    log = logging.getLogger("llama-cpp-python")  # llama.cpp's own log goes through it
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.ERROR)  # the quantizer prints every tensor at INFO otherwise
+    return llama_cpp
+
+
+def quantize_gguf(f32_file: str | Path, out_file: str | Path, quant: str) -> Path:
+    """Quantize an F32 GGUF with llama.cpp's own quantizer (``llama_model_quantize``)."""
+    if quant not in QUANT_FTYPES:
+        raise ExportError(f"unknown GGUF quantization {quant!r}: choose from {list(QUANT_FTYPES)}")
+    llama_cpp = _llama_cpp()
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_FTYPES[quant]
+    params.nthread = max(1, min(4, os.cpu_count() or 1))
+    rc = llama_cpp.llama_model_quantize(
+        str(f32_file).encode(), str(out_file).encode(), ctypes.byref(params)
+    )
+    if rc != 0 or not Path(out_file).is_file():
+        raise ExportError(f"llama.cpp could not quantize {f32_file} to {quant} (return code {rc})")
+    return Path(out_file)
+
+
+def gguf_file(artefact_dir: Path) -> Path:
+    files = sorted(Path(artefact_dir).glob("*.gguf"))
+    if len(files) != 1:
+        raise ModelError(f"expected one .gguf file in {artefact_dir}, found {len(files)}")
+    return files[0]
+
+
+def describe_gguf(artefact_dir: str | Path) -> dict[str, Any]:
+    """The tensor types llama.cpp actually wrote, read back with ``gguf.GGUFReader``."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_file(Path(artefact_dir))))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    field = reader.get_field("general.file_type")
+    ftype = int(field.contents()) if field is not None else None
+    k_quants = sum(1 for t in types.values() if t in K_QUANT_TYPES)
+    details: dict[str, Any] = {
+        "file_type": _FTYPE_NAMES.get(ftype, ftype) if ftype is not None else None,
+        "tensor_types": dict(sorted(Counter(types.values()).items())),
+        "tensors": types,
+        "k_quant_tensors": k_quants,
+        "quantized_tensors": sum(1 for t in types.values() if t not in ("F32", "F16", "BF16")),
+    }
+    if ftype == QUANT_FTYPES["q4_k_m"] and k_quants == 0:
+        details["note"] = (
+            "no tensor has rows whose length is a multiple of 256, so llama.cpp stored none "
+            "as a K-quant and fell back per tensor (see tensor_types): this file is "
+            "labelled Q4_K_M but is not a K-quant model"
+        )
+    return details
+
+
+class LlamaCppModel:
+    """A GGUF run by llama.cpp, called like a transformers causal LM for logit comparison.
+
+    ``model(input_ids=[B, T], attention_mask=[B, T]).logits`` is ``[B, T, vocab]``;
+    each row's real tokens must be a prefix (right padding). Logits at padding
+    positions are zero and meaningless.
+    """
+
+    def __init__(self, path: str | Path, *, n_ctx: int | None = None, threads: int = 1) -> None:
+        llama_cpp = _llama_cpp()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"no GGUF file at {self.path}")
+        self.llm = llama_cpp.Llama(
+            model_path=str(self.path),
+            n_ctx=n_ctx or 0,
+            n_batch=512,
+            logits_all=True,
+            n_threads=threads,
+            verbose=False,
+        )
+        self.config = SimpleNamespace(vocab_size=self.llm.n_vocab())
+        self.training = False
+
+    def eval(self) -> LlamaCppModel:
+        return self
+
+    def train(self, mode: bool = True) -> LlamaCppModel:
+        return self
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """``[len(tokens), vocab]`` logits of one sequence, from a fresh context."""
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        out = torch.zeros(*input_ids.shape, self.config.vocab_size, dtype=torch.float32)
+        for row, (ids, mask) in enumerate(zip(input_ids, attention_mask, strict=True)):
+            n = int(mask.sum())
+            if not bool(mask[:n].all()):
+                raise ExportError("llama.cpp comparison needs right-padded held-out sequences")
+            if n:
+                out[row, :n] = torch.from_numpy(self.logits([int(t) for t in ids[:n]]))
+        return SimpleNamespace(logits=out)
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False))
+
+    def greedy(self, tokens: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of ``tokens`` (argmax each step), at most ``max_new_tokens``."""
+        self.llm.reset()
+        out: list[int] = []
+        for token in self.llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, reset=True):
+            out.append(int(token))
+            if len(out) >= max_new_tokens or token == self.llm.token_eos():
+                break
+        return out
+
+
+def write_gguf(merged_dir: Path, out_dir: Path, quant: str) -> Path:
+    """The ``gguf-<quant>`` artefact: ``out_dir/model-<quant>.gguf``; returns ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if quant == "f32":
+        write_f32_gguf(merged_dir, out_dir / F32_FILE)
+        return out_dir
+    f32 = out_dir / f".{F32_FILE}.tmp"
+    try:
+        write_f32_gguf(merged_dir, f32)
+        quantize_gguf(f32, out_dir / f"model-{quant}.gguf", quant)
+    finally:
+        f32.unlink(missing_ok=True)
+    return out_dir
+
+
+def load_gguf(artefact_dir: Path) -> LlamaCppModel:
+    return LlamaCppModel(gguf_file(artefact_dir), threads=max(1, torch.get_num_threads()))
