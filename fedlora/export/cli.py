@@ -13,10 +13,13 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedlora.errors import ConfigError, ModelError
 from fedlora.export.profiles import PROFILES, QUANTIZATIONS, format_name, profile_formats
+
+if TYPE_CHECKING:
+    import torch
 
 RUN_CONFIG = "config.json"
 _RUN_ONLY_KEYS = ("resolved", "versions")
@@ -78,13 +81,15 @@ def check_base_matches(run_dir: Path, base: Path) -> None:
         )
 
 
-def export_run_dir(
-    run_dir: str | Path, formats: Sequence[str] | None = None, model: str | Path | None = None
-) -> dict[str, Any]:
-    """Export ``RUN_DIR/adapter`` into ``RUN_DIR/export``; ``formats=None`` is the run's config."""
+def run_inputs(
+    run_dir: str | Path, model: str | Path | None = None
+) -> tuple[Any, Path, Path, torch.Tensor, torch.Tensor]:
+    """``(config, base, adapter, heldout_ids, heldout_mask)`` of a finished run, checked.
+
+    The held-out text is the coordinator's eval set, encoded as the coordinator did.
+    """
     from fedlora import runtime
     from fedlora.export.merge import check_adapter_dir
-    from fedlora.export.pipeline import export_run
 
     root = Path(run_dir)
     cfg = run_config(root)
@@ -95,9 +100,19 @@ def export_run_dir(
         cfg = cfg.replace(model={"path": str(model)})
     base = runtime.resolve_model_path(cfg)
     check_base_matches(root, base)
-    names = tuple(cfg.export.formats) if formats is None else tuple(formats)
     ids, mask = runtime.encoded(cfg, "server-eval", runtime.fleet(cfg).server_eval)
-    return export_run(base, adapter, root / "export", ids, mask, formats=names)
+    return cfg, base, adapter, ids, mask
+
+
+def export_run_dir(
+    run_dir: str | Path, formats: Sequence[str] | None = None, model: str | Path | None = None
+) -> dict[str, Any]:
+    """Export ``RUN_DIR/adapter`` into ``RUN_DIR/export``; ``formats=None`` is the run's config."""
+    from fedlora.export.pipeline import export_run
+
+    cfg, base, adapter, ids, mask = run_inputs(run_dir, model)
+    names = tuple(cfg.export.formats) if formats is None else tuple(formats)
+    return export_run(base, adapter, Path(run_dir) / "export", ids, mask, formats=names)
 
 
 def resolve_cli_formats(args: argparse.Namespace) -> tuple[str, ...] | None:

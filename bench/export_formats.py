@@ -1,0 +1,92 @@
+"""Every export format side by side on one run's held-out text: size, quality, speed.
+
+Merges ``RUN_DIR/adapter`` into the run's base once (fp32), then writes each
+registered format from it (int8 safetensors and GGUF F32 / F16 / Q8_0 / Q4_K_M
+by default), loads it in its runtime (PyTorch for int8, llama.cpp for GGUF) and
+measures it against the merged model on the coordinator's held-out text, the
+same tokens ``fedlora export`` gates on. Unlike ``fedlora export`` nothing is
+gated away: a format outside its gate is listed with ``"gate": "fail"``.
+
+Prints one JSON object to stdout: the held-out token count and per format the
+artefact bytes, bytes relative to fp32, KL, top-1 agreement, perplexity (and the
+merged model's), its default gate and pass/fail, the GGUF tensor types, and the
+wall time of scoring the held-out set. Library chatter goes to stderr.
+
+    .venv/bin/python bench/export_formats.py RUN_DIR [--formats int8 gguf-q8_0 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fedlora.export import available_formats, get_format
+from fedlora.export.cli import run_inputs
+from fedlora.export.merge import load_fp32_model, merge_adapter
+from fedlora.export.quality import compare_logits
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def bench(run_dir: Path, formats: list[str], model: str | None = None) -> dict[str, Any]:
+    _, base, adapter, ids, mask = run_inputs(run_dir, model)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as tmp:
+        merged_dir = merge_adapter(base, adapter, Path(tmp) / "merged")
+        merged = load_fp32_model(merged_dir)
+        fp32_bytes = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
+        results["merged-fp32"] = {"bytes": fp32_bytes, "relative_size": 1.0}
+        for name in formats:
+            fmt = get_format(name)
+            out = fmt.write(merged_dir, Path(tmp) / name)
+            candidate = fmt.load(out)
+            start = time.perf_counter()
+            quality = compare_logits(merged, candidate, ids, mask)
+            wall = time.perf_counter() - start
+            del candidate
+            size = _bytes(out) if fmt.file_format != "safetensors" else _weights_bytes(out)
+            entry: dict[str, Any] = {
+                "format": fmt.file_format,
+                "quantization": fmt.quantization,
+                "bytes": size,
+                "relative_size": round(size / fp32_bytes, 4),
+                **{k: quality[k] for k in ("kl", "top1_agreement", "perplexity")},
+                "reference_perplexity": quality["reference_perplexity"],
+                "gate": "pass" if not fmt.default_gate.failures(quality) else "fail",
+                "default_gate": fmt.default_gate.as_dict(),
+                "score_wall_s": round(wall, 2),
+            }
+            if fmt.describe is not None:
+                details = fmt.describe(out)
+                entry["tensor_types"] = details["tensor_types"]
+                if "note" in details:
+                    entry["note"] = details["note"]
+            results[name] = entry
+    return {"run_dir": str(run_dir), "heldout_tokens": int(mask.sum()), "formats": results}
+
+
+def _weights_bytes(out: Path) -> int:
+    return sum(p.stat().st_size for p in out.glob("*.safetensors"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--formats", nargs="+", default=list(available_formats()))
+    p.add_argument("--model", help="base checkpoint (default: the run's model.path)")
+    args = p.parse_args(argv)
+    report = bench(args.run_dir, args.formats, args.model)
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
