@@ -116,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--force", action="store_true", help="overwrite an existing RUN_DIR")
     sim.add_argument("--quiet", action="store_true", help="no progress display")
     sim.add_argument("--verbose", action="store_true", help="Flower/Ray logs and tracebacks")
+
+    from fedlora.report_cli import EPILOG as REPORT_EPILOG
+    from fedlora.report_cli import add_report_arguments
+
+    report = sub.add_parser(
+        "report",
+        help="the privacy report of a run (ε per device and round, fleet totals, plots)",
+        description=(
+            "Recompute every device's ε from RUN_DIR/privacy/ledger.json (an edited ledger is "
+            "refused), round by round, with the run's accountant and δ; print it and write "
+            "report.json, report.html (self-contained, with plots) and PNG plots. Works on a "
+            "run in progress."
+        ),
+        epilog=REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_report_arguments(report)
     return parser
 
 
@@ -206,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return cmd_simulate(args)
+        if args.command == "report":
+            from fedlora.report_cli import cmd_report
+
+            return cmd_report(args)
         raise ConfigError(f"unknown command {args.command}")
     except FedloraError as exc:
         if verbose:

@@ -33,4 +33,19 @@ target="."
 echo "install: fedlora ($target)"
 "${PIP[@]}" install -q -e "$target"
 "$VENV/bin/fedlora" --version >/dev/null
+
+# The HTML privacy report's test renders it in headless Chromium. Optional: without
+# a browser that test skips; where apt-get can install one, do so quietly.
+if [ "$extra" = "dev" ] && ! command -v chromium >/dev/null 2>&1 \
+   && ! command -v chromium-browser >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
+  if { $SUDO apt-get update -qq \
+       && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1
+  then
+    echo "install: chromium installed (for the HTML report test)"
+  else
+    echo "install: could not install chromium with apt-get; the HTML report test will skip"
+  fi
+fi
 echo "install: done ($("$VENV/bin/python" -c 'import torch, flwr; print("torch", torch.__version__, "· flwr", flwr.__version__)'))"

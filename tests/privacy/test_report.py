@@ -32,11 +32,28 @@ def report(ledger):
 
 def test_layout(report):
     assert report["format"] == "fedlora.privacy.report"
-    assert report["version"] == 1
+    assert report["version"] == 2
     assert report["accountant"] == "rdp"
     assert report["delta"] == DELTA
+    assert report["noise"] is None  # not stated: "exhausted" means spent, as in version 1
     assert report["privacy_unit"] == "one training sequence (record) of one device"
     assert [d["device"] for d in report["devices"]] == ["a", "b", "c", "idle"]
+    assert set(report) == {
+        "format",
+        "version",
+        "accountant",
+        "delta",
+        "ledger_deltas",
+        "delta_matches_ledger",
+        "noise",
+        "exhaustion_rule",
+        "run",
+        "devices",
+        "fleet",
+        "privacy_unit",
+        "assumptions",
+        "notes",
+    }
     assert set(report["devices"][0]) == {
         "device",
         "epsilon",
@@ -45,6 +62,12 @@ def test_layout(report):
         "rounds_trained",
         "steps",
         "exhausted",
+        "accountant",
+        "delta",
+        "ledger_delta",
+        "epsilon_next_round",
+        "next_round_within_budget",
+        "rounds",
     }
 
 
@@ -70,18 +93,22 @@ def test_device_with_a_budget_but_no_events_shows_zero(report):
         "rounds_trained": 0,
         "steps": 0,
         "exhausted": False,
+        "accountant": "rdp",
+        "delta": DELTA,
+        "ledger_delta": None,
+        "epsilon_next_round": None,
+        "next_round_within_budget": None,
+        "rounds": [],
     }
 
 
 def test_fleet_summary(report):
     epsilons = sorted(d["epsilon"] for d in report["devices"])
 
-    assert report["fleet"] == {
-        "max_epsilon": epsilons[-1],
-        "median_epsilon": pytest.approx((epsilons[1] + epsilons[2]) / 2),
-        "num_devices": 4,
-        "num_exhausted": 1,
-    }
+    fleet = report["fleet"]
+    assert fleet["max_epsilon"] == epsilons[-1]
+    assert fleet["median_epsilon"] == pytest.approx((epsilons[1] + epsilons[2]) / 2)
+    assert (fleet["num_devices"], fleet["num_trained"], fleet["num_exhausted"]) == (4, 3, 1)
 
 
 def test_assumptions_say_what_is_and_is_not_protected(report):
@@ -106,8 +133,17 @@ def test_empty_fleet():
         "max_epsilon": 0.0,
         "median_epsilon": 0.0,
         "num_devices": 0,
+        "num_trained": 0,
         "num_exhausted": 0,
+        "rounds": [],
+        "next_round": {
+            "max_epsilon": None,
+            "max_epsilon_increase": None,
+            "median_epsilon_increase": None,
+            "num_within_budget": 0,
+        },
     }
+    assert report["ledger_deltas"] == [] and report["delta_matches_ledger"]
 
 
 def test_device_without_a_budget_is_refused(ledger):
