@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_report_arguments(report)
+
+    from fedlora.export.cli import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
@@ -157,9 +161,10 @@ def resolve_simulate_config(args: argparse.Namespace) -> Any:
     put("fleet", "devices_per_round", args.devices_per_round)
     put("training", "rounds", args.rounds)
     put("training", "local_steps", args.local_steps)
-    put("data", "path", args.data)
+    # Paths given on the command line are made absolute, so RUN_DIR/config.json reruns anywhere.
+    put("data", "path", str(Path(args.data).resolve()) if args.data else None)
     put("data", "partition", args.partition)
-    put("model", "path", args.model)
+    put("model", "path", str(Path(args.model).resolve()) if args.model else None)
     put("privacy", "epsilon", args.epsilon)
     put("privacy", "delta", args.delta)
     if args.no_dp:
@@ -200,10 +205,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if "kl" in figures:
             extra = f", KL {figures['kl']:.2e}, top-1 {figures['top1_agreement']:.4f}"
         console.print(f"export {name}: {figures['bytes'] / 1e6:.2f} MB{extra}")
-    console.print(
-        f"artefacts in {args.out}/ (run.json, config.json, metrics.jsonl, adapter/, "
-        f"privacy/, export/)"
-    )
+    listed = sorted(Path(p).relative_to(args.out).as_posix() for p in summary["artefacts"].values())
+    console.print(f"artefacts in {args.out}/: run.json, config.json, {', '.join(listed)}")
     return 0
 
 
@@ -223,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return cmd_simulate(args)
+        if args.command == "export":
+            from fedlora.export.cli import cmd_export
+
+            return cmd_export(args)
         if args.command == "report":
             from fedlora.report_cli import cmd_report
 

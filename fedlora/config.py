@@ -21,6 +21,8 @@ from fedlora.errors import ConfigError
 
 CONFIG_FORMAT = "fedlora.config"
 CONFIG_VERSION = 1
+#: Keys ``fedlora simulate`` adds to ``RUN_DIR/config.json`` (what was loaded, package versions).
+RUN_METADATA_KEYS = ("resolved", "versions")
 
 #: Every linear layer of a LLaMA decoder block: the default LoRA targets.
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -189,8 +191,16 @@ class SecAggSection:
 
 @dataclass(frozen=True)
 class ExportSection:
+    """What the run's final step exports (``fedlora export`` does the same on demand).
+
+    ``formats``: registry names (``int8``, ``gguf-f16``, ``gguf-q8_0``, ``gguf-q4_k_m``, ...);
+    ``profile``: a device class (``phone-low``, ``phone-high``, ``laptop``) whose format is
+    exported as well. GGUF formats need llama-cpp-python (the ``dev`` extra).
+    """
+
     enabled: bool = True
     formats: tuple[str, ...] = ("int8",)
+    profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,9 @@ class FedloraConfig:
         if not isinstance(data, dict):
             raise ConfigError("config must be a JSON object with sections like 'training'")
         data = dict(data)
+        # What fedlora writes beside a config in RUN_DIR/config.json; not settings.
+        for meta in RUN_METADATA_KEYS:
+            data.pop(meta, None)
         fmt = data.pop("format", CONFIG_FORMAT)
         version = data.pop("version", CONFIG_VERSION)
         _require(fmt == CONFIG_FORMAT, f"not a fedlora config (format {fmt!r})")

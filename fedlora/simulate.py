@@ -54,6 +54,14 @@ def prepare(cfg: FedloraConfig) -> dict[str, Any]:
             f"the data has {len(fleet.devices)} devices but fleet.devices_per_round is "
             f"{cfg.fleet.devices_per_round}: lower it or use more devices"
         )
+    if cfg.export.enabled:
+        from fedlora.export import available_formats
+        from server.app import export_formats
+
+        unknown = sorted(set(export_formats(cfg)) - set(available_formats()))
+        if unknown:
+            known = ", ".join(available_formats())
+            raise ConfigError(f"unknown export format {unknown[0]!r}: choose from {known}")
     bundle = runtime.model_bundle(cfg)
     return {
         "devices": len(fleet.devices),

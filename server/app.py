@@ -58,6 +58,14 @@ def secagg_workflow(cfg: FedloraConfig) -> SecAggPlusWorkflow:
     )
 
 
+def export_formats(cfg: FedloraConfig) -> tuple[str, ...]:
+    """The configured formats plus the configured device profile's, without repeats."""
+    from fedlora.export.profiles import profile_formats
+
+    extra = profile_formats(cfg.export.profile) if cfg.export.profile else ()
+    return tuple(dict.fromkeys((*cfg.export.formats, *extra)))
+
+
 class Coordinator:
     """Everything one run of the ServerApp owns: strategy, budgets, run directory."""
 
@@ -88,6 +96,8 @@ class Coordinator:
     def _on_round(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
+        # The ledger is saved every round, so `fedlora report` works on a run in progress.
+        self.budget.save(self.run_dir / "privacy" / "ledger.json")
         if self._observer is not None:
             self._observer(row)
 
@@ -113,6 +123,7 @@ class Coordinator:
         """Write the run's artefacts: final adapter, ledger, privacy report, export."""
         from fedlora.adapter import save_adapter, set_adapter_arrays
         from privacy import build_report, write_report
+        from privacy.report import RunInfo
 
         cfg = self.cfg
         bundle = runtime.model_bundle(cfg)
@@ -126,7 +137,18 @@ class Coordinator:
         budgets = {d.device: self.budget.budget(d.device) for d in runtime.fleet(cfg).devices}
         if cfg.privacy.enabled:
             report = build_report(
-                self.budget.ledger, budgets, cfg.privacy.delta, accountant=cfg.privacy.accountant
+                self.budget.ledger,
+                budgets,
+                cfg.privacy.delta,
+                accountant=cfg.privacy.accountant,
+                noise="calibrated" if cfg.privacy.noise_multiplier is None else "fixed",
+                fleet_size=len(budgets),
+                run=RunInfo(
+                    status="complete",
+                    rounds_planned=cfg.training.rounds,
+                    rounds_completed=cfg.training.rounds,
+                    secagg=cfg.secagg.enabled,
+                ),
             )
             write_report(report, self.run_dir / "privacy" / "report.json")
         if cfg.export.enabled:
@@ -139,7 +161,7 @@ class Coordinator:
                 self.run_dir / "export",
                 ids,
                 mask,
-                formats=cfg.export.formats,
+                formats=export_formats(cfg),
             )
 
 

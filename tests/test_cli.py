@@ -156,3 +156,12 @@ def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
     assert proc.returncode == 3  # DataError
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_unknown_export_profile(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"export": {"profile": "toaster"}}))
+    out = tmp_path / "run"
+    code, err = _run(capsys, "simulate", "--out", str(out), "--config", str(cfg))
+    _assert_one_line_error(code, err, "unknown profile 'toaster'")
+    assert not out.exists()

@@ -73,3 +73,11 @@ def test_run_config_resolution(tmp_path):
     path.write_text(json.dumps({"seed": 5}))
     assert config_from_run_config({"fedlora-config": str(path)}).seed == 5
     assert config_from_run_config({}) == FedloraConfig()
+
+
+def test_a_run_config_json_reloads(tmp_path):
+    """RUN_DIR/config.json carries 'resolved' and 'versions' beside the settings."""
+    cfg = FedloraConfig().replace(seed=2, export={"profile": "phone-high"})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**cfg.to_dict(), "resolved": {"devices": 20}, "versions": {}}))
+    assert load_config(path) == cfg
