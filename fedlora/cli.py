@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedlora.argtypes import positive_float, positive_int
 from fedlora.errors import ConfigError, FedloraError
 
 EPILOG = """\
@@ -21,26 +22,6 @@ examples:
   fedlora simulate --out runs/s --data fleet.jsonl --devices 50 --rounds 10 --epsilon 4
   fedlora simulate --out runs/plain --no-secagg    # same strategy without secure aggregation
 """
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
     sim.add_argument("--config", type=Path, metavar="FILE", help="JSON or TOML config file")
-    sim.add_argument("--devices", type=_positive_int, metavar="N", help="simulated devices")
+    sim.add_argument("--devices", type=positive_int, metavar="N", help="simulated devices")
     sim.add_argument(
-        "--devices-per-round", type=_positive_int, metavar="K", help="devices sampled per round"
+        "--devices-per-round", type=positive_int, metavar="K", help="devices sampled per round"
     )
-    sim.add_argument("--rounds", type=_positive_int, metavar="R", help="federated rounds")
+    sim.add_argument("--rounds", type=positive_int, metavar="R", help="federated rounds")
     sim.add_argument(
-        "--local-steps", type=_positive_int, metavar="S", help="DP-SGD steps per device per round"
+        "--local-steps", type=positive_int, metavar="S", help="DP-SGD steps per device per round"
     )
     sim.add_argument(
         "--data",
@@ -96,11 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--epsilon",
-        type=_positive_float,
+        type=positive_float,
         metavar="E",
         help="each device's privacy budget ε (default 8)",
     )
-    sim.add_argument("--delta", type=_positive_float, metavar="D", help="δ (default 1e-5)")
+    sim.add_argument("--delta", type=positive_float, metavar="D", help="δ (default 1e-5)")
     sim.add_argument("--seed", type=int, metavar="S", help="seed of the whole run (default 0)")
     sim.add_argument(
         "--no-secagg",

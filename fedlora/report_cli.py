@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedlora.argtypes import positive_int
+
 FORMATS = ("table", "json", "html", "md")
 
 EPILOG = """\
@@ -31,16 +33,6 @@ def _delta(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {text}")
     return value
 
 
@@ -68,7 +60,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=_workers,
+        type=positive_int,
         default=min(8, os.cpu_count() or 1),
         metavar="N",
         help="processes for large fleets (default: CPUs, at most 8)",
