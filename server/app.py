@@ -122,7 +122,8 @@ class Coordinator:
     def finish(self) -> None:
         """Write the run's artefacts: final adapter, ledger, privacy report, export."""
         from fedlora.adapter import save_adapter, set_adapter_arrays
-        from privacy import build_report, write_report
+        from fedlora.reporting.artefacts import write_artefacts
+        from privacy import build_report
         from privacy.report import RunInfo
 
         cfg = self.cfg
@@ -150,7 +151,8 @@ class Coordinator:
                     secagg=cfg.secagg.enabled,
                 ),
             )
-            write_report(report, self.run_dir / "privacy" / "report.json")
+            # report.json, report.html (self-contained, with plots) and the PNG plots
+            write_artefacts(report, self.run_dir / "privacy")
         if cfg.export.enabled:
             from fedlora.export import export_run
 

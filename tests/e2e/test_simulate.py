@@ -63,6 +63,8 @@ def test_run_directory_is_complete(runs):
     assert summary["eval_loss_final"] == rows[-1]["eval_loss"]
     for i in range(1, ROUNDS + 1):
         assert (run_dir / "checkpoints" / f"round-{i:04d}.safetensors").exists()
+    for name in ("report.json", "report.html", "epsilon_by_round.png", "budget_remaining.png"):
+        assert (run_dir / "privacy" / name).stat().st_size > 0, name
 
 
 def test_adapter_loads_with_peft_and_matches_the_last_checkpoint(runs):
