@@ -64,7 +64,7 @@ def build_tiny_gguf(
     from fedlora.data.tokenize import encode_texts
     from fedlora.export.merge import merge_adapter
     from fedlora.model import train_tokenizer
-    from tests.fedlora.test_export_support import save_adapter
+    from tests.fedlora.test_export_support import fit_briefly, save_adapter
 
     texts = sentences(0, 64)
     tokenizer = train_tokenizer(texts, 320, 64)
@@ -85,14 +85,7 @@ def build_tiny_gguf(
     )
     model = LlamaForCausalLM(config)
     ids, mask = encode_texts(tokenizer, texts, 32)
-    labels = ids.masked_fill(mask == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    fit_briefly(model, ids, mask, steps=steps, lr=3e-3)
     base = root / "base"
     model.save_pretrained(str(base), safe_serialization=True)
     tokenizer.save_pretrained(str(base))

@@ -74,6 +74,18 @@ def save_adapter(base_model, out: Path, *, seed: int, scale: float = 0.05) -> Pa
     return out
 
 
+def fit_briefly(model, ids, mask, *, steps: int, lr: float) -> None:
+    """Train a tiny test model for a few full-batch AdamW steps, so its logits mean something."""
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
 def build_tiny(root: Path, *, seed: int = 0, tie: bool = False, steps: int = 20) -> Tiny:
     """Train and save a tiny base (+ tokenizer) and a LoRA adapter under ``root``."""
     from transformers import LlamaForCausalLM
@@ -85,14 +97,7 @@ def build_tiny(root: Path, *, seed: int = 0, tie: bool = False, steps: int = 20)
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(tie=tie))
-    labels = ids.masked_fill(mask == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    fit_briefly(model, ids, mask, steps=steps, lr=1e-2)
 
     base = root / "base"
     model.save_pretrained(str(base), safe_serialization=True)
