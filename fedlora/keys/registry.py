@@ -29,9 +29,9 @@ from fedlora.keys.material import (
     key_fingerprint,
     openssh_public_key,
     parse_public_key,
+    write_atomic,
 )
 from fedlora.keys.signing import OPERATOR_ID
-from privacy._atomic import write_json_atomic
 
 REGISTRY_FILE = Path("registry") / "devices.json"
 REGISTRY_FORMAT = "fedlora.device-registry"
@@ -161,7 +161,8 @@ class DeviceRegistry:
                 "version": REGISTRY_VERSION,
                 "devices": {d: devices[d].to_dict() for d in sorted(devices)},
             }
-            write_json_atomic(payload, self.path)
+            text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+            write_atomic(self.path, text.encode("utf-8"), 0o644)
 
     def register(
         self,
