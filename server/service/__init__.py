@@ -1,0 +1,126 @@
+"""The coordinator's own gRPC services: ModelService and PrivacyService, signed calls only.
+
+``serve`` starts both on one port, with TLS from ``fedlora keys init`` and an
+interceptor that authenticates every call (:mod:`server.service.auth`) before a
+servicer sees it. Released models come from the runs' export manifests
+(:mod:`server.service.models`), spent budgets from the runs' privacy ledgers
+(:mod:`server.service.privacy`); both are re-read from ``DIR`` as it changes, so
+the coordinator needs no restart when a run finishes or a device is registered.
+Devices call it with :class:`client.service_client.DeviceServiceClient`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedlora.errors import ConfigError
+from fedlora.keys import TlsFiles
+from fedlora.v1 import model_service_pb2_grpc, privacy_service_pb2_grpc
+from server.service.auth import Authenticator, AuthInterceptor, Caller, Unauthenticated
+from server.service.models import CHUNK_BYTES, ModelServicer, ReleasedModels, passed_gate
+from server.service.privacy import DeviceBudget, FleetLedgers, PrivacyServicer
+
+__all__ = [
+    "CHUNK_BYTES",
+    "AuthInterceptor",
+    "Authenticator",
+    "Caller",
+    "DeviceBudget",
+    "FleetLedgers",
+    "ModelServicer",
+    "PrivacyServicer",
+    "ReleasedModels",
+    "ServiceServer",
+    "Unauthenticated",
+    "passed_gate",
+    "serve",
+]
+
+
+class ServiceServer:
+    """A started gRPC server and the port it is bound to (useful with ``port=0``).
+
+    ``stop`` and ``wait_for_termination`` are ``grpc.Server``'s; the server itself
+    is ``.server``.
+    """
+
+    def __init__(self, server: grpc.Server, host: str, port: int, tls: bool) -> None:
+        self.server = server
+        self.host = host
+        self.port = port
+        self.tls = tls
+
+    @property
+    def address(self) -> str:
+        return f"{_host_for_address(self.host)}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        return self.server.stop(grace)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self.server.wait_for_termination(timeout))
+
+    def __enter__(self) -> ServiceServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(None).wait()
+
+
+def _host_for_address(host: str) -> str:
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+def serve(
+    data_dir: str | Path,
+    host: str,
+    port: int,
+    tls: TlsFiles | None,
+    *,
+    model_servicer: Any = None,
+    privacy_servicer: Any = None,
+    max_workers: int = 16,
+) -> ServiceServer:
+    """Start ModelService and PrivacyService on ``host:port`` (0: a free port) and return it.
+
+    With ``tls`` the server presents the CA-signed certificate; without, it serves
+    plaintext (local trials only), but calls are still signed and checked either
+    way. ``model_servicer`` / ``privacy_servicer`` replace the default servicers,
+    e.g. with a wrapper around them; their methods take ``(request, context, caller)``.
+    """
+    data = Path(data_dir)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedlora-service"),
+        interceptors=[AuthInterceptor(Authenticator(data))],
+        # Without this, Linux lets a second server bind the same port and steal calls.
+        options=[("grpc.so_reuseport", 0)],
+    )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+        model_servicer or ModelServicer(data), server
+    )
+    privacy_service_pb2_grpc.add_PrivacyServiceServicer_to_server(
+        privacy_servicer or PrivacyServicer(data), server
+    )
+    address = f"{_host_for_address(host)}:{port}"
+    try:
+        if tls is not None:
+            _, cert, key = tls.read()
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=None)
+            bound = server.add_secure_port(address, creds)
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError as err:  # grpc >= 1.60 raises where older versions returned 0
+        raise ConfigError(f"cannot listen on {address}: {err}") from None
+    if not bound:
+        raise ConfigError(f"cannot listen on {address}: the port is in use or the host not local")
+    server.start()
+    return ServiceServer(server, host, bound, tls is not None)

@@ -1,0 +1,194 @@
+"""PrivacyService: what the coordinator's ledgers say each device has spent of its budget.
+
+Sources, all under ``DIR/runs/<run>/``: ``privacy/ledger.json`` (checksummed; an
+edited ledger is refused, never under-counted) and ``config.json``, read with
+:func:`fedlora.reporting.rundir.load_run` exactly as ``fedlora report`` does.
+
+A device's spent ε composes its events from *every* run's ledger: a device that
+trained in two runs on the same records has spent both. The budget, δ and
+accountant are those of the most recent run the device trained in (by ledger
+modification time; the latest run with a ledger if it trained in none): runs are
+configured by the operator, and the latest configuration is the policy in force.
+Devices keep their own ledgers and refuse to train past their budget whatever
+this service says; it answers "how much is left" for them and for the operator.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedlora.errors import FedloraError, PrivacyError
+from fedlora.reporting.rundir import LEDGER, RunDir, load_run, report_for
+from fedlora.v1 import privacy_service_pb2 as pb
+from privacy import epsilon_for
+from server.service.auth import Caller
+from server.service.status import abort, abort_on
+
+_RUN_NAME = re.compile(r"[^/\\]+")
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    device_id: str
+    epsilon_spent: float
+    epsilon_budget: float
+    delta: float
+    accountant: str
+    rounds_trained: int
+    runs: tuple[str, ...]
+    budget_run: str
+
+    @property
+    def epsilon_remaining(self) -> float:
+        return self.epsilon_budget - self.epsilon_spent
+
+    def to_proto(self) -> pb.GetBudgetResponse:
+        return pb.GetBudgetResponse(
+            device_id=self.device_id,
+            epsilon_spent=self.epsilon_spent,
+            epsilon_remaining=self.epsilon_remaining,
+            epsilon_budget=self.epsilon_budget,
+            delta=self.delta,
+            accountant=self.accountant,
+            rounds_trained=self.rounds_trained,
+            runs=list(self.runs),
+            budget_run=self.budget_run,
+        )
+
+
+class FleetLedgers:
+    """Every run with a privacy ledger, reloaded when a ledger or config changes on disk."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.runs_dir = Path(data_dir) / "runs"
+        self._lock = threading.Lock()
+        self._stamp: tuple[Any, ...] | None = None
+        self._runs: list[RunDir] = []
+        self._budgets: dict[str, DeviceBudget] = {}
+        self._reports: dict[str, dict[str, Any]] = {}
+
+    def _current_stamp(self) -> tuple[Any, ...]:
+        stamp = []
+        for ledger in sorted(self.runs_dir.glob(f"*/{LEDGER.as_posix()}")):
+            run_dir = ledger.parent.parent
+            try:
+                files = (ledger.stat(), (run_dir / "config.json").stat())
+            except FileNotFoundError:
+                continue  # a run without its config is refused by load_run below anyway
+            stamp.append((run_dir.name, *((s.st_mtime_ns, s.st_size, s.st_ino) for s in files)))
+        return tuple(stamp)
+
+    def runs(self) -> list[RunDir]:
+        """Runs with a ledger, oldest ledger first; caches are dropped when anything changed."""
+        stamp = self._current_stamp()
+        with self._lock:
+            if stamp != self._stamp:
+                runs = [load_run(self.runs_dir / entry[0]) for entry in stamp]
+                mtime = {entry[0]: entry[1][0] for entry in stamp}
+                self._runs = sorted(runs, key=lambda r: (mtime[r.path.name], r.path.name))
+                self._budgets, self._reports = {}, {}
+                self._stamp = stamp
+            return list(self._runs)
+
+    def budget(self, device_id: str) -> DeviceBudget:
+        runs = self.runs()
+        with self._lock:
+            cached = self._budgets.get(device_id)
+        if cached is not None:
+            return cached
+        if not runs:
+            raise PrivacyError(
+                "no run on this coordinator has a privacy ledger yet: nothing is spent, and "
+                "no budget is configured; ask again after the first round"
+            )
+        trained = [r for r in runs if r.ledger.events_for(device_id)]
+        source = (trained or runs)[-1]
+        privacy = source.config.privacy
+        events = [e for r in trained for e in r.ledger.events_for(device_id)]
+        budget = DeviceBudget(
+            device_id=device_id,
+            epsilon_spent=epsilon_for(events, privacy.delta, privacy.accountant),
+            epsilon_budget=privacy.epsilon,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+            rounds_trained=len(events),
+            runs=tuple(r.path.name for r in trained),
+            budget_run=source.path.name,
+        )
+        with self._lock:
+            self._budgets[device_id] = budget
+        return budget
+
+    def report(self, run: str = "") -> tuple[str, dict[str, Any]]:
+        """``(run name, report)`` of ``run``, or of the run whose ledger changed last."""
+        runs = self.runs()
+        if not runs:
+            raise PrivacyError("no run on this coordinator has a privacy ledger yet")
+        chosen = runs[-1] if not run else next((r for r in runs if r.path.name == run), None)
+        if chosen is None:
+            raise KeyError(run)
+        name = chosen.path.name
+        with self._lock:
+            cached = self._reports.get(name)
+        if cached is None:
+            cached = report_for(chosen)
+            with self._lock:
+                self._reports[name] = cached
+        return name, cached
+
+
+class PrivacyServicer:
+    """GetBudget (a device about itself; the operator about anyone) and GetFleetReport
+    (operator only)."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.ledgers = FleetLedgers(data_dir)
+
+    def GetBudget(
+        self, request: pb.GetBudgetRequest, context: grpc.ServicerContext, caller: Caller
+    ) -> pb.GetBudgetResponse:
+        device = request.device_id or caller.id
+        if caller.operator and not request.device_id:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the operator must name a device_id")
+        if device != caller.id and not caller.operator:
+            abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"device {caller.id} may only ask for its own budget, not {device}'s",
+            )
+        try:
+            return self.ledgers.budget(device).to_proto()
+        except FedloraError as err:
+            abort_on(context, err)
+
+    def GetFleetReport(
+        self, request: pb.GetFleetReportRequest, context: grpc.ServicerContext, caller: Caller
+    ) -> pb.GetFleetReportResponse:
+        if not caller.operator:
+            abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the fleet report is for the operator only (signed with DIR/tls/operator.key), "
+                f"not device {caller.id}",
+            )
+        if request.run and (not _RUN_NAME.fullmatch(request.run) or request.run in (".", "..")):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{request.run!r} is not a run name")
+        try:
+            name, report = self.ledgers.report(request.run)
+        except KeyError:
+            abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"run {request.run!r} has no privacy ledger on this coordinator",
+            )
+        except FedloraError as err:
+            abort_on(context, err)
+        text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False)
+        return pb.GetFleetReportResponse(run=name, report_json=text)
