@@ -92,6 +92,13 @@ def expected_outputs(source: Path) -> list[Path]:
     return sorted(outs)
 
 
+def _show(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def check(source: Path, out: Path) -> list[str]:
     """Regenerate into a temp dir; one line per committed file that differs, is missing or is
     left over from a proto that no longer exists."""
@@ -103,15 +110,15 @@ def check(source: Path, out: Path) -> list[str]:
         for rel in wanted:
             committed = out / rel
             if not committed.is_file():
-                problems.append(f"{committed.relative_to(ROOT)} is missing")
+                problems.append(f"{_show(committed)} is missing")
             elif not filecmp.cmp(fresh / rel, committed, shallow=False):
-                problems.append(f"{committed.relative_to(ROOT)} is stale")
+                problems.append(f"{_show(committed)} is stale")
         package_dirs = {(out / rel).parent for rel in wanted}
         for directory in sorted(package_dirs):
             for path in sorted(directory.iterdir()):
                 rel = path.relative_to(out)
                 if path.name.endswith(GENERATED_SUFFIXES) and rel not in wanted:
-                    problems.append(f"{path.relative_to(ROOT)} has no .proto any more")
+                    problems.append(f"{_show(path)} has no .proto any more")
     return problems
 
 
