@@ -56,7 +56,9 @@ def add_keys_parser(sub: Any) -> None:
             "privacy report. Devices need ca.crt. Private keys are written 0600."
         ),
     )
-    init.add_argument("--data-dir", required=True, type=Path, metavar="DIR", help="coordinator dir")
+    init.add_argument(
+        "--data-dir", required=True, type=Path, metavar="DIR", help="the coordinator's data dir"
+    )
     init.add_argument(
         "--host",
         action="append",
@@ -82,7 +84,12 @@ def add_keys_parser(sub: Any) -> None:
         ),
     )
     device.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write")
-    device.add_argument("--device-id", required=True, metavar="ID", help="the device's id")
+    device.add_argument(
+        "--device-id",
+        required=True,
+        metavar="ID",
+        help="the device's id: 1-64 letters, digits, '.', '_' or '-' (also the file names)",
+    )
     device.add_argument("--force", action="store_true", help="replace an existing key pair")
     device.set_defaults(func=cmd_device)
 
@@ -95,8 +102,12 @@ def add_keys_parser(sub: Any) -> None:
             "id with the same key again does nothing; another key needs `revoke` first."
         ),
     )
-    register.add_argument("--data-dir", required=True, type=Path, metavar="DIR")
-    register.add_argument("--device-id", required=True, metavar="ID")
+    register.add_argument(
+        "--data-dir", required=True, type=Path, metavar="DIR", help="the coordinator's data dir"
+    )
+    register.add_argument(
+        "--device-id", required=True, metavar="ID", help="the id the device calls with"
+    )
     register.add_argument(
         "--public-key", required=True, type=Path, metavar="FILE", help="the device's ID.pub"
     )
@@ -107,7 +118,9 @@ def add_keys_parser(sub: Any) -> None:
         help="show the registered devices",
         description="Print every registered device: id, key fingerprint, when registered.",
     )
-    listing.add_argument("--data-dir", required=True, type=Path, metavar="DIR")
+    listing.add_argument(
+        "--data-dir", required=True, type=Path, metavar="DIR", help="the coordinator's data dir"
+    )
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(func=cmd_list)
 
@@ -119,8 +132,10 @@ def add_keys_parser(sub: Any) -> None:
             "are refused from the next one on."
         ),
     )
-    revoke.add_argument("--data-dir", required=True, type=Path, metavar="DIR")
-    revoke.add_argument("--device-id", required=True, metavar="ID")
+    revoke.add_argument(
+        "--data-dir", required=True, type=Path, metavar="DIR", help="the coordinator's data dir"
+    )
+    revoke.add_argument("--device-id", required=True, metavar="ID", help="the device to remove")
     revoke.set_defaults(func=cmd_revoke)
 
 

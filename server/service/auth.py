@@ -129,7 +129,9 @@ class Authenticator:
         return Caller(str(caller))
 
 
-def _with_caller(behavior: Callable[..., Any], method: str, metadata: Any, auth: Authenticator):
+def _with_caller(
+    behavior: Callable[..., Any], method: str, metadata: Any, auth: Authenticator
+) -> Callable[[Any, grpc.ServicerContext], Any]:
     def call(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
         try:
             caller = auth.authenticate(method, metadata)

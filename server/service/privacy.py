@@ -71,8 +71,10 @@ class FleetLedgers:
         self._lock = threading.Lock()
         self._stamp: tuple[Any, ...] | None = None
         self._runs: list[RunDir] = []
-        self._budgets: dict[str, DeviceBudget] = {}
-        self._reports: dict[str, dict[str, Any]] = {}
+        # Keyed by the stamp too, so a result computed from runs that changed meanwhile
+        # is never served for the new ones.
+        self._budgets: dict[tuple[Any, str], DeviceBudget] = {}
+        self._reports: dict[tuple[Any, str], dict[str, Any]] = {}
 
     def _current_stamp(self) -> tuple[Any, ...]:
         stamp = []
@@ -85,8 +87,7 @@ class FleetLedgers:
             stamp.append((run_dir.name, *((s.st_mtime_ns, s.st_size, s.st_ino) for s in files)))
         return tuple(stamp)
 
-    def runs(self) -> list[RunDir]:
-        """Runs with a ledger, oldest ledger first; caches are dropped when anything changed."""
+    def _snapshot(self) -> tuple[Any, list[RunDir]]:
         stamp = self._current_stamp()
         with self._lock:
             if stamp != self._stamp:
@@ -95,12 +96,16 @@ class FleetLedgers:
                 self._runs = sorted(runs, key=lambda r: (mtime[r.path.name], r.path.name))
                 self._budgets, self._reports = {}, {}
                 self._stamp = stamp
-            return list(self._runs)
+            return stamp, list(self._runs)
+
+    def runs(self) -> list[RunDir]:
+        """Runs with a ledger, oldest ledger first, as they are on disk now."""
+        return self._snapshot()[1]
 
     def budget(self, device_id: str) -> DeviceBudget:
-        runs = self.runs()
+        stamp, runs = self._snapshot()
         with self._lock:
-            cached = self._budgets.get(device_id)
+            cached = self._budgets.get((stamp, device_id))
         if cached is not None:
             return cached
         if not runs:
@@ -123,12 +128,12 @@ class FleetLedgers:
             budget_run=source.path.name,
         )
         with self._lock:
-            self._budgets[device_id] = budget
+            self._budgets[(stamp, device_id)] = budget
         return budget
 
     def report(self, run: str = "") -> tuple[str, dict[str, Any]]:
         """``(run name, report)`` of ``run``, or of the run whose ledger changed last."""
-        runs = self.runs()
+        stamp, runs = self._snapshot()
         if not runs:
             raise PrivacyError("no run on this coordinator has a privacy ledger yet")
         chosen = runs[-1] if not run else next((r for r in runs if r.path.name == run), None)
@@ -136,11 +141,11 @@ class FleetLedgers:
             raise KeyError(run)
         name = chosen.path.name
         with self._lock:
-            cached = self._reports.get(name)
+            cached = self._reports.get((stamp, name))
         if cached is None:
             cached = report_for(chosen)
             with self._lock:
-                self._reports[name] = cached
+                self._reports[(stamp, name)] = cached
         return name, cached
 
 

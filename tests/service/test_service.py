@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from client.service_client import DOWNLOAD_MODEL, LIST_MODELS, DeviceServiceClient, ServiceCallError
-from fedlora.errors import ExportError
+from fedlora.errors import ConfigError, ExportError
 from fedlora.keys import generate_device_key, init_pki, load_private_key, sign_call
 from fedlora.v1 import model_service_pb2 as pb
 from fedlora.v1 import model_service_pb2_grpc
@@ -172,7 +172,7 @@ def test_unknown_versions_files_and_traversal_are_refused(
 
     with pytest.raises(ExportError, match="no released model 'run-a/q4'"):
         client.download("run-a/q4", "q4/model.gguf", tmp_path)
-    with pytest.raises(Exception, match="not a model file path"):
+    with pytest.raises(ConfigError, match="not a model file path"):
         client.download("run-a/int8", "../int8/model.bin", tmp_path)
 
 
