@@ -25,11 +25,23 @@ def is_secagg_message(msg: Message) -> bool:
     )
 
 
+#: Node config key a deployed device sets (``fedlora device``): "true" unless --allow-plain.
+REQUIRE_SECAGG_KEY = "require-secagg"
+
+
 def secagg_mod(required: bool) -> Mod:
+    """SecAgg+ for SecAgg+ messages; refuse plain training when required.
+
+    ``required`` is the app's setting; a node can also demand it through its
+    node config (``require-secagg``), which is how a deployed device insists on
+    masking whatever ClientApp configuration the coordinator's run uses.
+    """
+
     def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if is_secagg_message(msg):
             return secaggplus_mod(msg, ctxt, call_next)
-        if required and msg.metadata.message_type == MessageType.TRAIN:
+        node_wants = str(ctxt.node_config.get(REQUIRE_SECAGG_KEY, "")).lower() == "true"
+        if (required or node_wants) and msg.metadata.message_type == MessageType.TRAIN:
             raise UpdateError(
                 "this device requires secure aggregation and got a plain training request: "
                 "run the coordinator with SecAgg+ on, or set secagg.enabled=false on the device"

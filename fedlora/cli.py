@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     from fedlora.export.cli import add_export_parser
 
     add_export_parser(sub)
+
+    from fedlora.deploy_cli import add_deploy_parsers
+
+    add_deploy_parsers(sub)
+    from fedlora.keys_cli import add_keys_parser
+
+    add_keys_parser(sub)
     return parser
 
 
@@ -205,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        func = getattr(args, "func", None)
+        if func is not None:  # subcommands that register their own handler
+            return int(func(args))
         if args.command == "simulate":
             return cmd_simulate(args)
         if args.command == "export":

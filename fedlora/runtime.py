@@ -104,6 +104,26 @@ def fleet(cfg: FedloraConfig) -> Fleet:
         return f
 
 
+_local: dict[tuple[Any, ...], Any] = {}
+
+
+def local_data(cfg: FedloraConfig, path: str, device: str) -> Any:
+    """A deployed device's own records (re-read when the file changes)."""
+    from fedlora.data.fleet import local_device_data
+
+    p = Path(path)
+    stat = p.stat() if p.exists() else None
+    key = (str(p.resolve()), device, stat.st_mtime_ns if stat else None, cfg.seed)
+    with _lock:
+        hit = _local.get(key)
+        if hit is None:
+            hit = local_device_data(
+                p, device, heldout_fraction=cfg.data.heldout_fraction, seed=cfg.seed
+            )
+            _local[key] = hit
+        return hit
+
+
 def encoded(
     cfg: FedloraConfig, name: str, texts: tuple[str, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,3 +149,4 @@ def clear() -> None:
         _models.clear()
         _fleets.clear()
         _encoded.clear()
+        _local.clear()

@@ -82,7 +82,8 @@ def check_run_dir(run_dir: Path, force: bool) -> None:
         )
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -107,23 +108,23 @@ def simulate(
     if run_dir.exists() and force:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    _write_json(
+    write_json(
         run_dir / "config.json",
         {**cfg.to_dict(), "resolved": info, "versions": versions()},
     )
     status: dict[str, Any] = {"format": RUN_FORMAT, "status": "running", "started": time.time()}
-    _write_json(run_dir / "run.json", status)
+    write_json(run_dir / "run.json", status)
 
     t0 = time.perf_counter()
     try:
         rows, coordinator = _run_engine(cfg, run_dir, info, verbose, show_progress)
     except BaseException as exc:  # record the failure, then let the CLI report it
         status.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        _write_json(run_dir / "run.json", status)
+        write_json(run_dir / "run.json", status)
         raise
     summary = _summary(cfg, run_dir, rows, coordinator, time.perf_counter() - t0)
     status.update(status="complete", finished=time.time(), summary=summary)
-    _write_json(run_dir / "run.json", status)
+    write_json(run_dir / "run.json", status)
     return summary
 
 

@@ -31,7 +31,10 @@ _FIELDS: tuple[str, ...] = (
     "steps",
     "delta",
     "mechanism",
+    "run",
 )
+#: Fields a stored event may omit (older ledgers): their defaults apply.
+_OPTIONAL: tuple[str, ...] = ("run",)
 
 
 def _is_int(value: object) -> bool:
@@ -64,6 +67,8 @@ class DPSGDEvent:
     steps: int
     delta: float
     mechanism: str = POISSON_SUBSAMPLED_GAUSSIAN
+    run: str = ""
+    """The federated run the round belongs to (a device's ledger spans runs); "" if unknown."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device.strip():
@@ -87,6 +92,8 @@ class DPSGDEvent:
             raise PrivacyError(f"DPSGDEvent.steps must be an int >= 0, got {self.steps!r}")
         if not _is_float(self.delta) or not 0.0 < self.delta < 1.0:
             raise PrivacyError(f"DPSGDEvent.delta must be a float in (0, 1), got {self.delta!r}")
+        if not isinstance(self.run, str):
+            raise PrivacyError(f"DPSGDEvent.run must be a string, got {self.run!r}")
         if self.mechanism not in MECHANISMS:
             raise PrivacyError(
                 f"DPSGDEvent.mechanism {self.mechanism!r} is unknown; "
@@ -104,8 +111,12 @@ class DPSGDEvent:
             object.__setattr__(self, name, cast(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
-        """The event as a JSON-ready dict with every field."""
-        return {name: getattr(self, name) for name in _FIELDS}
+        """The event as a JSON-ready dict (``run`` only when known, so old ledgers still verify)."""
+        return {
+            name: getattr(self, name)
+            for name in _FIELDS
+            if not (name in _OPTIONAL and getattr(self, name) == "")
+        }
 
     @classmethod
     def from_dict(cls, d: object) -> DPSGDEvent:
@@ -115,7 +126,7 @@ class DPSGDEvent:
         unknown = sorted(str(k) for k in d if k not in _FIELDS)
         if unknown:
             raise PrivacyError(f"privacy event has unknown field(s): {', '.join(unknown)}")
-        missing = [k for k in _FIELDS if k not in d]
+        missing = [k for k in _FIELDS if k not in d and k not in _OPTIONAL]
         if missing:
             raise PrivacyError(f"privacy event is missing field(s): {', '.join(missing)}")
         return cls(**d)

@@ -33,26 +33,27 @@ def events_digest(event_dicts: list[Any]) -> str:
 class PrivacyLedger:
     """Append-only record of the DP-SGD rounds of one device or of a fleet.
 
-    A (device, round) pair may appear once, and one device's events must all
+    A (device, run, round) triple may appear once, and one device's events must all
     carry the same δ (a device's target δ is fixed for a run).
     """
 
     def __init__(self, events: Iterable[DPSGDEvent] = ()) -> None:
         self._events: list[DPSGDEvent] = []
-        self._keys: set[tuple[str, int]] = set()
+        self._keys: set[tuple[str, str, int]] = set()
         self._delta: dict[str, float] = {}
         for event in events:
             self.append(event)
 
     def append(self, event: DPSGDEvent) -> None:
-        """Record ``event``; a duplicate (device, round) or a changed δ is refused."""
+        """Record ``event``; a duplicate (device, run, round) or a changed δ is refused."""
         if not isinstance(event, DPSGDEvent):
             raise PrivacyError(f"a ledger only records DPSGDEvent, got {type(event).__name__}")
-        key = (event.device, event.round)
+        key = (event.device, event.run, event.round)
         if key in self._keys:
+            where = f" of run {event.run}" if event.run else ""
             raise PrivacyError(
                 f"ledger already has an event for device {event.device!r} in round "
-                f"{event.round}; a round is accounted once"
+                f"{event.round}{where}; a round is accounted once"
             )
         known_delta = self._delta.get(event.device)
         if known_delta is not None and known_delta != event.delta:
@@ -77,9 +78,11 @@ class PrivacyLedger:
         """Every device with at least one event, sorted."""
         return tuple(sorted(self._delta))
 
-    def rounds_for(self, device: str) -> tuple[int, ...]:
-        """The rounds a device has events for, sorted."""
-        return tuple(sorted(r for d, r in self._keys if d == device))
+    def rounds_for(self, device: str, run: str | None = None) -> tuple[int, ...]:
+        """The rounds a device has events for (in ``run``, when given), sorted."""
+        return tuple(
+            sorted(r for d, u, r in self._keys if d == device and (run is None or u == run))
+        )
 
     def __len__(self) -> int:
         return len(self._events)

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora import runtime
 from fedlora.config import FedloraConfig, config_from_run_config
+from fedlora.errors import ConfigError
 from fedlora.evaluation import mean_token_loss
 from server.budget import FleetBudget
 from server.discovery import discover_devices
@@ -44,10 +45,10 @@ def make_evaluator(cfg: FedloraConfig) -> Any:
     return evaluate
 
 
-def secagg_workflow(cfg: FedloraConfig) -> SecAggPlusWorkflow:
+def secagg_workflow(cfg: FedloraConfig, max_train: int) -> SecAggPlusWorkflow:
+    """SecAgg+ with ``max_weight`` above the largest record count a device reported."""
     s = cfg.secagg
     # max_weight bounds num_examples; larger weights would overflow the masked sum.
-    max_train = max(len(d.train) for d in runtime.fleet(cfg).devices)
     return SecAggPlusWorkflow(
         num_shares=s.num_shares,
         reconstruction_threshold=s.reconstruction_threshold,
@@ -70,10 +71,17 @@ class Coordinator:
     """Everything one run of the ServerApp owns: strategy, budgets, run directory."""
 
     def __init__(
-        self, cfg: FedloraConfig, run_dir: Path, observer: RoundObserver | None = None
+        self,
+        cfg: FedloraConfig,
+        run_dir: Path,
+        observer: RoundObserver | None = None,
+        expected_devices: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        # How many devices to wait for before round 1: a simulation knows its fleet;
+        # a deployed coordinator waits for fleet.num_devices (settling for min_devices).
+        self.expected_devices = expected_devices or cfg.fleet.num_devices
         bundle = runtime.model_bundle(cfg)
         self.budget = FleetBudget(
             cfg.privacy,
@@ -104,7 +112,7 @@ class Coordinator:
     def run(self, grid: Grid, context: Context) -> None:
         devices = discover_devices(
             grid,
-            expected=len(runtime.fleet(self.cfg).devices),
+            expected=self.expected_devices,
             min_nodes=self.cfg.fleet.min_devices,
             timeout_s=self.cfg.secagg.timeout_s,
         )
@@ -115,7 +123,8 @@ class Coordinator:
             config=ServerConfig(num_rounds=self.cfg.training.rounds),
             strategy=self.strategy,
         )
-        fit_workflow = secagg_workflow(self.cfg) if self.cfg.secagg.enabled else None
+        max_train = max((int(p.get("num_records", 0)) for p in devices.values()), default=0)
+        fit_workflow = secagg_workflow(self.cfg, max_train) if self.cfg.secagg.enabled else None
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
         self.finish()
 
@@ -135,7 +144,7 @@ class Coordinator:
             metadata={"rounds": cfg.training.rounds, "seed": cfg.seed},
         )
         self.budget.save(self.run_dir / "privacy" / "ledger.json")
-        budgets = {d.device: self.budget.budget(d.device) for d in runtime.fleet(cfg).devices}
+        budgets = {d: self.budget.budget(d) for d in self.budget.devices()}
         if cfg.privacy.enabled:
             report = build_report(
                 self.budget.ledger,
@@ -167,6 +176,72 @@ class Coordinator:
             )
 
 
+def _deployed_run(cfg: FedloraConfig, out: Path, context: Context, grid: Grid) -> None:
+    """A run started by ``fedlora run`` (or ``flwr run``): config and run.json beside it.
+
+    ``run.json`` goes "running" → "complete" or "failed" (with the error); a
+    coordinator restarted after a crash marks runs it finds "running" as
+    "interrupted".
+    """
+    import time
+
+    from fedlora.simulate import RUN_FORMAT, versions, write_json
+
+    if (out / "run.json").exists():
+        raise ConfigError(f"run directory {out} already holds a run: pick another run name")
+    write_json(out / "config.json", {**cfg.to_dict(), "versions": versions()})
+    status: dict[str, Any] = {
+        "format": RUN_FORMAT,
+        "status": "running",
+        "started": time.time(),
+        "flower_run_id": context.run_id,
+    }
+    write_json(out / "run.json", status)
+    try:
+        coordinator = Coordinator(cfg, out)
+        coordinator.run(grid, context)
+    except BaseException as exc:
+        status.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
+        write_json(out / "run.json", status)
+        raise
+    rows = coordinator.strategy.rows
+    status.update(
+        status="complete",
+        finished=time.time(),
+        summary={
+            "rounds": cfg.training.rounds,
+            "eval_loss_round0": rows[0]["eval_loss"] if rows else None,
+            "eval_loss_final": rows[-1]["eval_loss"] if rows else None,
+            "max_epsilon": coordinator.budget.worst_epsilon(),
+        },
+    )
+    write_json(out / "run.json", status)
+
+
+#: Set by ``fedlora coordinator`` for the SuperLink it starts: where runs land.
+RUNS_DIR_ENV = "FEDLORA_RUNS_DIR"
+
+
+def resolve_run_dir(context: Context) -> Path:
+    """The run's directory: ``run-dir`` from the run config, under the coordinator's runs/.
+
+    Under ``fedlora coordinator`` a relative ``run-dir`` is a name inside
+    ``DIR/runs`` (and may not climb out of it); under ``flwr run .`` it is
+    relative to the working directory.
+    """
+    import os
+
+    name = str(context.run_config.get("run-dir", "") or "")
+    root = os.environ.get(RUNS_DIR_ENV)
+    if root:
+        base = Path(root).resolve()
+        target = (base / (name or f"run-{context.run_id}")).resolve()
+        if base not in target.parents:
+            raise ConfigError(f"run-dir {name!r} must be a name inside {base}")
+        return target
+    return Path(name or "runs/flwr")
+
+
 def make_server_app(
     cfg: FedloraConfig | None = None,
     run_dir: Path | None = None,
@@ -183,15 +258,13 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         resolved = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
-        out = (
-            run_dir
-            if run_dir is not None
-            else Path(str(context.run_config.get("run-dir", "runs/flwr")))
-        )
+        out = run_dir if run_dir is not None else resolve_run_dir(context)
         out.mkdir(parents=True, exist_ok=True)
         if cfg is None:
-            (out / "config.json").write_text(json.dumps(resolved.to_dict(), indent=2))
-        coordinator = Coordinator(resolved, out, observer)
+            _deployed_run(resolved, out, context, grid)
+            return
+        expected = len(runtime.fleet(resolved).devices)
+        coordinator = Coordinator(resolved, out, observer, expected_devices=expected)
         if result is not None:
             result["coordinator"] = coordinator
         coordinator.run(grid, context)

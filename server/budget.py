@@ -19,7 +19,7 @@ from fedlora.config import PrivacySection
 from fedlora.errors import UpdateError
 from privacy import DPSGDEvent, PrivacyLedger, epsilon_for
 
-#: How a device's budget refusal reads (see ``client.app.plan_noise``).
+#: How a device's budget refusal reads (see ``client.device_client.plan_noise``).
 DECLINE_PATTERN = re.compile(r"device (\S+) declines round (\d+)")
 
 
@@ -38,6 +38,7 @@ class FleetBudget:
         self.batch_size = batch_size
         self.node_device: dict[int, str] = {}
         self.num_records: dict[str, int] = {}
+        self.budgets: dict[str, float] = {}
         self.declined: set[str] = set()
         self._eps_cache: dict[str, tuple[int, float]] = {}
 
@@ -48,9 +49,17 @@ class FleetBudget:
         n = props.get("num_records")
         if isinstance(n, int) and n > 0:
             self.num_records[device] = n
+        own = props.get("budget_epsilon")
+        if isinstance(own, (int, float)) and 0 < own < self.privacy.epsilon:
+            self.budgets[device] = float(own)
 
     def budget(self, device: str) -> float:
-        return self.privacy.epsilon
+        """The device's budget: the run's, or less where the device said so at discovery."""
+        return self.budgets.get(device, self.privacy.epsilon)
+
+    def devices(self) -> list[str]:
+        """Every device known from discovery or the ledger, sorted."""
+        return sorted(set(self.node_device.values()) | set(self.ledger.devices()))
 
     def record(self, node_id: int, metrics: Mapping[str, Any]) -> DPSGDEvent | None:
         """Add the event a device reported with its update (None when it trained without DP)."""
@@ -68,6 +77,7 @@ class FleetBudget:
                 sample_rate=float(metrics["sample_rate"]),
                 steps=int(metrics["steps"]),
                 delta=float(metrics["delta"]),
+                run=str(metrics.get("run", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UpdateError(

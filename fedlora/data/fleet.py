@@ -122,6 +122,27 @@ def build_fleet(
     return Fleet(devices=tuple(devices), server_eval=server_eval, description=description)
 
 
+def local_device_data(
+    path: str | Path, device: str, *, heldout_fraction: float = 0.1, seed: int = 0
+) -> DeviceData:
+    """One deployed device's own records (``fedlora device --data PATH``), split train/held-out.
+
+    Every record in the file belongs to this device, whatever its ``device``
+    field says: the file *is* the device's local store. The split is seeded, so
+    a restarted device trains on the same records.
+    """
+    records = read_records(path)
+    texts = [r.text for r in records]
+    if len(texts) < 2:
+        raise DataError(
+            f"{path} holds {len(texts)} record(s); a device needs at least 2 "
+            "(one to train on, one held out)"
+        )
+    rng = np.random.default_rng([seed, _SPLIT_STREAM])
+    data, _ = _split_device(device, texts, heldout_fraction, 0.0, rng)
+    return data
+
+
 def _split_device(
     device: str,
     texts: list[str],

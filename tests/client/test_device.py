@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.app import plan_noise
+from client.device_client import plan_noise
 from client.ledger import load_device_ledger, save_device_ledger
 from fedlora.config import FedloraConfig
 from fedlora.errors import BudgetExhaustedError

@@ -1,0 +1,222 @@
+"""The device client: what a device does with each message (train with DP-SGD, evaluate).
+
+Per round a sampled device: loads the global adapter → checks its privacy
+budget (declining if the round would take it past the budget) → trains on its
+own records with DP-SGD → records what it spent in its own ledger → returns
+the adapter *update* (local − global). With SecAgg+ on, ``secaggplus_mod``
+masks that update before it leaves the device.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.client import NumPyClient
+
+from client.app import NUM_ROUNDS_KEY, ROUND_KEY
+from client.ledger import load_device_ledger, save_device_ledger
+from client.train import LocalTrainingPlan, train_lora
+from fedlora import runtime
+from fedlora.config import FedloraConfig
+from fedlora.errors import BudgetExhaustedError, DataError
+from fedlora.evaluation import mean_token_loss
+from privacy import DPSGDEvent, PrivacyLedger, calibrate_noise_multiplier, epsilon_for
+
+
+def plan_noise(
+    cfg: FedloraConfig,
+    ledger: PrivacyLedger,
+    device: str,
+    server_round: int,
+    num_rounds: int,
+    sample_rate: float,
+    budget_epsilon: float | None = None,
+) -> float | None:
+    """σ for this round, or raise BudgetExhaustedError if the device must decline.
+
+    Calibrated mode: the smallest σ such that the history already spent plus
+    every remaining round of the run (the worst case: sampled every time)
+    stays within the budget. Fixed-σ mode: the configured σ, if one more round
+    keeps ε within the budget.
+    """
+    p = cfg.privacy
+    if not p.enabled:
+        return None
+    budget = p.epsilon if budget_epsilon is None else budget_epsilon
+    history = ledger.events_for(device)
+    steps = cfg.training.local_steps
+    if p.noise_multiplier is None:
+        return calibrate_noise_multiplier(
+            budget,
+            p.delta,
+            sample_rate,
+            steps,
+            max(1, num_rounds - server_round + 1),
+            history=history,
+            accountant=p.accountant,
+        )
+    event = DPSGDEvent(
+        device=device,
+        round=server_round,
+        noise_multiplier=p.noise_multiplier,
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=p.delta,
+    )
+    eps = epsilon_for((*history, event), p.delta, p.accountant)
+    if eps > budget:
+        raise BudgetExhaustedError(
+            f"device {device} declines round {server_round}: it would reach ε={eps:.3f} "
+            f"> budget {budget:g} (δ={p.delta:g}, {p.accountant})"
+        )
+    return p.noise_multiplier
+
+
+class DeviceClient(NumPyClient):
+    """One device: its data, its model replica (shared per worker), its ledger."""
+
+    def __init__(
+        self, cfg: FedloraConfig, context: Context, device_root: Path | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.context = context
+        node = context.node_config
+        data_path = node.get("data-path")
+        if data_path:
+            # A deployed device (``fedlora device``): its own records on its own disk.
+            self.device = str(node.get("device-id") or Path(str(data_path)).stem)
+            self.index = _device_index(self.device)
+            self.data = runtime.local_data(cfg, str(data_path), self.device)
+        else:
+            pid = node.get("partition-id")
+            if pid is None:
+                raise DataError(
+                    "this node has neither 'data-path' nor 'partition-id': start it with "
+                    "`fedlora device --data PATH` or as part of a simulated fleet"
+                )
+            fleet = runtime.fleet(cfg)
+            index = int(pid)
+            if not 0 <= index < len(fleet.devices):
+                raise DataError(
+                    f"partition-id {index} is outside the fleet of {len(fleet.devices)}"
+                )
+            self.index = index
+            self.data = fleet.devices[index]
+            self.device = self.data.device
+        # The device's own cap: it never trains past min(its budget, the run's budget).
+        own = node.get("budget-epsilon")
+        self.budget_epsilon = cfg.privacy.epsilon
+        if own is not None and float(own) > 0:
+            self.budget_epsilon = min(float(own), cfg.privacy.epsilon)
+        ledger_path = node.get("ledger-path")
+        if ledger_path:
+            self.ledger_path: Path | None = Path(str(ledger_path))
+        elif device_root is not None:  # a simulated device's "local disk"
+            self.ledger_path = device_root / self.device / "ledger.json"
+        else:
+            self.ledger_path = None
+
+    def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
+        """What the coordinator may know before sampling: who this is and its budget."""
+        props: dict[str, Any] = {"device": self.device, "num_records": len(self.data.train)}
+        if self.cfg.privacy.enabled:
+            props["budget_epsilon"] = self.budget_epsilon
+        return props
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        return [a.copy() for a in runtime.model_bundle(self.cfg).initial_arrays]
+
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Any]
+    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        from fedlora.adapter import get_adapter_arrays, set_adapter_arrays
+
+        cfg = self.cfg
+        server_round = int(config[ROUND_KEY])
+        num_rounds = int(config[NUM_ROUNDS_KEY])
+        bundle = runtime.model_bundle(cfg)
+        set_adapter_arrays(bundle.model, parameters)
+        ids, mask = runtime.encoded(cfg, f"device:{self.device}", self.data.train)
+        plan_base = LocalTrainingPlan(
+            steps=cfg.training.local_steps,
+            expected_batch_size=cfg.training.batch_size,
+            learning_rate=cfg.training.learning_rate,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            noise_multiplier=None,
+            seed=_seed(cfg.seed, self.index, server_round),
+        )
+        q = plan_base.sample_rate(int(ids.shape[0]))
+
+        ledger = load_device_ledger(self.context, self.ledger_path)
+        run = str(self.context.run_id)
+        if server_round in ledger.rounds_for(self.device, run=run):
+            raise BudgetExhaustedError(
+                f"device {self.device} already trained in round {server_round}; "
+                "a replayed request is refused so no step is counted twice"
+            )
+        sigma = plan_noise(
+            cfg, ledger, self.device, server_round, num_rounds, q, self.budget_epsilon
+        )
+        plan = LocalTrainingPlan(**{**plan_base.__dict__, "noise_multiplier": sigma})
+
+        result = train_lora(bundle.model, ids, mask, plan)
+        local = get_adapter_arrays(bundle.model)
+        update = [(lo - gl).astype(np.float32) for lo, gl in zip(local, parameters, strict=True)]
+
+        metrics: dict[str, Any] = {
+            "device": self.device,
+            "round": server_round,
+            "run": run,
+            "train_loss": result.mean_loss if math.isfinite(result.mean_loss) else -1.0,
+            "empty_batches": result.empty_batches,
+            "steps": result.steps,
+            "sample_rate": result.sample_rate,
+            "dp": sigma is not None,
+        }
+        if sigma is not None:
+            event = DPSGDEvent(
+                device=self.device,
+                round=server_round,
+                noise_multiplier=sigma,
+                sample_rate=result.sample_rate,
+                steps=result.steps,
+                delta=cfg.privacy.delta,
+                run=run,
+            )
+            ledger.append(event)
+            save_device_ledger(self.context, ledger, self.ledger_path)
+            metrics.update(
+                noise_multiplier=sigma,
+                delta=cfg.privacy.delta,
+                epsilon=epsilon_for(
+                    ledger.events_for(self.device), cfg.privacy.delta, cfg.privacy.accountant
+                ),
+                budget_epsilon=self.budget_epsilon,
+            )
+        return update, int(ids.shape[0]), metrics
+
+    def evaluate(
+        self, parameters: list[np.ndarray], config: dict[str, Any]
+    ) -> tuple[float, int, dict[str, Any]]:
+        from fedlora.adapter import set_adapter_arrays
+
+        bundle = runtime.model_bundle(self.cfg)
+        set_adapter_arrays(bundle.model, parameters)
+        ids, mask = runtime.encoded(self.cfg, f"heldout:{self.device}", self.data.heldout)
+        loss = mean_token_loss(bundle.model, ids, mask)
+        return loss, int(ids.shape[0]), {"device": self.device}
+
+
+def _device_index(device: str) -> int:
+    """A stable number for a deployed device (its training seed), from its id."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(device.encode()).digest()[:4], "big")
+
+
+def _seed(seed: int, device_index: int, server_round: int) -> int:
+    return (seed * 1_000_003 + device_index * 10_007 + server_round) % (2**63)

@@ -1,0 +1,118 @@
+"""Talking to a SuperLink's Control API (HTTP): register devices, start runs, read them.
+
+``fedlora coordinator`` registers device keys with the SuperLink it runs, and
+``fedlora run`` starts runs on it, through the same Control API client the
+``flwr`` CLI uses. Flower keeps CLI credentials under ``FLWR_HOME``; fedlora
+points that at a directory of its own so it never reads or writes a user's
+``~/.flwr``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import FedloraError
+
+DEFAULT_PORT = 9092
+
+
+@dataclass(frozen=True)
+class CoordinatorAddress:
+    """A coordinator's three endpoints, derived from ``HOST[:P]``."""
+
+    host: str
+    port: int = DEFAULT_PORT
+
+    @classmethod
+    def parse(cls, text: str) -> CoordinatorAddress:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            return cls(text)
+        if not host or not port.isdigit() or not 0 < int(port) < 65534:
+            raise FedloraError(f"coordinator address {text!r} is not HOST or HOST:PORT")
+        return cls(host.strip("[]"), int(port))
+
+    @property
+    def fleet(self) -> str:
+        """Flower Fleet API (gRPC): what devices connect to."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def control(self) -> str:
+        """Flower Control API (HTTP): what ``fedlora run`` talks to."""
+        return f"{self.host}:{self.port + 1}"
+
+    @property
+    def service(self) -> str:
+        """fedlora's ModelService / PrivacyService (gRPC)."""
+        return f"{self.host}:{self.port + 2}"
+
+
+def flwr_home(path: Path) -> None:
+    """Give the Flower client code a home of its own (credentials, installed apps)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["FLWR_HOME"] = str(path)
+
+
+@contextlib.contextmanager
+def control_client(
+    address: str, root_cert: Path | None, insecure: bool
+) -> Iterator[Any]:  # ControlHttpClient
+    """A Control API client for ``address`` (HOST:PORT), closed on exit."""
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+
+    if "FLWR_HOME" not in os.environ:
+        flwr_home(Path.home() / ".fedlora" / "flwr")
+    conn = SuperLinkConnection(
+        name="fedlora",
+        address=address,
+        root_certificates=None if insecure or root_cert is None else str(root_cert.resolve()),
+        insecure=insecure,
+    )
+    client = init_http_client_from_connection(conn)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, alive: Any = None) -> None:
+    """Block until something accepts TCP connections on host:port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise FedloraError(f"the process that should listen on {host}:{port} exited")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise FedloraError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host if host not in ("", "0.0.0.0") else "0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def describe_control_error(exc: BaseException) -> str:
+    """One line for a failed Control API call (Flower raises click exceptions or httpx errors)."""
+    msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return " ".join(str(msg).split())

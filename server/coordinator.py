@@ -1,0 +1,341 @@
+"""``fedlora coordinator``: a Flower SuperLink plus fedlora's gRPC services, supervised.
+
+One command an operator runs (and restarts) on one machine. It starts:
+
+* a ``flower-superlink`` child: the gRPC Fleet API devices connect to, the
+  HTTP Control API ``fedlora run`` talks to, TLS and SuperNode authentication
+  on, its state in SQLite under ``DIR/state/`` so a restart keeps the run
+  history. Each run's ServerApp is a ``flwr-serverapp`` subprocess of it that
+  writes the run's artefacts under ``DIR/runs/<name>/``;
+* fedlora's ModelService / PrivacyService (gRPC, same TLS) in this process;
+* a loop that keeps the SuperLink's registered device keys equal to
+  ``DIR/registry/devices.json`` (``fedlora keys register`` / ``revoke`` while
+  the coordinator runs take effect within seconds).
+
+The SuperLink dies with the coordinator (``PR_SET_PDEATHSIG``), so killing the
+coordinator, even with SIGKILL, leaves no SuperLink behind to hold the ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import ConfigError, FedloraError
+from server.app import RUNS_DIR_ENV
+from server.control import (
+    CoordinatorAddress,
+    control_client,
+    describe_control_error,
+    flwr_home,
+    port_free,
+    wait_for_port,
+)
+
+log = logging.getLogger("fedlora.coordinator")
+
+SYNC_INTERVAL_S = 2.0
+STARTUP_TIMEOUT_S = 60.0
+
+
+def flower_executable(name: str) -> str:
+    """A Flower console script installed next to this Python (then on PATH)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FedloraError(f"{name} is not installed; reinstall fedlora (it needs flwr)")
+    return found
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when the process that started it dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s``; always reaps."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class CoordinatorLayout:
+    """Where a coordinator keeps things under its ``--data-dir``."""
+
+    root: Path
+    state: Path = field(init=False)
+    runs: Path = field(init=False)
+    logs: Path = field(init=False)
+    flwr: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.state = self.root / "state"
+        self.runs = self.root / "runs"
+        self.logs = self.root / "logs"
+        self.flwr = self.root / "flwr"
+
+    def create(self) -> None:
+        for d in (self.state, self.runs, self.logs, self.flwr):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def database(self) -> Path:
+        return self.state / "superlink.db"
+
+    @property
+    def info(self) -> Path:
+        return self.root / "coordinator.json"
+
+
+def mark_interrupted(runs: Path) -> list[str]:
+    """Runs whose run.json still says "running" when the coordinator starts: none is alive."""
+    from fedlora.simulate import write_json
+
+    cut: list[str] = []
+    for path in sorted(runs.glob("*/run.json")):
+        try:
+            status = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if status.get("status") == "running":
+            status.update(status="interrupted", interrupted_at=time.time())
+            write_json(path, status)
+            cut.append(path.parent.name)
+    return cut
+
+
+def superlink_command(
+    layout: CoordinatorLayout, addr: CoordinatorAddress, tls: Any | None
+) -> list[str]:
+    cmd = [
+        flower_executable("flower-superlink"),
+        "--database",
+        str(layout.database),
+        "--fleet-api-address",
+        addr.fleet,
+        "--host",
+        addr.host,
+        "--port",
+        str(addr.port + 1),
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+    ]
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += [
+            "--ssl-ca-certfile",
+            str(tls.ca),
+            "--ssl-certfile",
+            str(tls.cert),
+            "--ssl-keyfile",
+            str(tls.key),
+            "--enable-supernode-auth",
+        ]
+    return cmd
+
+
+class RegistrySync:
+    """Keep the SuperLink's registered SuperNode keys equal to fedlora's device registry."""
+
+    def __init__(self, data_dir: Path, control: str, root_cert: Path | None) -> None:
+        from fedlora.keys import DeviceRegistry
+
+        self.registry = DeviceRegistry(data_dir)
+        self.control = control
+        self.root_cert = root_cert
+        self._seen: float | None = None
+        self.registered: dict[str, int] = {}  # device id → SuperLink node id
+
+    def _stamp(self) -> float:
+        p = self.registry.path
+        return p.stat().st_mtime_ns if p.exists() else 0.0
+
+    def sync(self, force: bool = False) -> None:
+        from flwr.proto.control_pb2 import (
+            ListNodesRequest,
+            RegisterNodeRequest,
+            UnregisterNodeRequest,
+        )
+
+        stamp = self._stamp()
+        if not force and stamp == self._seen:
+            return
+        wanted = {d: dev.flower_public_key() for d, dev in self.registry.devices().items()}
+        with control_client(self.control, self.root_cert, insecure=False) as client:
+            listed = client.ListNodes(ListNodesRequest())
+            by_key = {
+                bytes(n.public_key): int(n.node_id)
+                for n in listed.nodes_info
+                if not n.unregistered_at
+            }
+            for device, key in wanted.items():
+                if key in by_key:
+                    self.registered[device] = by_key[key]
+                    continue
+                res = client.RegisterNode(RegisterNodeRequest(public_key=key, name=device))
+                self.registered[device] = int(res.node_id)
+                log.info("registered device %s (node %s)", device, res.node_id)
+            keep = set(wanted.values())
+            for key, node_id in by_key.items():
+                if key not in keep:
+                    client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+                    log.info("unregistered node %s (its key was revoked)", node_id)
+        self._seen = stamp
+
+
+def serve_coordinator(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir).resolve()
+    addr = CoordinatorAddress(args.host, int(args.port))
+    layout = CoordinatorLayout(data_dir)
+    tls = None
+    if not args.insecure:
+        from fedlora.keys import tls_files
+
+        tls = tls_files(data_dir)  # ConfigError with the `fedlora keys init` hint if missing
+    for port, what in ((addr.port, "Fleet API"), (addr.port + 1, "Control API")):
+        if not port_free(addr.host, port):
+            raise ConfigError(
+                f"port {port} ({what}) on {addr.host} is in use: stop what holds it or pick "
+                "another --port (the coordinator uses P, P+1 and P+2)"
+            )
+    if not port_free(addr.host, addr.port + 2):
+        raise ConfigError(f"port {addr.port + 2} (fedlora services) on {addr.host} is in use")
+    layout.create()
+    flwr_home(layout.flwr)
+    for name in mark_interrupted(layout.runs):
+        print(f"fedlora coordinator: run {name} was cut off by a restart (run.json: interrupted)")
+
+    env = {
+        **os.environ,
+        RUNS_DIR_ENV: str(layout.runs),
+        "FLWR_HOME": str(layout.flwr),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    log_path = layout.logs / "superlink.log"
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            superlink_command(layout, addr, tls),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=die_with_parent,
+        )
+    service = None
+    try:
+        alive = lambda: proc.poll() is None  # noqa: E731
+        try:
+            wait_for_port(addr.host, addr.port, STARTUP_TIMEOUT_S, alive)
+            wait_for_port(addr.host, addr.port + 1, STARTUP_TIMEOUT_S, alive)
+        except FedloraError as exc:
+            tail = _tail(log_path)
+            raise FedloraError(
+                f"the SuperLink did not start ({exc}); its log ends: {tail}"
+            ) from None
+        sync = None
+        if tls is not None:
+            sync = RegistrySync(data_dir, addr.control, tls.ca)
+            sync.sync(force=True)
+        from server.service import serve
+
+        service = serve(data_dir, addr.host, addr.port + 2, tls)
+        info = {
+            "pid": os.getpid(),
+            "superlink_pid": proc.pid,
+            "fleet_api": addr.fleet,
+            "control_api": addr.control,
+            "fedlora_api": addr.service,
+            "tls": tls is not None,
+            "started_at": time.time(),
+        }
+        layout.info.write_text(json.dumps(info, indent=2) + "\n")
+        _print_banner(addr, data_dir, tls is not None, sync)
+        while not stopping.wait(SYNC_INTERVAL_S):
+            if proc.poll() is not None:
+                raise FedloraError(
+                    f"the SuperLink exited with code {proc.returncode}; see {log_path}: "
+                    + _tail(log_path)
+                )
+            if sync is not None:
+                try:
+                    sync.sync()
+                except Exception as exc:  # a bad registry edit must not take the fleet down
+                    log.warning("device registry sync failed: %s", describe_control_error(exc))
+        print("fedlora coordinator: stopping", flush=True)
+        return 0
+    finally:
+        if service is not None:
+            service.stop(grace=2).wait()
+        stop_process(proc)
+        layout.info.unlink(missing_ok=True)
+
+
+def _print_banner(addr: CoordinatorAddress, data_dir: Path, secure: bool, sync: Any) -> None:
+    lines = [
+        "fedlora coordinator ready",
+        f"  Fleet API (devices, gRPC{' + TLS' if secure else ''}):  {addr.fleet}",
+        f"  Control API (fedlora run, HTTP{'S' if secure else ''}):  {addr.control}",
+        f"  fedlora services (gRPC{' + TLS' if secure else ''}):     {addr.service}",
+        f"  state and runs: {data_dir}",
+    ]
+    if secure:
+        n = len(sync.registered) if sync is not None else 0
+        lines += [
+            f"  registered devices: {n}",
+            "to add a device:",
+            "  fedlora keys device --out KEYS --device-id ID",
+            f"  fedlora keys register --data-dir {data_dir} --device-id ID "
+            "--public-key KEYS/ID.pub",
+            f"  fedlora device --coordinator {addr.fleet} --data PATH --key KEYS/ID.key "
+            f"--root-cert {data_dir}/tls/ca.crt",
+        ]
+    else:
+        lines += [
+            "WARNING: --insecure: no TLS, no device authentication. Local trials only.",
+            f"  fedlora device --coordinator {addr.fleet} --data PATH --key KEY --insecure",
+        ]
+    print("\n".join(lines), flush=True)
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    import re
+
+    clean = [re.sub(r"\x1b\[[0-9;]*m", "", t).strip() for t in text[-lines:]]
+    return " | ".join(t for t in clean if t) or "(empty log)"
