@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedlora.keys_cli import add_keys_parser
 
     add_keys_parser(sub)
+    from fedlora.service_cli import add_service_parsers
+
+    add_service_parsers(sub)
     return parser
 
 
