@@ -40,6 +40,10 @@ def make_client_app(cfg: FedloraConfig | None = None, device_root: Path | None =
     def client_fn(context: Context) -> Any:
         import torch
 
+        from fedlora.watchdog import watch_supervisor
+
+        watch_supervisor()  # under `fedlora device`: end with it, even on SIGKILL
+
         from client.device_client import DeviceClient
         from fedlora.config import config_from_run_config
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from client.mods import REQUIRE_SECAGG_KEY
 from fedlora.errors import ConfigError, DataError, FedloraError
+from fedlora.watchdog import SUPERVISOR_ENV
 from server.control import CoordinatorAddress, flwr_home, free_port
 from server.coordinator import die_with_parent, flower_executable, stop_process
 
@@ -140,6 +141,7 @@ def serve_device(args: argparse.Namespace) -> int:
         "FLWR_HOME": str(state / "flwr"),
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        SUPERVISOR_ENV: str(os.getpid()),
     }
     stopping = threading.Event()
 

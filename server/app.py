@@ -52,7 +52,9 @@ def secagg_workflow(cfg: FedloraConfig, max_train: int) -> SecAggPlusWorkflow:
     return SecAggPlusWorkflow(
         num_shares=s.num_shares,
         reconstruction_threshold=s.reconstruction_threshold,
-        max_weight=float(max(1000, max_train)),
+        # The tightest bound is the most precise: SecAgg+ scales each update by
+        # num_examples / max_weight before quantizing, so a loose bound wastes levels.
+        max_weight=float(max(1, max_train)),
         clipping_range=s.clipping_range,
         quantization_range=s.quantization_range,
         timeout=s.timeout_s,
@@ -257,6 +259,9 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from fedlora.watchdog import watch_supervisor
+
+        watch_supervisor()  # under `fedlora coordinator`: end with it, even on SIGKILL
         resolved = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
         out = run_dir if run_dir is not None else resolve_run_dir(context)
         out.mkdir(parents=True, exist_ok=True)

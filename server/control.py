@@ -10,6 +10,7 @@ points that at a directory of its own so it never reads or writes a user's
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import time
@@ -18,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.errors import FedloraError
-
-DEFAULT_PORT = 9092
+from fedlora.deploy_cli import DEFAULT_PORT
+from fedlora.errors import ConfigError, FedloraError
 
 
 @dataclass(frozen=True)
@@ -32,27 +32,50 @@ class CoordinatorAddress:
 
     @classmethod
     def parse(cls, text: str) -> CoordinatorAddress:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            return cls(text)
-        if not host or not port.isdigit() or not 0 < int(port) < 65534:
-            raise FedloraError(f"coordinator address {text!r} is not HOST or HOST:PORT")
-        return cls(host.strip("[]"), int(port))
+        text = text.strip()
+        if text.startswith("["):  # [IPv6] or [IPv6]:PORT
+            host, _, rest = text[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+            if rest and not rest.startswith(":"):
+                host = ""
+        elif text.count(":") > 1:  # a bare IPv6 address, no port
+            host, port = text, ""
+        else:
+            host, _, port = text.partition(":")
+        if not host or (port and (not port.isdigit() or not 0 < int(port) < 65534)):
+            raise ConfigError(f"coordinator address {text!r} is not HOST, HOST:PORT or [IPv6]:PORT")
+        return cls(host, int(port) if port else DEFAULT_PORT)
+
+    @property
+    def local(self) -> CoordinatorAddress:
+        """The address this machine dials to reach a coordinator listening on ``host``.
+
+        A coordinator bound to every interface (0.0.0.0, ::) is reached on loopback,
+        which its certificate names (``fedlora keys init`` puts localhost and
+        127.0.0.1 in it).
+        """
+        if self.host in ("", "0.0.0.0", "::"):
+            return CoordinatorAddress("127.0.0.1", self.port)
+        return self
+
+    def _join(self, port: int) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{port}"
 
     @property
     def fleet(self) -> str:
         """Flower Fleet API (gRPC): what devices connect to."""
-        return f"{self.host}:{self.port}"
+        return self._join(self.port)
 
     @property
     def control(self) -> str:
         """Flower Control API (HTTP): what ``fedlora run`` talks to."""
-        return f"{self.host}:{self.port + 1}"
+        return self._join(self.port + 1)
 
     @property
     def service(self) -> str:
         """fedlora's ModelService / PrivacyService (gRPC)."""
-        return f"{self.host}:{self.port + 2}"
+        return self._join(self.port + 2)
 
 
 def flwr_home(path: Path) -> None:
@@ -77,7 +100,8 @@ def control_client(
         root_certificates=None if insecure or root_cert is None else str(root_cert.resolve()),
         insecure=insecure,
     )
-    client = init_http_client_from_connection(conn)
+    with contextlib.redirect_stdout(io.StringIO()):  # Flower prints "Using SuperLink: ..."
+        client = init_http_client_from_connection(conn)
     try:
         yield client
     finally:

@@ -19,6 +19,7 @@ coordinator, even with SIGKILL, leaves no SuperLink behind to hold the ports.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.errors import ConfigError, FedloraError
+from fedlora.watchdog import SUPERVISOR_ENV, descendants
 from server.app import RUNS_DIR_ENV
 from server.control import (
     CoordinatorAddress,
@@ -71,7 +73,12 @@ def die_with_parent() -> None:
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout_s``; always reaps."""
+    """SIGTERM, then SIGKILL after ``timeout_s``; always reaps; then every descendant.
+
+    Flower detaches some of its processes (SuperExec, the apps) into sessions of
+    their own, so they are collected by parentage before the child goes.
+    """
+    below = descendants(proc.pid) if proc.poll() is None else []
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -79,6 +86,9 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -125,6 +135,28 @@ def mark_interrupted(runs: Path) -> list[str]:
             write_json(path, status)
             cut.append(path.parent.name)
     return cut
+
+
+def stop_unfinished_runs(control: str, root_cert: Path | None) -> list[int]:
+    """Stop runs the SuperLink's database still has open: their ServerApp died with us.
+
+    Without this a restarted SuperLink would hand the run to a fresh ServerApp,
+    which would start it over on devices that already spent budget on it.
+    """
+    from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest
+
+    stopped: list[int] = []
+    with control_client(control, root_cert, insecure=root_cert is None) as client:
+        for run_id, run in client.ListRuns(ListRunsRequest()).run_dict.items():
+            if run.status.status != "finished":
+                try:
+                    client.StopRun(StopRunRequest(run_id=run_id))
+                except Exception as exc:
+                    log.warning("could not stop run %s: %s", run_id, describe_control_error(exc))
+                    continue
+                stopped.append(int(run_id))
+                print(f"fedlora coordinator: stopped run {run_id}, cut off by the restart")
+    return stopped
 
 
 def superlink_command(
@@ -226,6 +258,7 @@ def serve_coordinator(args: argparse.Namespace) -> int:
     if not port_free(addr.host, addr.port + 2):
         raise ConfigError(f"port {addr.port + 2} (fedlora services) on {addr.host} is in use")
     layout.create()
+    layout.info.unlink(missing_ok=True)  # left behind by a coordinator that was killed
     flwr_home(layout.flwr)
     for name in mark_interrupted(layout.runs):
         print(f"fedlora coordinator: run {name} was cut off by a restart (run.json: interrupted)")
@@ -236,6 +269,7 @@ def serve_coordinator(args: argparse.Namespace) -> int:
         "FLWR_HOME": str(layout.flwr),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        SUPERVISOR_ENV: str(os.getpid()),
     }
     stopping = threading.Event()
 
@@ -258,16 +292,18 @@ def serve_coordinator(args: argparse.Namespace) -> int:
     try:
         alive = lambda: proc.poll() is None  # noqa: E731
         try:
-            wait_for_port(addr.host, addr.port, STARTUP_TIMEOUT_S, alive)
-            wait_for_port(addr.host, addr.port + 1, STARTUP_TIMEOUT_S, alive)
+            here = addr.local
+            wait_for_port(here.host, here.port, STARTUP_TIMEOUT_S, alive)
+            wait_for_port(here.host, here.port + 1, STARTUP_TIMEOUT_S, alive)
         except FedloraError as exc:
             tail = _tail(log_path)
             raise FedloraError(
                 f"the SuperLink did not start ({exc}); its log ends: {tail}"
             ) from None
+        stop_unfinished_runs(addr.local.control, tls.ca if tls is not None else None)
         sync = None
         if tls is not None:
-            sync = RegistrySync(data_dir, addr.control, tls.ca)
+            sync = RegistrySync(data_dir, addr.local.control, tls.ca)
             sync.sync(force=True)
         from server.service import serve
 

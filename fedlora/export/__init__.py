@@ -9,19 +9,37 @@ The front door is :func:`export_run`; the parts are usable alone:
 * :mod:`~fedlora.export.manifest` — ``manifest.json``, written last, and its verification.
 """
 
-from fedlora.export.formats import (
-    MERGED,
-    ExportFormat,
-    available_formats,
-    get_format,
-    register_format,
-    unregister_format,
-)
-from fedlora.export.int8 import load_int8_model, quantize_int8
-from fedlora.export.manifest import read_manifest, verify_export
-from fedlora.export.merge import merge_adapter
-from fedlora.export.pipeline import export_run
-from fedlora.export.quality import QualityGate, compare_logits
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names are imported on first use: ``fedlora export --help`` and the coordinator's
+# services read manifests and profiles without paying for torch.
+_WHERE = {
+    "MERGED": "formats",
+    "ExportFormat": "formats",
+    "available_formats": "formats",
+    "get_format": "formats",
+    "register_format": "formats",
+    "unregister_format": "formats",
+    "load_int8_model": "int8",
+    "quantize_int8": "int8",
+    "read_manifest": "manifest",
+    "verify_export": "manifest",
+    "merge_adapter": "merge",
+    "export_run": "pipeline",
+    "QualityGate": "quality",
+    "compare_logits": "quality",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedlora.export' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fedlora.export.{module}"), name)
+
 
 __all__ = [
     "MERGED",

@@ -109,9 +109,20 @@ class FleetLedgers:
         if cached is not None:
             return cached
         if not runs:
-            raise PrivacyError(
-                "no run on this coordinator has a privacy ledger yet: nothing is spent, and "
-                "no budget is configured; ask again after the first round"
+            # A fresh coordinator: nothing is spent; the budget shown is the default a run
+            # gets unless its config says otherwise (budget_run "" says no run set it).
+            from fedlora.config import PrivacySection
+
+            default = PrivacySection()
+            return DeviceBudget(
+                device_id=device_id,
+                epsilon_spent=0.0,
+                epsilon_budget=default.epsilon,
+                delta=default.delta,
+                accountant=default.accountant,
+                rounds_trained=0,
+                runs=(),
+                budget_run="",
             )
         trained = [r for r in runs if r.ledger.events_for(device_id)]
         source = (trained or runs)[-1]

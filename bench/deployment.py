@@ -1,0 +1,151 @@
+"""Deployed fedlora over gRPC + TLS: round wall time and bytes on the wire, SecAgg+ vs plain.
+
+One coordinator and N devices run as separate processes on 127.0.0.1 (the same
+commands an operator runs). Each device's traffic goes through a TCP relay
+that counts the bytes crossing it (TLS records, gRPC framing, everything), so
+"bytes on the wire" is what a device's network interface would carry.
+
+The same deployment runs SecAgg+ and plain runs alternately (``--reps`` pairs),
+so both variants see the same machine load; the devices start with
+``--allow-plain`` so they accept the plain runs. Printed JSON: per variant the
+mean round wall time (rounds ≥ 1, from the coordinator's metrics) and the mean
+uplink / downlink bytes per device per round (everything a device exchanged
+during the run — discovery, the app bundle, all SecAgg+ stages — divided by the
+rounds), the SecAgg+/plain ratios, and uplink relative to the fp32 adapter
+update a device would send without any protocol overhead.
+
+    python bench/deployment.py [--devices 3] [--rounds 2] [--reps 1] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedlora.testing.deployment import LocalDeployment
+
+
+def run_config(devices: int, rounds: int, secagg: bool, seed: int) -> dict[str, Any]:
+    return {
+        "fleet": {"num_devices": devices, "devices_per_round": devices, "min_devices": devices},
+        "training": {"rounds": rounds, "local_steps": 2, "batch_size": 8},
+        # A generous budget: several runs spend from the same device ledgers.
+        "privacy": {"epsilon": 1000.0},
+        "secagg": {"enabled": secagg, "timeout_s": 180.0},
+        "export": {"enabled": False},
+        "seed": seed,
+    }
+
+
+def adapter_fp32_bytes() -> int:
+    from fedlora import runtime
+    from fedlora.config import FedloraConfig
+
+    bundle = runtime.model_bundle(FedloraConfig())
+    return int(sum(a.size for a in bundle.initial_arrays) * 4)
+
+
+def measure(dep: LocalDeployment, name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    before = {i: dep.bytes_on_wire(i) for i in range(dep.num_devices)}
+    t0 = time.perf_counter()
+    res = dep.run(name, cfg)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"run {name} failed: {res.stderr.strip()[-2000:]}")
+    after = {i: dep.bytes_on_wire(i) for i in range(dep.num_devices)}
+    rows = [
+        json.loads(line)
+        for line in (dep.run_dir(name) / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    rounds = cfg["training"]["rounds"]
+    assert all(r["num_devices"] == dep.num_devices for r in rows[1:]), rows
+    return {
+        "round_s": statistics.mean(r["round_s"] for r in rows[1:]),
+        "run_wall_s": wall,
+        "up_bytes_per_device_round": statistics.mean(
+            (after[i][0] - before[i][0]) / rounds for i in range(dep.num_devices)
+        ),
+        "down_bytes_per_device_round": statistics.mean(
+            (after[i][1] - before[i][1]) / rounds for i in range(dep.num_devices)
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=1, help="SecAgg+/plain pairs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", help="keep the deployment's files in this directory")
+    args = parser.parse_args()
+
+    root = Path(args.keep or tempfile.mkdtemp(prefix="fedlora-bench-deploy-"))
+    root.mkdir(parents=True, exist_ok=True)
+    dep = LocalDeployment(root, num_devices=args.devices)
+    results: dict[str, list[dict[str, Any]]] = {"secagg": [], "plain": []}
+    try:
+        dep.prepare()
+        dep.start("--allow-plain", count_bytes=True)
+        for rep in range(args.reps):
+            for variant in ("secagg", "plain") if rep % 2 == 0 else ("plain", "secagg"):
+                cfg = run_config(args.devices, args.rounds, variant == "secagg", args.seed)
+                results[variant].append(measure(dep, f"{variant}-{rep}", cfg))
+                print(f"# {variant}-{rep}: {results[variant][-1]}", file=sys.stderr)
+    finally:
+        dep.stop()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def mean(variant: str, key: str) -> float:
+        return statistics.mean(r[key] for r in results[variant])
+
+    fp32 = adapter_fp32_bytes()
+    out = {
+        "benchmark": "deployment",
+        "devices": args.devices,
+        "rounds_per_run": args.rounds,
+        "reps": args.reps,
+        "transport": "gRPC + TLS over 127.0.0.1 (Flower 1.39 Fleet API), separate processes",
+        "secagg": {k: mean("secagg", k) for k in results["secagg"][0]},
+        "plain": {k: mean("plain", k) for k in results["plain"][0]},
+        "adapter_fp32_bytes": fp32,
+    }
+    out["figures"] = [
+        {
+            "figure": out["secagg"]["round_s"] / out["plain"]["round_s"],
+            "unit": "ratio",
+            "of": "round wall time with SecAgg+ / without (mean over rounds >= 1)",
+        },
+        {
+            "figure": out["secagg"]["up_bytes_per_device_round"]
+            / out["plain"]["up_bytes_per_device_round"],
+            "unit": "ratio",
+            "of": "uplink bytes per device per round with SecAgg+ / without",
+        },
+        {
+            "figure": out["secagg"]["up_bytes_per_device_round"] / fp32,
+            "unit": "ratio",
+            "of": "SecAgg+ uplink bytes per device per round / fp32 adapter update bytes",
+        },
+        {
+            "figure": out["plain"]["up_bytes_per_device_round"] / fp32,
+            "unit": "ratio",
+            "of": "plain uplink bytes per device per round / fp32 adapter update bytes",
+        },
+    ]
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

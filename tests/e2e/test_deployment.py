@@ -1,0 +1,314 @@
+"""End to end as an operator deploys it: separate processes on 127.0.0.1, gRPC + TLS.
+
+One coordinator (``fedlora coordinator``: a supervised SuperLink and fedlora's
+services) and three devices (``fedlora device``: a supervised SuperNode each,
+its own data file, key and ledger on "local disk") are started as real
+processes with real keys from ``fedlora keys``. Then, in order:
+
+1. ``fedlora run`` does a 2-round SecAgg+ run; the test retrains every device's
+   round in-process from what the device recorded (σ, q, steps in its own
+   ledger), takes the plain weighted mean of those updates and checks the
+   coordinator's global adapter equals it within SecAgg+'s quantization;
+2. a device downloads the released int8 model through ModelService, and a
+   tampered partial download is caught and not installed;
+3. a device with an unregistered key is refused with a clear message;
+4. the coordinator is SIGKILLed between rounds of a second run and restarted on
+   the same DIR: the run history and every ledger are intact, the devices
+   reconnect, and a third run completes on top of their full ledgers.
+
+Every process the test starts is stopped by it; the last check looks for
+orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedlora.testing.deployment import LocalDeployment
+
+pytestmark = pytest.mark.slow
+
+DEVICES = 3
+
+
+def _config(rounds: int, export: bool) -> dict:
+    return {
+        "fleet": {"num_devices": DEVICES, "devices_per_round": DEVICES, "min_devices": DEVICES},
+        "training": {"rounds": rounds, "local_steps": 2, "batch_size": 8},
+        "export": {"enabled": export, "formats": ["int8"]},
+        "secagg": {"timeout_s": 120.0},
+        "seed": 3,
+    }
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    dep = LocalDeployment(root, num_devices=DEVICES)
+    dep.prepare(extra_keys=("rogue",))
+    try:
+        dep.start()
+        yield dep
+    finally:
+        dep.stop()
+        deadline = time.monotonic() + 15  # apps notice their supervisor is gone within 1 s
+        while dep.orphans() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftovers = dep.orphans()
+        for line in leftovers:  # never leave them running, even when the check fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        assert not leftovers, f"orphaned processes: {leftovers}"
+
+
+def _device_ledger(dep: LocalDeployment, i: int):
+    from privacy import PrivacyLedger
+
+    return PrivacyLedger.load(dep.state(i) / "ledger.json")
+
+
+def _recompute_round(dep: LocalDeployment, run_dir: Path, rnd: int, previous: list[np.ndarray]):
+    """global_{rnd}: previous + the plain weighted mean of every device's retrained update."""
+    import torch
+
+    from client.device_client import _device_index, _seed
+    from client.train import LocalTrainingPlan, train_lora
+    from fedlora import runtime
+    from fedlora.adapter import get_adapter_arrays, set_adapter_arrays
+    from fedlora.config import FedloraConfig
+    from fedlora.data.fleet import local_device_data
+    from fedlora.data.tokenize import encode_texts
+
+    cfg = FedloraConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    run_id = str(json.loads((run_dir / "run.json").read_text())["flower_run_id"])
+    bundle = runtime.model_bundle(cfg)
+    torch.set_num_threads(1)
+    updates, weights = [], []
+    for i in range(DEVICES):
+        device = f"device-{i}"
+        (event,) = [
+            e
+            for e in _device_ledger(dep, i).events_for(device)
+            if e.run == run_id and e.round == rnd
+        ]
+        data = local_device_data(
+            dep.data / f"{device}.jsonl",
+            device,
+            heldout_fraction=cfg.data.heldout_fraction,
+            seed=cfg.seed,
+        )
+        ids, mask = encode_texts(bundle.tokenizer, list(data.train), cfg.data.seq_len)
+        plan = LocalTrainingPlan(
+            steps=cfg.training.local_steps,
+            expected_batch_size=cfg.training.batch_size,
+            learning_rate=cfg.training.learning_rate,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            noise_multiplier=event.noise_multiplier,
+            seed=_seed(cfg.seed, _device_index(device), rnd),
+        )
+        assert plan.sample_rate(int(ids.shape[0])) == pytest.approx(event.sample_rate)
+        set_adapter_arrays(bundle.model, previous)
+        train_lora(bundle.model, ids, mask, plan)
+        local = get_adapter_arrays(bundle.model)
+        updates.append([lo - gl for lo, gl in zip(local, previous, strict=True)])
+        weights.append(int(ids.shape[0]))
+    total = float(sum(weights))
+    mean = [
+        sum(w * u[k] for w, u in zip(weights, updates, strict=True)) / total
+        for k in range(len(previous))
+    ]
+    return [p + m for p, m in zip(previous, mean, strict=True)], weights
+
+
+def test_tls_secagg_run_equals_plain_weighted_mean(deployment):
+    from fedlora import runtime
+    from server.checkpoint import load_checkpoint
+
+    dep = deployment
+    res = dep.run("first", _config(2, export=True))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + dep.log("coordinator")
+    assert "completed" in res.stdout
+    run_dir = dep.dir / "runs" / "first"
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "complete"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["num_devices"] == DEVICES for r in rows[1:])
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert (run_dir / "privacy" / "report.json").exists()
+    assert (run_dir / "export" / "manifest.json").exists()
+
+    cfg_dict = json.loads((run_dir / "config.json").read_text())
+    from fedlora.config import FedloraConfig
+
+    cfg = FedloraConfig.from_dict(cfg_dict)
+    bundle = runtime.model_bundle(cfg)
+    names = bundle.names
+    previous = [a.copy() for a in bundle.initial_arrays]
+    # SecAgg+ scales each update by num_examples / max_weight (max_weight = the largest
+    # device's count), quantizes it to quantization_range levels over ±clipping_range
+    # (stochastic rounding: off by at most one step), sums, and divides by the summed
+    # scales. So the mean is off by at most n · step · max_weight / Σ num_examples.
+    s = cfg.secagg
+    step = 2 * s.clipping_range / (s.quantization_range - 1)
+    for rnd in (1, 2):
+        expected, weights = _recompute_round(dep, run_dir, rnd, previous)
+        tol = 2 * DEVICES * step * max(weights) / sum(weights) + 1e-6
+        got = load_checkpoint(run_dir / "checkpoints" / f"round-{rnd:04d}.safetensors", names)
+        worst = max(float(np.max(np.abs(g - e))) for g, e in zip(got, expected, strict=True))
+        moved = max(float(np.max(np.abs(g - p))) for g, p in zip(got, previous, strict=True))
+        assert moved > 100 * tol, "the round changed nothing: the comparison would be vacuous"
+        assert worst < tol, f"round {rnd}: global adapter is {worst:.2e} from the plain mean"
+        previous = got
+
+    # The coordinator's ledger is the union of what the devices recorded for this run.
+    from privacy import PrivacyLedger
+
+    coord = PrivacyLedger.load(run_dir / "privacy" / "ledger.json")
+    run_id = str(status["flower_run_id"])
+    on_devices = sorted(
+        (e.device, e.round, e.noise_multiplier)
+        for i in range(DEVICES)
+        for e in _device_ledger(dep, i).events
+        if e.run == run_id
+    )
+    assert sorted((e.device, e.round, e.noise_multiplier) for e in coord.events) == on_devices
+
+
+def test_device_downloads_released_model_and_rejects_a_tampered_transfer(deployment, tmp_path):
+    from client.service_client import DeviceServiceClient
+    from fedlora.errors import FedloraError
+    from fedlora.export.manifest import sha256_file
+
+    dep = deployment
+    client = DeviceServiceClient(
+        f"127.0.0.1:{dep.port + 2}", dep.ca, "device-0", dep.keys / "device-0.key"
+    )
+    with client:
+        models = [m for m in client.list_models() if m.version.startswith("first/")]
+        assert models, "the first run's int8 export is not released"
+        model = next(m for m in models if "int8" in m.version)
+        entry = max(model.files, key=lambda f: f.size_bytes)
+        installed = client.download(model.version, entry.path, tmp_path / "ok")
+        assert sha256_file(installed) == entry.sha256
+        assert installed.stat().st_size == entry.size_bytes
+
+        # A partial download whose bytes were altered: detected, nothing installed.
+        dest = tmp_path / "bad"
+        part = dest.joinpath(*Path(entry.path).parts)
+        part = part.with_name(part.name + ".part")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        good = installed.read_bytes()[: entry.size_bytes // 2]
+        part.write_bytes(bytes([good[0] ^ 0xFF]) + good[1:])
+        try:
+            out = client.download(model.version, entry.path, dest)
+        except FedloraError:
+            out = None
+        final = dest.joinpath(*Path(entry.path).parts)
+        # Either refused, or restarted from zero and verified: never the tampered bytes.
+        if out is None:
+            assert not final.exists()
+        else:
+            assert sha256_file(final) == entry.sha256
+
+
+def test_unregistered_device_is_refused_with_a_clear_message(deployment):
+    dep = deployment
+    res = dep.cli(
+        "device",
+        "--coordinator",
+        dep.addr,
+        "--data",
+        str(dep.data / "device-0.jsonl"),
+        "--key",
+        str(dep.keys / "rogue.key"),
+        "--root-cert",
+        str(dep.ca),
+        "--state-dir",
+        str(dep.root / "rogue-state"),
+        timeout=120,
+    )
+    assert res.returncode != 0
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "rogue" in err[0] and "regist" in err[0], err[0]
+
+
+def _wait_for_round(run_dir: Path, rnd: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists():
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            if any(r["round"] == rnd for r in rows):
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"round {rnd} never finished in {run_dir}")
+
+
+def test_coordinator_killed_between_rounds_restarts_with_history_and_ledgers(deployment):
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    from fedlora.testing.deployment import processes_mentioning
+    from privacy import PrivacyLedger
+    from server.app import RUNS_DIR_ENV
+    from server.control import control_client
+
+    dep = deployment
+    first_report = (dep.dir / "runs" / "first" / "privacy" / "report.json").read_bytes()
+    res = dep.run("second", _config(3, export=False), wait=False)
+    assert res.returncode == 0, res.stderr
+    run_dir = dep.dir / "runs" / "second"
+    _wait_for_round(run_dir, 1, timeout_s=300)
+    # The coordinator's ledger after round 1, as saved; then SIGKILL the whole coordinator.
+    saved = (run_dir / "privacy" / "ledger.json").read_bytes()
+    dep.kill("coordinator", signal.SIGKILL)
+    assert not processes_mentioning(f"--fleet-api-address {dep.addr}"), "SuperLink survived"
+    # The run's ServerApp (detached by Flower) notices its coordinator is gone and exits.
+    deadline = time.monotonic() + 15
+    while processes_mentioning(f"{RUNS_DIR_ENV}={dep.dir}") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_mentioning(f"{RUNS_DIR_ENV}={dep.dir}"), "a ServerApp outlived it"
+    before = {i: _device_ledger(dep, i) for i in range(DEVICES)}
+
+    dep.start_coordinator()
+    # Run history: the SuperLink's SQLite state still knows both runs.
+    with control_client(f"127.0.0.1:{dep.port + 1}", dep.ca, insecure=False) as client:
+        runs = client.ListRuns(ListRunsRequest()).run_dict
+    first_id = json.loads((dep.dir / "runs" / "first" / "run.json").read_text())["flower_run_id"]
+    second_id = json.loads((run_dir / "run.json").read_text())["flower_run_id"]
+    assert {int(first_id), int(second_id)} <= set(runs)
+    assert runs[int(first_id)].status.sub_status == "completed"
+    # fedlora's own history: the first run untouched, the cut one marked, its ledger intact.
+    assert (dep.dir / "runs" / "first" / "privacy" / "report.json").read_bytes() == first_report
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    ledger = PrivacyLedger.load(run_dir / "privacy" / "ledger.json")  # checksum verified
+    at_kill = PrivacyLedger.from_dict(json.loads(saved))
+    assert ledger.events[: len(at_kill)] == at_kill.events, "the coordinator's ledger lost events"
+    assert sorted(e.device for e in at_kill.events if e.round == 1) == [
+        f"device-{i}" for i in range(DEVICES)
+    ]
+    # ... and it agrees with what the devices themselves recorded for that round.
+    second_run = str(second_id)
+    for e in at_kill.events:
+        i = int(e.device.split("-")[1])
+        assert e in before[i].events and e.run == second_run
+
+    # The devices reconnect by themselves; a third run builds on their full ledgers.
+    res = dep.run("third", _config(1, export=False))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + dep.log("coordinator")
+    third_id = str(
+        json.loads((dep.dir / "runs" / "third" / "run.json").read_text())["flower_run_id"]
+    )
+    for i in range(DEVICES):
+        after = _device_ledger(dep, i)
+        assert after.events[: len(before[i])] == before[i].events, "a device ledger lost events"
+        assert {e.run for e in after.events} >= {str(first_id), third_id}
