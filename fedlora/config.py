@@ -149,6 +149,20 @@ class PrivacySection:
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
     accountant: str = "prv"
+    #: Each device scales its whole update (local − global, all tensors) down to this L2
+    #: norm before it is masked and sent, so no one device can dominate the sum; the
+    #: coordinator refuses a plain update above it. null: no bound.
+    #:
+    #: Default 64: on the default config a round-1 update of the 20 embedded devices has
+    #: L2 norm 5.7-17.8 (median 10.1; measured 2026-11-28, 10 DP-SGD steps, seed 0). It is
+    #: DP noise almost entirely, about lr·σ·C·sqrt(steps·numel)/B = 7.8·σ for the 39,040
+    #: adapter values (without DP the median is 1.7). 64 is ~6x the median and 3.6x the
+    #: largest, so honest updates are not clipped while a device with very few records
+    #: (q = 1, σ large) or a hostile one is held to a few honest devices' weight.
+    #: It must not exceed secagg.clipping_range: |x_i| <= ||x||_2 <= max_update_norm then
+    #: keeps every value inside SecAgg+'s quantization range, which would otherwise clip
+    #: values silently. Clipping the DP-SGD output is post-processing: it costs no privacy.
+    max_update_norm: float | None = 64.0
 
     def __post_init__(self) -> None:
         _require(
@@ -165,16 +179,29 @@ class PrivacySection:
             self.accountant in ("prv", "rdp"),
             f"privacy.accountant must be prv or rdp, got {self.accountant!r}",
         )
+        _require(
+            self.max_update_norm is None
+            or (self.max_update_norm > 0 and math.isfinite(self.max_update_norm)),
+            "privacy.max_update_norm must be a positive number (or null for no bound), "
+            f"got {self.max_update_norm}",
+        )
 
 
 @dataclass(frozen=True)
 class SecAggSection:
-    """Flower SecAgg+ parameters. Only the adapter update is masked."""
+    """Flower SecAgg+ parameters. Only the adapter update is masked.
+
+    ``clipping_range``: SecAgg+ clips every value to ±clipping_range and quantizes that
+    interval to ``quantization_range`` levels. 64 (Flower's default is 8) leaves room for
+    ``privacy.max_update_norm`` = 64, which must not exceed it; a level is then
+    128 / 2^22 = 3.1e-5, against update values of about 0.05 (a 2026-11-28 measurement on
+    the default config).
+    """
 
     enabled: bool = True
     num_shares: float = 1.0
     reconstruction_threshold: float = 0.6
-    clipping_range: float = 8.0
+    clipping_range: float = 64.0
     quantization_range: int = 2**22
     timeout_s: float = 300.0
 
@@ -221,6 +248,15 @@ class FedloraConfig:
             f"fleet.devices_per_round ({self.fleet.devices_per_round}) exceeds "
             f"fleet.num_devices ({self.fleet.num_devices})",
         )
+        norm = self.privacy.max_update_norm
+        if norm is not None:
+            _require(
+                norm <= self.secagg.clipping_range,
+                f"privacy.max_update_norm ({norm:g}) exceeds secagg.clipping_range "
+                f"({self.secagg.clipping_range:g}): a value of an update that large could "
+                "leave SecAgg+'s range and be clipped silently; lower the first or raise "
+                "the second",
+            )
         if self.secagg.enabled:
             _require(
                 self.fleet.min_devices >= 3,
