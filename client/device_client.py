@@ -22,7 +22,7 @@ from client.ledger import load_device_ledger, save_device_ledger
 from client.train import LocalTrainingPlan, train_lora
 from fedlora import runtime
 from fedlora.config import FedloraConfig
-from fedlora.errors import BudgetExhaustedError, DataError
+from fedlora.errors import BudgetExhaustedError, DataError, UpdateError
 from fedlora.evaluation import mean_token_loss
 from privacy import DPSGDEvent, PrivacyLedger, calibrate_noise_multiplier, epsilon_for
 
@@ -165,7 +165,9 @@ class DeviceClient(NumPyClient):
 
         result = train_lora(bundle.model, ids, mask, plan)
         local = get_adapter_arrays(bundle.model)
-        update = [(lo - gl).astype(np.float32) for lo, gl in zip(local, parameters, strict=True)]
+        raw = [(lo - gl).astype(np.float32) for lo, gl in zip(local, parameters, strict=True)]
+        # Before the mod masks it: one device's update is bounded, whatever its data did.
+        update, norm = clip_update_norm(raw, cfg.privacy.max_update_norm)
 
         metrics: dict[str, Any] = {
             "device": self.device,
@@ -176,6 +178,10 @@ class DeviceClient(NumPyClient):
             "steps": result.steps,
             "sample_rate": result.sample_rate,
             "dp": sigma is not None,
+            # Post-processing of the DP-SGD output, so it costs no privacy; SecAgg+ hides
+            # the update itself but not these two numbers.
+            "update_norm": norm,
+            "clipped": update is not raw,
         }
         if sigma is not None:
             event = DPSGDEvent(
@@ -197,6 +203,13 @@ class DeviceClient(NumPyClient):
                 ),
                 budget_epsilon=self.budget_epsilon,
             )
+        if not math.isfinite(norm):
+            # Spent (and recorded) but not sent: a NaN would reach the coordinator as garbage
+            # after SecAgg+ quantization, where it can no longer be told from a real value.
+            raise UpdateError(
+                f"device {self.device}: training in round {server_round} diverged (the update "
+                "has NaN or Inf values); nothing was sent, lower training.learning_rate"
+            )
         return update, int(ids.shape[0]), metrics
 
     def evaluate(
@@ -209,6 +222,24 @@ class DeviceClient(NumPyClient):
         ids, mask = runtime.encoded(self.cfg, f"heldout:{self.device}", self.data.heldout)
         loss = mean_token_loss(bundle.model, ids, mask)
         return loss, int(ids.shape[0]), {"device": self.device}
+
+
+def clip_update_norm(
+    update: list[np.ndarray], max_norm: float | None
+) -> tuple[list[np.ndarray], float]:
+    """``(update scaled to L2 norm <= max_norm, its norm before)``, over all tensors at once.
+
+    Returns ``update`` itself (the same list) when it is within the bound, when
+    ``max_norm`` is None, or when its norm is not finite (the caller refuses to send it).
+    The norm is accumulated in float64; the scaled float32 values land within a few ulps
+    of ``max_norm``, which the coordinator's check allows for.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm = math.sqrt(sum(float(np.sum(np.square(u, dtype=np.float64))) for u in update))
+    if max_norm is None or not math.isfinite(norm) or norm <= max_norm:
+        return update, norm
+    scale = max_norm / norm
+    return [(u.astype(np.float64) * scale).astype(np.float32) for u in update], norm
 
 
 def _device_index(device: str) -> int:
