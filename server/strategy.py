@@ -1,17 +1,25 @@
 """The coordinator's strategy: budget-aware sampling and weighted averaging of LoRA updates.
 
-Devices send adapter *updates* (local − global). Without SecAgg+ the strategy
-validates each update and takes their example-weighted mean; with SecAgg+ it
-only ever sees the already-summed mean (every result carries the same
-unmasked aggregate) and validates that. Either way the next global adapter is
-``global + mean update``, checkpointed each round, and evaluated on the
-coordinator's own held-out set.
+Devices send adapter *updates* (local − global). Every result's plaintext
+claims (device id, round, run, DP-SGD event, example count) are checked first;
+without SecAgg+ each update is then validated (shapes, dtype, finite, inside
+±clipping_range, norm ≤ max_update_norm) and the accepted ones averaged by
+example count, so a rejected update has no effect on the mean. With SecAgg+ the
+strategy only ever sees the already-summed mean (every result carries the same
+unmasked aggregate): a rejected device's update is inside that sum and cannot
+be taken out, so the round's aggregate is discarded instead, and so is an
+aggregate that no set of clipped updates could produce. Either way the next
+global adapter is ``global + mean update``, checkpointed each round, and
+evaluated on the coordinator's own held-out set. Rejections are logged and
+counted per reason (:data:`server.aggregate.REASONS`) in the round's metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +33,7 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    bytes_to_ndarray,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
@@ -34,12 +43,26 @@ from flwr.server.strategy import Strategy
 
 from client.app import NUM_ROUNDS_KEY, ROUND_KEY
 from fedlora.config import FedloraConfig
-from fedlora.errors import UpdateError
-from server.aggregate import apply_update, validate_update, weighted_mean
+from fedlora.errors import PrivacyError, UpdateError
+from server.aggregate import (
+    UpdateRejected,
+    apply_update,
+    secagg_error_bound,
+    validate_claims,
+    validate_event,
+    validate_num_examples,
+    validate_update,
+    weighted_mean,
+)
 from server.budget import FleetBudget
 from server.checkpoint import save_checkpoint
 
 log = logging.getLogger("fedlora.server")
+
+#: Room for the .npy header in front of a serialized tensor (numpy writes 128 bytes or so).
+_NPY_HEADER_BYTES = 4096
+#: What an aggregate out of range or above the norm bound says about the round's devices.
+_UNCLIPPED = ("out_of_range", "norm")
 
 Evaluator = Callable[[list[np.ndarray]], float]
 RoundObserver = Callable[[dict[str, Any]], None]
@@ -51,11 +74,17 @@ class _RoundState:
     sampled: int = 0
     eligible: int = 0
     aggregated: int = 0
-    rejected: int = 0
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    clipped: int = 0
     failures: int = 0
     declined: int = 0
     train_losses: list[float] = field(default_factory=list)
     skipped_reason: str | None = None
+    discarded_reason: str | None = None
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())
 
 
 class LoraFedAvg(Strategy):
@@ -70,8 +99,12 @@ class LoraFedAvg(Strategy):
         budget: FleetBudget,
         run_dir: Path,
         observer: RoundObserver | None = None,
+        run_id: str | None = None,
     ) -> None:
+        """``run_id``: the Flower run id devices report (metrics ``run``); when given, an
+        update for another run is refused."""
         self.cfg = cfg
+        self.run_id = run_id
         self.names = names
         self.shapes = [tuple(a.shape) for a in initial_arrays]
         self.global_arrays = [a.astype(np.float32) for a in initial_arrays]
@@ -138,34 +171,174 @@ class LoraFedAvg(Strategy):
                 log.warning("round %d: a device failed: %s", server_round, reason)
         accepted: list[tuple[list[np.ndarray], int]] = []
         for proxy, res in results:
+            who = f"update from node {proxy.node_id}"
             try:
-                self.budget.record(proxy.node_id, res.metrics)
-                arrays = parameters_to_ndarrays(res.parameters)
-                if self.cfg.secagg.enabled:
-                    # SecAgg+ hands every result the same dequantized aggregate (float64).
-                    arrays = [a.astype(np.float32) for a in arrays]
-                validate_update(arrays, self.shapes, who=f"update from node {proxy.node_id}")
-            except UpdateError as exc:
-                st.rejected += 1
-                log.warning("round %d: rejected: %s", server_round, exc)
+                arrays = self._check(server_round, proxy.node_id, res, who)
+            except UpdateRejected as exc:
+                st.rejected_by_reason[exc.reason] += 1
+                log.warning("round %d: rejected (%s): %s", server_round, exc.reason, exc)
                 continue
             accepted.append((arrays, res.num_examples))
             loss = res.metrics.get("train_loss")
-            if isinstance(loss, float) and loss >= 0:
+            if isinstance(loss, float) and math.isfinite(loss) and loss >= 0:
                 st.train_losses.append(loss)
-        st.aggregated = len(accepted)
-        if not accepted:
+            st.clipped += res.metrics.get("clipped") is True
+        if self.cfg.secagg.enabled:
+            mean = self._secagg_mean(results, accepted)
+        else:
+            mean = self._plain_mean(accepted)
+        if mean is None:
+            if st.discarded_reason:
+                log.error("round %d: aggregate discarded: %s", server_round, st.discarded_reason)
             return None, {"aggregated": 0}
+        new_global = apply_update(self.global_arrays, mean)
+        if not all(np.isfinite(g).all() for g in new_global):
+            st.discarded_reason = "the next global adapter would not be finite"
+            log.error("round %d: aggregate discarded: %s", server_round, st.discarded_reason)
+            return None, {"aggregated": 0}
+        st.aggregated = len(accepted)
+        self.global_arrays = new_global
+        save_checkpoint(self.run_dir / "checkpoints", server_round, self.names, self.global_arrays)
+        return ndarrays_to_parameters(self.global_arrays), {"aggregated": len(accepted)}
+
+    # ------------------------------------------------------------ validation
+    @property
+    def secagg_max_weight(self) -> float:
+        """SecAgg+'s ``max_weight``: the largest record count a device reported at
+        discovery, as :func:`server.app.secagg_workflow` sets it."""
+        return float(max(1, max(self.budget.num_records.values(), default=0)))
+
+    def _check(self, server_round: int, node_id: int, res: FitRes, who: str) -> list[np.ndarray]:
+        """The update's tensors (empty under SecAgg+, where there is only the aggregate),
+        or :class:`UpdateRejected`.
+
+        Claims come first: an update whose device, round, run, example count or DP-SGD
+        event cannot be trusted has nothing worth recording. A device whose claims hold
+        but whose tensors are bad has spent its budget all the same, so its event is
+        recorded before its tensors are read.
+        """
+        device = validate_claims(
+            res.metrics,
+            who,
+            server_round=server_round,
+            run=self.run_id,
+            known_device=self.budget.node_device.get(node_id),
+        )
+        who = f"{who} (device {device})"
+        metrics = res.metrics
+        p = self.cfg.privacy
+        if p.enabled and metrics["dp"] is not True:
+            raise UpdateRejected("privacy_event", f"{who} trained without DP-SGD in a DP run")
+        at_most = self.budget.num_records.get(device)
+        if self.cfg.secagg.enabled:
+            # SecAgg+ scales by num_examples / max_weight; above 1 the masked sum overflows.
+            cap = int(self.secagg_max_weight)
+            at_most = cap if at_most is None else min(at_most, cap)
+        n = validate_num_examples(res.num_examples, who, at_most=at_most)
+        if metrics["dp"]:
+            validate_event(
+                metrics,
+                device,
+                n,
+                who,
+                steps=self.cfg.training.local_steps,
+                batch_size=self.cfg.training.batch_size,
+                delta=p.delta,
+                noise_multiplier=p.noise_multiplier,
+                accountant=p.accountant,
+                history=self.budget.ledger.events_for(device),
+                budget=self.budget.budget(device),
+            )
+        try:
+            self.budget.record(node_id, metrics)
+        except (UpdateError, PrivacyError) as exc:  # a replay: the round is in the ledger
+            raise UpdateRejected("privacy_event", f"{who}: {exc}") from None
+        if self.cfg.secagg.enabled:
+            return []
+        return self._decode_and_validate(res.parameters, who)
+
+    def _decode_and_validate(self, parameters: Parameters, who: str) -> list[np.ndarray]:
+        tensors = parameters.tensors
+        if len(tensors) != len(self.shapes):
+            raise UpdateRejected(
+                "tensor_count",
+                f"{who} has {len(tensors)} tensors, the global adapter has {len(self.shapes)}: "
+                "it was trained with a different LoRA config or base model",
+            )
+        for i, (blob, shape) in enumerate(zip(tensors, self.shapes, strict=True)):
+            # Refused before decoding (float64 is let through, to be refused by its dtype).
+            limit = 8 * math.prod(shape) + _NPY_HEADER_BYTES
+            if len(blob) > limit:
+                raise UpdateRejected(
+                    "shape",
+                    f"{who}: tensor {i} is {len(blob)} bytes, an adapter tensor of shape "
+                    f"{shape} is at most {limit}",
+                )
+        try:
+            arrays = [bytes_to_ndarray(blob) for blob in tensors]
+        except Exception as exc:  # arbitrary bytes from the network: any parse error
+            raise UpdateRejected(
+                "decode", f"{who}: its tensors are not .npy arrays ({type(exc).__name__})"
+            ) from None
+        validate_update(
+            arrays,
+            self.shapes,
+            who,
+            max_abs=self.cfg.secagg.clipping_range,
+            max_norm=self.cfg.privacy.max_update_norm,
+        )
+        return arrays
+
+    def _plain_mean(self, accepted: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray] | None:
+        if not accepted:
+            return None
         mean = weighted_mean(accepted)
         try:
             validate_update(mean, self.shapes, who="aggregate")
-        except UpdateError as exc:
-            log.error("round %d: aggregate discarded: %s", server_round, exc)
-            st.aggregated = 0
-            return None, {"aggregated": 0}
-        self.global_arrays = apply_update(self.global_arrays, mean)
-        save_checkpoint(self.run_dir / "checkpoints", server_round, self.names, self.global_arrays)
-        return ndarrays_to_parameters(self.global_arrays), {"aggregated": len(accepted)}
+        except UpdateRejected as exc:
+            self._round.discarded_reason = str(exc)
+            return None
+        return mean
+
+    def _secagg_mean(
+        self,
+        results: list[tuple[ClientProxy, FitRes]],
+        accepted: list[tuple[list[np.ndarray], int]],
+    ) -> list[np.ndarray] | None:
+        """The SecAgg+ aggregate, if every update in it was accepted and it is one that
+        clipped updates can produce (within quantization error); else None."""
+        st = self._round
+        if not results:
+            return None
+        if st.rejected:
+            st.discarded_reason = (
+                f"SecAgg+ summed {st.rejected} rejected update(s) with the others; a masked "
+                "update cannot be taken out of the sum"
+            )
+            return None
+        s = self.cfg.secagg
+        err = secagg_error_bound(
+            [n for _, n in accepted], self.secagg_max_weight, s.clipping_range, s.quantization_range
+        )
+        numel = sum(math.prod(shape) for shape in self.shapes)
+        bound = self.cfg.privacy.max_update_norm
+        try:
+            arrays = parameters_to_ndarrays(results[0][1].parameters)
+            # SecAgg+ dequantizes into float64; the mean of values within ±clipping_range is
+            # within it too, and the mean of updates of norm ≤ bound has norm ≤ bound.
+            validate_update(
+                arrays,
+                self.shapes,
+                "SecAgg+ aggregate",
+                dtype=np.float64,
+                max_abs=s.clipping_range + err,
+                max_norm=None if bound is None else bound + err * math.sqrt(numel),
+            )
+        except UpdateRejected as exc:
+            hint = " (a device did not clip its update)" if exc.reason in _UNCLIPPED else ""
+            st.discarded_reason = f"{exc}{hint}"
+            return None
+        return [a.astype(np.float32) for a in arrays]
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -198,6 +371,8 @@ class LoraFedAvg(Strategy):
             "failures": st.failures,
             "declined": st.declined,
             "rejected": st.rejected,
+            "rejected_by_reason": dict(sorted(st.rejected_by_reason.items())),
+            "clipped": st.clipped,
             "train_loss": float(np.mean(st.train_losses)) if st.train_losses else None,
             "secagg": self.cfg.secagg.enabled,
             "dp": self.cfg.privacy.enabled,
@@ -208,6 +383,8 @@ class LoraFedAvg(Strategy):
         }
         if st.skipped_reason:
             row["skipped"] = st.skipped_reason
+        if st.discarded_reason:
+            row["discarded"] = st.discarded_reason
         self.rows.append(row)
         if self.observer is not None:
             self.observer(row)
