@@ -27,7 +27,7 @@ from client.mods import REQUIRE_SECAGG_KEY
 from fedlora.errors import ConfigError, DataError, FedloraError
 from fedlora.watchdog import SUPERVISOR_ENV
 from server.control import CoordinatorAddress, flwr_home, free_port
-from server.coordinator import die_with_parent, flower_executable, stop_process
+from server.coordinator import die_with_parent, flower_executable, flower_path, stop_process
 
 log = logging.getLogger("fedlora.device")
 
@@ -142,6 +142,7 @@ def serve_device(args: argparse.Namespace) -> int:
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         SUPERVISOR_ENV: str(os.getpid()),
+        "PATH": flower_path(),  # the SuperNode starts `flower-superexec` by name
     }
     stopping = threading.Event()
 

@@ -63,6 +63,12 @@ def flower_executable(name: str) -> str:
     return found
 
 
+def flower_path() -> str:
+    """PATH with the directory of the Flower console scripts first (an unactivated venv)."""
+    here = str(Path(flower_executable("flower-superlink")).parent)
+    return os.pathsep.join([here, os.environ.get("PATH", "")])
+
+
 def die_with_parent() -> None:
     """preexec_fn: the child gets SIGKILL when the process that started it dies (Linux)."""
     if sys.platform.startswith("linux"):
@@ -270,6 +276,8 @@ def serve_coordinator(args: argparse.Namespace) -> int:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "TOKENIZERS_PARALLELISM": "false",
         SUPERVISOR_ENV: str(os.getpid()),
+        # The SuperLink starts `flower-superexec` by name: find it beside our Flower.
+        "PATH": flower_path(),
     }
     stopping = threading.Event()
 
