@@ -20,7 +20,8 @@ import tomllib
 from fedlora.errors import ConfigError
 
 CONFIG_FORMAT = "fedlora.config"
-CONFIG_VERSION = 1
+#: 2: privacy.max_update_norm, and secagg.clipping_range 8 -> 64 (see ``_from_v1``).
+CONFIG_VERSION = 2
 #: Keys ``fedlora simulate`` adds to ``RUN_DIR/config.json`` (what was loaded, package versions).
 RUN_METADATA_KEYS = ("resolved", "versions")
 
@@ -281,7 +282,9 @@ class FedloraConfig:
         fmt = data.pop("format", CONFIG_FORMAT)
         version = data.pop("version", CONFIG_VERSION)
         _require(fmt == CONFIG_FORMAT, f"not a fedlora config (format {fmt!r})")
-        _require(version == CONFIG_VERSION, f"unsupported config version {version}")
+        _require(version in (1, CONFIG_VERSION), f"unsupported config version {version}")
+        if version == 1:
+            data = _from_v1(data)
         return _from_plain(cls, data, "")
 
     def replace(self, **sections: Any) -> FedloraConfig:
@@ -293,6 +296,24 @@ class FedloraConfig:
             else:
                 merged[name] = value
         return FedloraConfig.from_dict(merged)
+
+
+def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 config as version 2 reads it, meaning what it meant then.
+
+    Version 1 (every RUN_DIR/config.json written before 2026-11-28) had no update
+    clipping and a SecAgg+ clipping range of 8: its runs reload and rerun unclipped,
+    rather than being refused for a bound of 64 above a range of 8.
+    """
+    out = dict(data)
+    for section, key, then in (
+        ("privacy", "max_update_norm", None),
+        ("secagg", "clipping_range", 8.0),
+    ):
+        values = out.get(section, {})
+        if isinstance(values, dict) and key not in values:
+            out[section] = {**values, key: then}
+    return out
 
 
 def load_config(path: str | Path) -> FedloraConfig:

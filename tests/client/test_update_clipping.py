@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from hypothesis.extra.numpy import arrays
 from client.app import NUM_ROUNDS_KEY, ROUND_KEY
 from client.device_client import DeviceClient, clip_update_norm
 from fedlora import runtime
-from fedlora.config import FedloraConfig
+from fedlora.config import FedloraConfig, load_config
 from fedlora.errors import ConfigError, UpdateError
 from tests.conftest import tiny_lora_model
 
@@ -131,6 +132,26 @@ def test_a_null_bound_and_a_bound_equal_to_the_range_are_accepted():
     )
     assert cfg.privacy.max_update_norm == 8.0
     assert FedloraConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_version_1_run_config_reloads_as_the_unclipped_run_it_was(tmp_path):
+    """RUN_DIR/config.json from before the bound existed: clipping_range 8, no
+    max_update_norm. It reloads (for `fedlora report`, the PrivacyService, a rerun)
+    with no bound, instead of being refused for 64 > 8."""
+    old = FedloraConfig().to_dict()
+    old["version"] = 1
+    del old["privacy"]["max_update_norm"]
+    old["secagg"]["clipping_range"] = 8.0
+    old["versions"] = {"fedlora": "0.1"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+
+    cfg = load_config(path)
+
+    assert cfg.privacy.max_update_norm is None and cfg.secagg.clipping_range == 8.0
+    assert cfg.to_dict()["version"] == 2
+    assert FedloraConfig.from_dict({"version": 1}).secagg.clipping_range == 8.0  # v1 default
+    assert FedloraConfig.from_dict({}).privacy.max_update_norm == 64.0  # a file without one
 
 
 # ------------------------------------------------------------ DeviceClient.fit
