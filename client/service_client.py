@@ -126,7 +126,15 @@ GET_FLEET_REPORT = _method(privacy_pb, "PrivacyService", "GetFleetReport")
 
 def _check_relative(path: str) -> PurePosixPath:
     p = PurePosixPath(path)
-    if not path or "\\" in path or p.is_absolute() or ".." in p.parts:
+    if (
+        not path
+        or "\\" in path
+        or "\0" in path
+        or p.is_absolute()
+        or ".." in p.parts
+        or not p.parts
+        or p.name in ("", ".")
+    ):
         raise ConfigError(f"{path!r} is not a model file path from list_models()")
     return p
 

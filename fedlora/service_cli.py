@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -331,9 +331,15 @@ def _intact(path: Path, entry: RemoteFile) -> bool:
 
 
 def _local_path(root: Path, file_path: str) -> Path:
-    rel = PurePosixPath(file_path)
-    if not file_path or "\\" in file_path or rel.is_absolute() or ".." in rel.parts:
-        raise ExportError(f"the coordinator lists an unsafe file path {file_path!r}: not fetched")
+    """Where a listed file goes under ``root``: the client's one rule for safe paths."""
+    from client.service_client import _check_relative
+
+    try:
+        rel = _check_relative(file_path)
+    except ConfigError:
+        raise ExportError(
+            f"the coordinator lists an unsafe file path {file_path!r}: not fetched"
+        ) from None
     return root.joinpath(*rel.parts)
 
 

@@ -45,16 +45,17 @@ def make_evaluator(cfg: FedloraConfig) -> Any:
     return evaluate
 
 
-def secagg_workflow(cfg: FedloraConfig, max_train: int) -> SecAggPlusWorkflow:
-    """SecAgg+ with ``max_weight`` above the largest record count a device reported."""
+def secagg_workflow(cfg: FedloraConfig, max_weight: float) -> SecAggPlusWorkflow:
+    """SecAgg+ with ``max_weight`` = the largest record count a device reported.
+
+    SecAgg+ scales each update by num_examples / max_weight before quantizing, so the
+    tightest bound is the most precise (and a larger weight would overflow the sum).
+    """
     s = cfg.secagg
-    # max_weight bounds num_examples; larger weights would overflow the masked sum.
     return SecAggPlusWorkflow(
         num_shares=s.num_shares,
         reconstruction_threshold=s.reconstruction_threshold,
-        # The tightest bound is the most precise: SecAgg+ scales each update by
-        # num_examples / max_weight before quantizing, so a loose bound wastes levels.
-        max_weight=float(max(1, max_train)),
+        max_weight=max_weight,
         clipping_range=s.clipping_range,
         quantization_range=s.quantization_range,
         timeout=s.timeout_s,
@@ -125,8 +126,10 @@ class Coordinator:
             config=ServerConfig(num_rounds=self.cfg.training.rounds),
             strategy=self.strategy,
         )
-        max_train = max((int(p.get("num_records", 0)) for p in devices.values()), default=0)
-        fit_workflow = secagg_workflow(self.cfg, max_train) if self.cfg.secagg.enabled else None
+        # Devices report the run id with every update; one for another run is refused.
+        self.strategy.run_id = str(context.run_id)
+        max_weight = self.strategy.secagg_max_weight  # from the record counts just discovered
+        fit_workflow = secagg_workflow(self.cfg, max_weight) if self.cfg.secagg.enabled else None
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
         self.finish()
 

@@ -556,11 +556,6 @@ def test_a_listed_file_path_never_leads_out_of_the_download_directory(path):
     assert ".." not in PurePosixPath(path).parts and not PurePosixPath(path).is_absolute()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="'.' passes the client's path check: DeviceServiceClient.download(v, '.', d) "
-    "writes d's sibling 'd.part' and then tries to replace the directory d with it",
-)
 @pytest.mark.parametrize("path", [".", "./", ".//."])
 def test_a_listed_path_that_names_the_directory_itself_is_refused(path):
     with pytest.raises(ConfigError):
