@@ -119,10 +119,20 @@ class FleetSection:
 
 @dataclass(frozen=True)
 class TrainingSection:
+    """Rounds and local training; ``round_deadline_s`` is how long a round waits for updates.
+
+    ``round_deadline_s``: seconds from a round's first message (SecAgg+'s setup, or the
+    plain training request) until its updates must be in; a device whose update comes
+    later is left out of the round and counted as ``late`` in its metrics row. null: no
+    deadline of its own, the coordinator then waits ``secagg.timeout_s`` for updates as
+    for any other reply.
+    """
+
     rounds: int = 5
     local_steps: int = 10
     batch_size: int = 16
     learning_rate: float = 0.2
+    round_deadline_s: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, f"training.rounds must be ≥ 1, got {self.rounds}")
@@ -131,6 +141,12 @@ class TrainingSection:
         _require(
             self.learning_rate > 0 and math.isfinite(self.learning_rate),
             "training.learning_rate must be a positive number",
+        )
+        _require(
+            self.round_deadline_s is None
+            or (self.round_deadline_s > 0 and math.isfinite(self.round_deadline_s)),
+            "training.round_deadline_s must be a positive number of seconds (or null for "
+            f"none), got {self.round_deadline_s}",
         )
 
 
@@ -197,6 +213,11 @@ class SecAggSection:
     ``privacy.max_update_norm`` = 64, which must not exceed it; a level is then
     128 / 2^22 = 3.1e-5, against update values of about 0.05 (a 2026-11-28 measurement on
     the default config).
+
+    ``timeout_s`` bounds every wait of the coordinator, with or without SecAgg+: for
+    devices to connect, for the replies to each SecAgg+ stage (Flower passes it to all
+    four), for plain training replies, and for devices' ledger reports. A round's
+    training replies wait ``training.round_deadline_s`` instead, when that is set.
     """
 
     enabled: bool = True
@@ -214,7 +235,11 @@ class SecAggSection:
         )
         _require(self.clipping_range > 0, "secagg.clipping_range must be > 0")
         _require(self.quantization_range >= 2**8, "secagg.quantization_range must be ≥ 256")
-        _require(self.timeout_s > 0, "secagg.timeout_s must be > 0 (Flower's None waits forever)")
+        _require(
+            self.timeout_s > 0 and math.isfinite(self.timeout_s),
+            "secagg.timeout_s must be a positive number of seconds (Flower's None waits "
+            f"forever), got {self.timeout_s}",
+        )
 
 
 @dataclass(frozen=True)
