@@ -19,6 +19,7 @@ from flwr.client import NumPyClient
 
 from client.app import NUM_ROUNDS_KEY, ROUND_KEY
 from client.ledger import load_device_ledger, save_device_ledger
+from client.spend import EVENTS_KEY, QUERY_KEY, encode_events
 from client.train import LocalTrainingPlan, train_lora
 from fedlora import runtime
 from fedlora.config import FedloraConfig
@@ -121,10 +122,21 @@ class DeviceClient(NumPyClient):
             self.ledger_path = None
 
     def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
-        """What the coordinator may know before sampling: who this is and its budget."""
+        """What the coordinator may know before sampling: who this is and its budget.
+
+        Asked with :data:`client.spend.QUERY_KEY`, also what this device spent in the
+        current run, read from its own ledger: how the coordinator learns about a round
+        whose training reply it never got (see :mod:`server.reconcile`).
+        """
         props: dict[str, Any] = {"device": self.device, "num_records": len(self.data.train)}
         if self.cfg.privacy.enabled:
             props["budget_epsilon"] = self.budget_epsilon
+        if config.get(QUERY_KEY):
+            run = str(self.context.run_id)
+            ledger = load_device_ledger(self.context, self.ledger_path)
+            props[EVENTS_KEY] = encode_events(
+                [e for e in ledger.events_for(self.device) if e.run == run]
+            )
         return props
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:

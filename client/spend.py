@@ -1,0 +1,61 @@
+"""A device's report of its privacy spend, sent outside the masked update.
+
+A device's DP-SGD event normally reaches the coordinator in the plaintext metrics of
+its training reply. When that reply never arrives (the device dropped out after it
+trained, its reply came after the round's deadline, or the SecAgg+ round failed
+before the coordinator read any reply), the coordinator asks the device directly: a
+properties request whose config carries :data:`QUERY_KEY`, answered with
+:data:`EVENTS_KEY`, the device's events of the current run as JSON. The events are
+what the device's own ledger holds (σ, q, steps, δ per round), which its training
+replies disclose anyway; the update itself is never in this message.
+
+The encoding and decoding live together here, used by the device
+(:meth:`client.device_client.DeviceClient.get_properties`) and by the coordinator
+(:mod:`server.reconcile`). This module imports no torch and no Flower.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from fedlora.errors import PrivacyError, UpdateError
+from privacy import DPSGDEvent
+
+#: Properties-request config key: "report your DP-SGD events of this run".
+QUERY_KEY = "fedlora-ledger"
+#: Properties-reply key: the events, a JSON list of :meth:`DPSGDEvent.to_dict` objects.
+EVENTS_KEY = "ledger_events"
+#: Longest reply the coordinator reads (characters); an event is about 200.
+MAX_CHARS = 1_000_000
+
+
+def encode_events(events: Sequence[DPSGDEvent]) -> str:
+    """``events`` as the JSON text a device sends under :data:`EVENTS_KEY`."""
+    return json.dumps([e.to_dict() for e in events], sort_keys=True, allow_nan=False)
+
+
+def decode_events(text: object, who: str, *, max_events: int) -> list[DPSGDEvent]:
+    """The events in a device's reply, or :class:`UpdateError` saying what is wrong.
+
+    Anything from the network is refused unless it is a JSON list of at most
+    ``max_events`` well-formed events (every field typed and in range, as
+    :meth:`DPSGDEvent.from_dict` checks); whether the coordinator may *record* an
+    event is decided by the caller, which knows the device, the run and the rounds.
+    """
+    if not isinstance(text, str):
+        raise UpdateError(f"{who} sent no ledger report ({EVENTS_KEY!r} is not a string)")
+    if len(text) > MAX_CHARS:
+        raise UpdateError(f"{who} sent a ledger report of {len(text)} characters")
+    try:
+        items = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise UpdateError(f"{who} sent a ledger report that is not JSON") from None
+    if not isinstance(items, list):
+        raise UpdateError(f"{who} sent a ledger report that is not a list of events")
+    if len(items) > max_events:
+        raise UpdateError(f"{who} reports {len(items)} events; at most {max_events} fit this run")
+    try:
+        return [DPSGDEvent.from_dict(item) for item in items]
+    except (PrivacyError, TypeError) as exc:
+        raise UpdateError(f"{who} sent a malformed ledger event: {exc}") from None
