@@ -5,6 +5,11 @@ report with their updates (metrics travel in plaintext beside SecAgg+), and
 uses it to decide who may be sampled: a device whose next round would take it
 past its budget is not asked. The device checks again on its side (and its
 ledger is the authority); the two ledgers are compared in tests.
+
+It also tracks what it is *owed*: every training request sent whose spend it has
+not learned yet. A reply, a decline or the device's own ledger report settles it
+(:mod:`server.reconcile`), so that a device that trained and then dropped out,
+or answered after the deadline, is in this ledger all the same.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ class FleetBudget:
         self.num_records: dict[str, int] = {}
         self.budgets: dict[str, float] = {}
         self.declined: set[str] = set()
+        #: Node id → rounds it was sent a training request in whose privacy spend this
+        #: ledger has not learned yet: not from its training reply, not from a decline,
+        #: not from its own ledger (:mod:`server.reconcile` asks for those).
+        self.owed: dict[int, set[int]] = {}
         self._eps_cache: dict[str, tuple[int, float]] = {}
 
     def register(self, node_id: int, props: Mapping[str, Any]) -> None:
@@ -61,6 +70,23 @@ class FleetBudget:
         """Every device known from discovery or the ledger, sorted."""
         return sorted(set(self.node_device.values()) | set(self.ledger.devices()))
 
+    def expect(self, node_id: int, server_round: int) -> None:
+        """A training request went to ``node_id``: what it spends in that round is owed."""
+        if self.privacy.enabled:
+            self.owed.setdefault(node_id, set()).add(server_round)
+
+    def settle(self, node_id: int, server_round: int) -> None:
+        """The node's spend in ``server_round`` is known (recorded, or known to be none)."""
+        rounds = self.owed.get(node_id)
+        if rounds is not None:
+            rounds.discard(server_round)
+            if not rounds:
+                del self.owed[node_id]
+
+    def num_owed(self) -> int:
+        """Training requests whose spend this ledger has not learned yet."""
+        return sum(len(rounds) for rounds in self.owed.values())
+
     def record(self, node_id: int, metrics: Mapping[str, Any]) -> DPSGDEvent | None:
         """Add the event a device reported with its update (None when it trained without DP)."""
         device = metrics.get("device")
@@ -68,6 +94,9 @@ class FleetBudget:
             raise UpdateError(f"node {node_id} sent an update without its device id")
         self.node_device[node_id] = device
         if not metrics.get("dp"):
+            rnd = metrics.get("round")
+            if isinstance(rnd, int):
+                self.settle(node_id, rnd)
             return None
         try:
             event = DPSGDEvent(
@@ -83,8 +112,14 @@ class FleetBudget:
             raise UpdateError(
                 f"device {device} reported an incomplete privacy event: {exc}"
             ) from None
-        self.ledger.append(event)
+        self.add(node_id, event)
         return event
+
+    def add(self, node_id: int, event: DPSGDEvent) -> None:
+        """Append an event the caller has checked; that round of the node is settled."""
+        self.ledger.append(event)
+        self.node_device.setdefault(node_id, event.device)
+        self.settle(node_id, event.round)
 
     def epsilon(self, device: str) -> float:
         events = self.ledger.events_for(device)
@@ -105,8 +140,12 @@ class FleetBudget:
         match = DECLINE_PATTERN.search(reason)
         if match is None:
             return None
-        self.declined.add(match.group(1))
-        return match.group(1)
+        device, rnd = match.group(1), int(match.group(2))
+        self.declined.add(device)
+        # It did not train in that round: nothing is owed (its own ledger agrees).
+        for node_id in [n for n, d in self.node_device.items() if d == device]:
+            self.settle(node_id, rnd)
+        return device
 
     def can_train_again(self, device: str) -> bool:
         """Whether one more round (like its last one) keeps the device within budget."""
