@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import runtime
@@ -25,6 +26,8 @@ from fedlora.errors import ConfigError
 from fedlora.evaluation import mean_token_loss
 from server.budget import FleetBudget
 from server.discovery import discover_devices
+from server.reconcile import LedgerReconciler
+from server.rounds import HaltHandler, ReportingSecAggPlus, RoundWorkflow
 from server.strategy import LoraFedAvg, RoundObserver
 
 log = logging.getLogger("fedlora.server")
@@ -45,20 +48,26 @@ def make_evaluator(cfg: FedloraConfig) -> Any:
     return evaluate
 
 
-def secagg_workflow(cfg: FedloraConfig, max_weight: float) -> SecAggPlusWorkflow:
+def secagg_workflow(
+    cfg: FedloraConfig, max_weight: float, on_halt: HaltHandler | None = None
+) -> SecAggPlusWorkflow:
     """SecAgg+ with ``max_weight`` = the largest record count a device reported.
 
     SecAgg+ scales each update by num_examples / max_weight before quantizing, so the
     tightest bound is the most precise (and a larger weight would overflow the sum).
+    ``on_halt`` hears why a round stopped (:class:`server.rounds.ReportingSecAggPlus`).
+    ``timeout`` bounds each of the four stages; the coordinator's :class:`RoundGrid`
+    applies the same bound (and the round deadline) whatever the workflow asks.
     """
     s = cfg.secagg
-    return SecAggPlusWorkflow(
+    return ReportingSecAggPlus(
         num_shares=s.num_shares,
         reconstruction_threshold=s.reconstruction_threshold,
         max_weight=max_weight,
         clipping_range=s.clipping_range,
         quantization_range=s.quantization_range,
         timeout=s.timeout_s,
+        on_halt=on_halt or (lambda *_: None),
     )
 
 
@@ -128,10 +137,33 @@ class Coordinator:
         )
         # Devices report the run id with every update; one for another run is refused.
         self.strategy.run_id = str(context.run_id)
-        max_weight = self.strategy.secagg_max_weight  # from the record counts just discovered
-        fit_workflow = secagg_workflow(self.cfg, max_weight) if self.cfg.secagg.enabled else None
-        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+        reconciler = LedgerReconciler(self.cfg, self.budget, run_id=self.strategy.run_id)
+        DefaultWorkflow(fit_workflow=self.fit_workflow(reconciler))(grid, legacy)
+        # Devices that trained in the last round but whose reply never came (or any still
+        # owing from earlier rounds): their spend enters the ledger before it is final.
+        reconciler.reconcile(grid, final=True)
         self.finish()
+
+    def _expect_spend(self, server_round: int, node_ids: set[int]) -> None:
+        for node_id in node_ids:
+            self.budget.expect(node_id, server_round)
+
+    def fit_workflow(self, reconciler: LedgerReconciler) -> RoundWorkflow:
+        """Each round: ledger reconciliation, then SecAgg+ (or plain) fit with bounded waits."""
+        cfg = self.cfg
+        inner: Any = default_fit_workflow
+        if cfg.secagg.enabled:
+            # max_weight from the record counts just discovered.
+            max_weight = self.strategy.secagg_max_weight
+            inner = secagg_workflow(cfg, max_weight, self.strategy.round_failed)
+        return RoundWorkflow(
+            inner,
+            self.strategy,
+            timeout_s=cfg.secagg.timeout_s,
+            deadline_s=cfg.training.round_deadline_s,
+            before_round=reconciler.reconcile,
+            on_training_request=self._expect_spend,
+        )
 
     def finish(self) -> None:
         """Write the run's artefacts: final adapter, ledger, privacy report, export."""

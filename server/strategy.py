@@ -12,6 +12,15 @@ aggregate that no set of clipped updates could produce. Either way the next
 global adapter is ``global + mean update``, checkpointed each round, and
 evaluated on the coordinator's own held-out set. Rejections are logged and
 counted per reason (:data:`server.aggregate.REASONS`) in the round's metrics.
+
+A round can also end without an aggregate because devices dropped out: a SecAgg+
+round that kept fewer devices than its reconstruction threshold stops
+(:meth:`LoraFedAvg.round_failed`, the row's ``failed``), and the global adapter stays
+as it was. Either way every training reply that arrived has its privacy event
+recorded, used or not. The round's row also counts the devices whose update missed
+the deadline (``late``), the devices lost per protocol stage (``dropouts``), and the
+training requests whose spend the ledger has yet to learn (``unreconciled``; see
+:mod:`server.rounds` and :mod:`server.reconcile`).
 """
 
 from __future__ import annotations
@@ -79,8 +88,11 @@ class _RoundState:
     failures: int = 0
     declined: int = 0
     train_losses: list[float] = field(default_factory=list)
+    late: int = 0
+    dropouts: dict[str, int] = field(default_factory=dict)
     skipped_reason: str | None = None
     discarded_reason: str | None = None
+    failed_reason: str | None = None
 
     @property
     def rejected(self) -> int:
@@ -160,6 +172,55 @@ class LoraFedAvg(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         st = self._round
+        accepted = self._account(server_round, results, failures)
+        if self.cfg.secagg.enabled:
+            mean = self._secagg_mean(results, accepted)
+        else:
+            mean = self._plain_mean(accepted)
+        if mean is None:
+            if st.discarded_reason:
+                log.error("round %d: aggregate discarded: %s", server_round, st.discarded_reason)
+            return None, {"aggregated": 0}
+        new_global = apply_update(self.global_arrays, mean)
+        if not all(np.isfinite(g).all() for g in new_global):
+            st.discarded_reason = "the next global adapter would not be finite"
+            log.error("round %d: aggregate discarded: %s", server_round, st.discarded_reason)
+            return None, {"aggregated": 0}
+        st.aggregated = len(accepted)
+        self.global_arrays = new_global
+        save_checkpoint(self.run_dir / "checkpoints", server_round, self.names, self.global_arrays)
+        return ndarrays_to_parameters(self.global_arrays), {"aggregated": len(accepted)}
+
+    def round_failed(
+        self,
+        server_round: int,
+        reason: str,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[BaseException],
+    ) -> None:
+        """The round stopped before aggregation (SecAgg+ lost too many devices).
+
+        The global adapter stays as it is. The training replies that did arrive are
+        accounted as in :meth:`aggregate_fit`: their devices trained and spent budget
+        whether or not their updates were used, so their events enter the ledger.
+        """
+        self._account(server_round, results, list(failures))
+        self._round.failed_reason = reason
+
+    def note_transport(self, late: int, dropouts: dict[str, int]) -> None:
+        """Devices whose update missed the deadline, and devices lost per protocol stage."""
+        self._round.late = late
+        self._round.dropouts = dict(sorted(dropouts.items()))
+
+    def _account(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> list[tuple[list[np.ndarray], int]]:
+        """Count failures and declines, check every result, record its privacy event;
+        returns the accepted updates (no tensors under SecAgg+) with their weights."""
+        st = self._round
         st.failures = len(failures)
         for f in failures:
             reason = _describe_failure(f)
@@ -183,23 +244,7 @@ class LoraFedAvg(Strategy):
             if isinstance(loss, float) and math.isfinite(loss) and loss >= 0:
                 st.train_losses.append(loss)
             st.clipped += res.metrics.get("clipped") is True
-        if self.cfg.secagg.enabled:
-            mean = self._secagg_mean(results, accepted)
-        else:
-            mean = self._plain_mean(accepted)
-        if mean is None:
-            if st.discarded_reason:
-                log.error("round %d: aggregate discarded: %s", server_round, st.discarded_reason)
-            return None, {"aggregated": 0}
-        new_global = apply_update(self.global_arrays, mean)
-        if not all(np.isfinite(g).all() for g in new_global):
-            st.discarded_reason = "the next global adapter would not be finite"
-            log.error("round %d: aggregate discarded: %s", server_round, st.discarded_reason)
-            return None, {"aggregated": 0}
-        st.aggregated = len(accepted)
-        self.global_arrays = new_global
-        save_checkpoint(self.run_dir / "checkpoints", server_round, self.names, self.global_arrays)
-        return ndarrays_to_parameters(self.global_arrays), {"aggregated": len(accepted)}
+        return accepted
 
     # ------------------------------------------------------------ validation
     @property
@@ -372,6 +417,11 @@ class LoraFedAvg(Strategy):
             "declined": st.declined,
             "rejected": st.rejected,
             "rejected_by_reason": dict(sorted(st.rejected_by_reason.items())),
+            "late": st.late,
+            "dropouts": st.dropouts,
+            # Training requests whose spend the coordinator's ledger has not learned yet
+            # (asked for at the next round's start and after the last round).
+            "unreconciled": self.budget.num_owed(),
             "clipped": st.clipped,
             "train_loss": float(np.mean(st.train_losses)) if st.train_losses else None,
             "secagg": self.cfg.secagg.enabled,
@@ -385,6 +435,8 @@ class LoraFedAvg(Strategy):
             row["skipped"] = st.skipped_reason
         if st.discarded_reason:
             row["discarded"] = st.discarded_reason
+        if st.failed_reason:
+            row["failed"] = st.failed_reason
         self.rows.append(row)
         if self.observer is not None:
             self.observer(row)

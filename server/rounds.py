@@ -1,0 +1,305 @@
+"""One federated round with bounded waits, a deadline for updates, and a reason when it fails.
+
+Flower's legacy workflows leave three gaps this module closes, by wrapping rather
+than forking them:
+
+- **Unbounded waits.** The plain fit workflow waits for training replies with no
+  timeout; ``SecAggPlusWorkflow`` passes its one ``timeout`` to all four stages (so
+  ``secagg.timeout_s`` does bound each of them). :class:`RoundGrid` is the grid a
+  round's workflow talks through: it bounds every wait by ``secagg.timeout_s`` and the
+  wait for training replies by what is left of ``training.round_deadline_s``.
+- **Silent failures.** A SecAgg+ round that loses too many devices returns without
+  telling the strategy, whose metrics row would then read like an empty round, and
+  the training replies that did arrive (with the devices' DP-SGD events) are thrown
+  away. :class:`ReportingSecAggPlus` hands the strategy the stage, the reason and
+  those replies; the global adapter stays as it was and the next round proceeds.
+- **Who was lost where.** :class:`RoundGrid` counts, per stage, the sampled devices
+  that did not answer in time or answered with an error, and which devices got the
+  training request but did not answer by the deadline (``late``). It also tells the
+  coordinator's ledger which training requests went out, so the spend of a device
+  whose reply never came is asked for later (:mod:`server.reconcile`).
+
+:class:`RoundWorkflow` puts the three together around either fit workflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, cast
+
+from flwr.app import Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import FitRes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.server import LegacyContext
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+log = logging.getLogger("fedlora.server")
+
+#: The config record a training request carries (``fitins_to_recorddict``), in both
+#: workflows: the plain training message, and SecAgg+'s masked-vector stage.
+FIT_CONFIG_RECORD = "fitins.config"
+#: The stage name of a plain (not SecAgg+) training request.
+PLAIN_FIT_STAGE = "fit"
+
+Workflow = Callable[[Grid, Context], None]
+
+
+class RoundOutcomes(Protocol):
+    """What :class:`RoundWorkflow` tells the strategy (``server.strategy.LoraFedAvg``)."""
+
+    def round_failed(
+        self,
+        server_round: int,
+        reason: str,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[BaseException],
+    ) -> None: ...
+
+    def note_transport(self, late: int, dropouts: dict[str, int]) -> None: ...
+
+
+def is_training_request(msg: Message) -> bool:
+    """A message that asks a device to train (and so to spend privacy budget)."""
+    return (
+        msg.metadata.message_type == MessageType.TRAIN
+        and FIT_CONFIG_RECORD in msg.content.config_records
+    )
+
+
+def stage_of(msg: Message) -> str:
+    """The SecAgg+ stage of a message, ``fit`` for plain training, else its message type."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is not None and isinstance(configs.get(Key.STAGE), str):
+        return str(configs[Key.STAGE])
+    if msg.metadata.message_type == MessageType.TRAIN:
+        return PLAIN_FIT_STAGE
+    return msg.metadata.message_type
+
+
+def current_round(context: Context) -> int:
+    config = context.state.config_records[MAIN_CONFIGS_RECORD]
+    return int(cast(int, config[WorkflowKey.CURRENT_ROUND]))
+
+
+class RoundGrid(Grid):
+    """The grid of one round: bounded waits, a deadline for training replies, bookkeeping.
+
+    Every ``send_and_receive`` waits ``timeout_s`` whatever its caller asked for (a
+    caller's ``None`` would wait forever); one that carries training requests waits
+    until ``deadline_s`` after this round started instead, when a deadline is set.
+    Replies that come later are never read: those devices are ``late``.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        timeout_s: float,
+        deadline_s: float | None = None,
+        on_training_request: Callable[[set[int]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._grid = grid
+        self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
+        self._on_training_request = on_training_request
+        self._clock = clock
+        self.started = clock()
+        #: Nodes sent a training request that did not answer it in time.
+        self.late: set[int] = set()
+        #: Stage → nodes asked at that stage that did not answer, or answered with an error.
+        self.dropouts: Counter[str] = Counter()
+
+    def wait_limit(self, training: bool) -> float:
+        """Seconds the next wait may take."""
+        if training and self.deadline_s is not None:
+            return max(0.0, self.deadline_s - (self._clock() - self.started))
+        return self.timeout_s
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        msgs = list(messages)
+        if not msgs:
+            return []
+        asked = {m.metadata.dst_node_id for m in msgs}
+        training = any(is_training_request(m) for m in msgs)
+        if training and self._on_training_request is not None:
+            self._on_training_request(asked)
+        stage = stage_of(msgs[0])
+        replies = list(self._grid.send_and_receive(msgs, timeout=self.wait_limit(training)))
+        answered = {r.metadata.src_node_id for r in replies}
+        ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        if asked - ok:
+            self.dropouts[stage] += len(asked - ok)
+        if training:
+            self.late |= asked - answered
+        return replies
+
+    # ---------------------------------------------------------------- delegation
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+
+HaltHandler = Callable[[int, str, list[tuple[ClientProxy, FitRes]], list[BaseException]], None]
+
+
+class ReportingSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, stage for stage, telling ``on_halt`` why a round stopped.
+
+    ``on_halt(round, reason, results, failures)`` gets the training replies that arrived
+    before the round stopped (their plaintext metrics carry the devices' DP-SGD events)
+    and the error replies. A round whose strategy sampled nobody is not a failure (the
+    strategy knows why it sampled nobody) and is not reported.
+    """
+
+    def __init__(self, *args: Any, on_halt: HaltHandler, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_halt = on_halt
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().setup_stage(grid, context, state)
+        if not ok and state.nid_to_fitins:
+            self._halt(context, "setup", state)
+        return ok
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        if not ok:
+            self._halt(context, "share_keys", state)
+        return ok
+
+    def collect_masked_vectors_stage(
+        self, grid: Grid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        before = len(state.failures)
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        # Flower 1.39 appends each error reply of this stage twice (once in each of its two
+        # loops over the replies, each time as a new Exception around the same error).
+        seen: set[int] = set()
+        kept = []
+        for exc in state.failures[before:]:
+            key = id(exc.args[0]) if exc.args else id(exc)
+            if key not in seen:
+                seen.add(key)
+                kept.append(exc)
+        state.failures[before:] = kept
+        if not ok:
+            self._halt(context, "collect_masked_vectors", state)
+        return ok
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().unmask_stage(grid, context, state)
+        if not ok:
+            self._halt(context, "unmask", state)
+        return ok
+
+    def _halt(self, context: Context, stage: str, state: WorkflowState) -> None:
+        reason = halt_reason(
+            stage,
+            sampled=len(state.sampled_node_ids),
+            remaining=len(state.active_node_ids),
+            threshold=state.threshold,
+            num_shares=state.num_shares,
+        )
+        rnd = current_round(context)
+        log.error("round %d: %s", rnd, reason)
+        self._on_halt(rnd, reason, list(state.legacy_results), list(state.failures))
+
+
+def halt_reason(
+    stage: str, *, sampled: int, remaining: int, threshold: int, num_shares: int
+) -> str:
+    """Why a SecAgg+ round stopped at ``stage``, in one line for the metrics row."""
+    if sampled < 2:
+        return f"SecAgg+ needs at least 2 sampled devices, the round had {sampled}"
+    what = "returned their key shares" if stage == "unmask" else f"remained after the {stage} stage"
+    return (
+        f"SecAgg+ stopped at its {stage} stage: {remaining} of {sampled} sampled devices "
+        f"{what}, and every device's secret needs {threshold} of its {num_shares} "
+        "share holders (secagg.reconstruction_threshold); the global adapter is unchanged"
+    )
+
+
+class RoundWorkflow:
+    """A round's fit: settle the ledger's debts, run ``fit`` through a :class:`RoundGrid`,
+    and tell the strategy who was late or lost, all before the round's metrics row."""
+
+    def __init__(
+        self,
+        fit: Workflow,
+        strategy: RoundOutcomes,
+        *,
+        timeout_s: float,
+        deadline_s: float | None,
+        before_round: Callable[[Grid], object] | None = None,
+        on_training_request: Callable[[int, set[int]], None] | None = None,
+    ) -> None:
+        self.fit = fit
+        self.strategy = strategy
+        self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
+        self.before_round = before_round
+        self.on_training_request = on_training_request
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        rnd = current_round(context)
+        if self.before_round is not None:
+            self.before_round(grid)
+        notify = self.on_training_request
+
+        def on_request(nodes: set[int]) -> None:
+            if notify is not None:
+                notify(rnd, nodes)
+
+        round_grid = RoundGrid(
+            grid,
+            timeout_s=self.timeout_s,
+            deadline_s=self.deadline_s,
+            on_training_request=on_request,
+        )
+        self.fit(round_grid, context)
+        if round_grid.late:
+            log.warning(
+                "round %d: %d device(s) did not send their update in time",
+                rnd,
+                len(round_grid.late),
+            )
+        self.strategy.note_transport(len(round_grid.late), dict(round_grid.dropouts))
