@@ -1,7 +1,7 @@
 """One federated round with bounded waits, a deadline for updates, and a reason when it fails.
 
-Flower's legacy workflows leave three gaps this module closes, by wrapping rather
-than forking them:
+Flower's legacy workflows leave gaps this module closes, by wrapping rather than
+forking them:
 
 - **Unbounded waits.** The plain fit workflow waits for training replies with no
   timeout; ``SecAggPlusWorkflow`` passes its one ``timeout`` to all four stages (so
@@ -13,13 +13,16 @@ than forking them:
   the training replies that did arrive (with the devices' DP-SGD events) are thrown
   away. :class:`ReportingSecAggPlus` hands the strategy the stage, the reason and
   those replies; the global adapter stays as it was and the next round proceeds.
+- **Dropouts before key sharing.** Flower 1.39 asks the survivors for the secrets of a
+  device lost at setup or key sharing, which they never received, and the round fails
+  at unmask; :class:`ReportingSecAggPlus` leaves such devices out of the unmasking.
 - **Who was lost where.** :class:`RoundGrid` counts, per stage, the sampled devices
   that did not answer in time or answered with an error, and which devices got the
   training request but did not answer by the deadline (``late``). It also tells the
   coordinator's ledger which training requests went out, so the spend of a device
   whose reply never came is asked for later (:mod:`server.reconcile`).
 
-:class:`RoundWorkflow` puts the three together around either fit workflow.
+:class:`RoundWorkflow` puts them together around either fit workflow.
 """
 
 from __future__ import annotations
@@ -193,9 +196,11 @@ class ReportingSecAggPlus(SecAggPlusWorkflow):
     def __init__(self, *args: Any, on_halt: HaltHandler, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._on_halt = on_halt
+        self._sampled = 0  # devices the current round started with
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         ok = super().setup_stage(grid, context, state)
+        self._sampled = len(state.sampled_node_ids)
         if not ok and state.nid_to_fitins:
             self._halt(context, "setup", state)
         return ok
@@ -204,6 +209,19 @@ class ReportingSecAggPlus(SecAggPlusWorkflow):
         ok = super().share_keys_stage(grid, context, state)
         if not ok:
             self._halt(context, "share_keys", state)
+            return ok
+        # Flower 1.39 treats every sampled device that is gone by the unmask stage as one
+        # whose masks must be removed, and asks the others for its secret key's shares.
+        # A device lost before its key shares went out (at setup or here) has none, and
+        # none of its masks are in anyone's vector: asking for them makes every survivor
+        # fail the unmask stage (a KeyError in secaggplus_mod), so one device going
+        # offline during key setup would sink the round. From here on the protocol's
+        # participants are the devices whose shares went out, as the devices themselves
+        # see it (each masks against exactly the neighbours whose shares it received).
+        kept = set(state.active_node_ids)
+        state.sampled_node_ids = kept
+        for nid in kept:
+            state.nid_to_neighbours[nid] &= kept
         return ok
 
     def collect_masked_vectors_stage(
@@ -234,7 +252,7 @@ class ReportingSecAggPlus(SecAggPlusWorkflow):
     def _halt(self, context: Context, stage: str, state: WorkflowState) -> None:
         reason = halt_reason(
             stage,
-            sampled=len(state.sampled_node_ids),
+            sampled=self._sampled,
             remaining=len(state.active_node_ids),
             threshold=state.threshold,
             num_shares=state.num_shares,

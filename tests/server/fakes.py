@@ -8,6 +8,7 @@ identity in this process (the ServerApp sets one): the ``task_identity`` fixture
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 from uuid import uuid4
@@ -43,7 +44,9 @@ class FakeGrid(Grid):
         replies = []
         for msg in msgs:
             msg.metadata.__dict__["_message_id"] = str(uuid4())
-            reply = self.answer(msg)
+            # What a node gets is its own copy, as over the wire (SecAgg+ shares one
+            # content object between its messages, and its mod edits what it gets).
+            reply = self.answer(copy.deepcopy(msg))
             if reply is not None:
                 replies.append(reply)
         return replies
