@@ -25,9 +25,14 @@ from typing import Any
 
 from client.mods import REQUIRE_SECAGG_KEY
 from fedlora.errors import ConfigError, DataError, FedloraError
-from fedlora.watchdog import SUPERVISOR_ENV
+from fedlora.watchdog import (
+    SUPERVISOR_ENV,
+    die_with_parent,
+    flower_executable,
+    flower_path,
+    stop_process,
+)
 from server.control import CoordinatorAddress, flwr_home, free_port
-from server.coordinator import die_with_parent, flower_executable, flower_path, stop_process
 
 log = logging.getLogger("fedlora.device")
 

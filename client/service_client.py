@@ -14,7 +14,6 @@ file fetched again from the start.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -23,6 +22,7 @@ from typing import Any
 import grpc
 
 from fedlora.errors import ConfigError, ExportError, FedloraError
+from fedlora.export.manifest import sha256_file
 from fedlora.keys import load_private_key, sign_call
 from fedlora.v1 import model_service_pb2 as model_pb
 from fedlora.v1 import model_service_pb2_grpc as model_grpc
@@ -137,15 +137,6 @@ def _check_relative(path: str) -> PurePosixPath:
     ):
         raise ConfigError(f"{path!r} is not a model file path from list_models()")
     return p
-
-
-def _sha256_of(path: Path) -> str:
-    # Not fedlora.export.manifest.sha256_file: importing fedlora.export loads torch.
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -280,7 +271,7 @@ class DeviceServiceClient:
         entry = self._find(version, path)
         dest = Path(dest_dir).joinpath(*rel.parts)
         installed = dest.is_file() and dest.stat().st_size == entry.size_bytes
-        if installed and _sha256_of(dest) == entry.sha256:
+        if installed and sha256_file(dest) == entry.sha256:
             return dest  # already installed, nothing to fetch
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
@@ -288,7 +279,7 @@ class DeviceServiceClient:
             self._transfer(version, entry, part)
         except _Restart:
             self._transfer(version, entry, part)  # from 0: the .part was deleted
-        got = _sha256_of(part)
+        got = sha256_file(part)
         if got != entry.sha256:
             part.unlink(missing_ok=True)
             raise ExportError(
@@ -329,7 +320,7 @@ class DeviceServiceClient:
                     f"{version} {entry.path} changed on the coordinator during the download: "
                     "run it again"
                 )
-            if offset and header.prefix_sha256 != _sha256_of(part):
+            if offset and header.prefix_sha256 != sha256_file(part):
                 part.unlink()
                 raise _Restart
             with part.open("ab") as f:

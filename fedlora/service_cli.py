@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from urllib.parse import quote
 
 from fedlora.argtypes import positive_float
 from fedlora.errors import ConfigError, ExportError
+from fedlora.export.manifest import sha256_file
 
 if TYPE_CHECKING:
     from client.service_client import DeviceServiceClient, RemoteFile, RemoteModel
@@ -313,20 +313,12 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _intact(path: Path, entry: RemoteFile) -> bool:
     """Whether ``path`` is already exactly the listed file."""
     return (
         path.is_file()
         and path.stat().st_size == entry.size_bytes
-        and _sha256_of(path) == entry.sha256
+        and sha256_file(path) == entry.sha256
     )
 
 

@@ -19,13 +19,11 @@ coordinator, even with SIGKILL, leaves no SuperLink behind to hold the ports.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.errors import ConfigError, FedloraError
-from fedlora.watchdog import SUPERVISOR_ENV, descendants
+from fedlora.watchdog import (
+    SUPERVISOR_ENV,
+    die_with_parent,
+    flower_executable,
+    flower_path,
+    stop_process,
+)
 from server.app import RUNS_DIR_ENV
 from server.control import (
     CoordinatorAddress,
@@ -48,53 +52,6 @@ log = logging.getLogger("fedlora.coordinator")
 
 SYNC_INTERVAL_S = 2.0
 STARTUP_TIMEOUT_S = 60.0
-
-
-def flower_executable(name: str) -> str:
-    """A Flower console script installed next to this Python (then on PATH)."""
-    import shutil
-
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise FedloraError(f"{name} is not installed; reinstall fedlora (it needs flwr)")
-    return found
-
-
-def flower_path() -> str:
-    """PATH with the directory of the Flower console scripts first (an unactivated venv)."""
-    here = str(Path(flower_executable("flower-superlink")).parent)
-    return os.pathsep.join([here, os.environ.get("PATH", "")])
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when the process that started it dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout_s``; always reaps; then every descendant.
-
-    Flower detaches some of its processes (SuperExec, the apps) into sessions of
-    their own, so they are collected by parentage before the child goes.
-    """
-    below = descendants(proc.pid) if proc.poll() is None else []
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pid in below:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
