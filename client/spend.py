@@ -24,6 +24,9 @@ from privacy import DPSGDEvent
 
 #: Properties-request config key: "report your DP-SGD events of this run".
 QUERY_KEY = "fedlora-ledger"
+#: Properties-request config key: "report your events of *these* runs" (comma-separated
+#: Flower run ids; a resumed run asks for the spend of the runs it continues).
+RUNS_KEY = "fedlora-ledger-runs"
 #: Properties-reply key: the events, a JSON list of :meth:`DPSGDEvent.to_dict` objects.
 EVENTS_KEY = "ledger_events"
 #: Longest reply the coordinator reads (characters); an event is about 200.

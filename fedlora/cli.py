@@ -21,6 +21,7 @@ examples:
   fedlora simulate --out runs/demo                 # embedded model and fleet, DP + SecAgg+
   fedlora simulate --out runs/s --data fleet.jsonl --devices 50 --rounds 10 --epsilon 4
   fedlora simulate --out runs/plain --no-secagg    # same strategy without secure aggregation
+  fedlora simulate --resume runs/demo              # continue a run cut off by a crash
 """
 
 
@@ -51,7 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sim.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="run directory")
+    where = sim.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, metavar="RUN_DIR", help="run directory")
+    where.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help=(
+            "continue the run in RUN_DIR (killed or crashed) after its last completed round, "
+            "with its own config: global adapter, ledgers and device sampler as they were"
+        ),
+    )
     sim.add_argument("--config", type=Path, metavar="FILE", help="JSON or TOML config file")
     sim.add_argument("--devices", type=positive_int, metavar="N", help="simulated devices")
     sim.add_argument(
@@ -172,15 +183,33 @@ def resolve_simulate_config(args: argparse.Namespace) -> Any:
     return cfg.replace(**overrides)
 
 
+#: ``simulate`` flags that change the config: a resumed run keeps its own.
+CONFIG_FLAGS = (
+    "config", "devices", "devices_per_round", "rounds", "local_steps", "data", "partition",
+    "model", "epsilon", "delta", "seed", "no_dp", "no_secagg", "no_export", "force",
+)  # fmt: skip
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from fedlora.simulate import simulate
+    from fedlora.simulate import resume_simulation, simulate
 
-    cfg = resolve_simulate_config(args)
-    summary = simulate(
-        cfg, args.out, force=args.force, verbose=args.verbose, show_progress=not args.quiet
-    )
+    if args.resume is not None:
+        given = [f for f in CONFIG_FLAGS if getattr(args, f, None) not in (None, False)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ConfigError(
+                f"{flag} cannot be combined with --resume: a resumed run keeps the config in "
+                f"{args.resume}/config.json"
+            )
+        args.out = args.resume
+        summary = resume_simulation(args.resume, verbose=args.verbose, show_progress=not args.quiet)
+    else:
+        cfg = resolve_simulate_config(args)
+        summary = simulate(
+            cfg, args.out, force=args.force, verbose=args.verbose, show_progress=not args.quiet
+        )
     console = Console()
     console.print(
         f"[bold green]done[/] in {summary['wall_s']:.0f}s: eval loss "

@@ -123,6 +123,15 @@ def add_deploy_parsers(sub: Any) -> None:
     run.add_argument(
         "--name", help="run name, the directory under DIR/runs/ (default: a timestamp)"
     )
+    run.add_argument(
+        "--resume",
+        metavar="NAME",
+        help=(
+            "continue run NAME, cut off by a coordinator crash, after its last completed "
+            "round, with its own config (restart the coordinator first: it marks the run "
+            "interrupted)"
+        ),
+    )
     run.add_argument("--root-cert", metavar="CA", help="the coordinator's CA certificate")
     run.add_argument("--insecure", action="store_true", help="plaintext: local trials only")
     run.add_argument(

@@ -18,8 +18,12 @@ def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     the platform allows so the rename itself survives a crash. On any error the
     temporary file is removed and ``path`` is left as it was.
     """
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", path)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike[str]) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (as :func:`write_json_atomic`)."""
     target = Path(path)
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as tmp:

@@ -82,7 +82,7 @@ _NO_SECAGG = (
     "DP guarantee above still holds for each update, since it does not rely on SecAgg+."
 )
 
-_RUN_STATUSES = ("running", "complete", "failed")
+_RUN_STATUSES = ("running", "complete", "failed", "interrupted")
 
 PARALLEL_MIN_HISTORIES = 200
 """Below this many distinct histories, starting worker processes costs more than it saves."""
@@ -92,21 +92,26 @@ PARALLEL_MIN_HISTORIES = 200
 class RunInfo:
     """What the report says about the run besides the ledger; every field may be unknown.
 
-    ``status`` is ``run.json``'s (running, complete, failed); ``rounds_completed``
-    is the last round the run's metrics show; ``secagg`` whether SecAgg+ was on.
+    ``status`` is ``run.json``'s (running, complete, failed, interrupted);
+    ``rounds_completed`` is the last round the run's metrics show; ``secagg`` whether
+    SecAgg+ was on; ``unreconciled`` how many training requests the coordinator sent
+    whose spend its ledger never learned (the device did not answer; its own ledger is
+    the authority); ``resumed_at`` the rounds at which the run was resumed after a crash.
     """
 
     status: str | None = None
     rounds_planned: int | None = None
     rounds_completed: int | None = None
     secagg: bool | None = None
+    unreconciled: int | None = None
+    resumed_at: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.status is not None and self.status not in _RUN_STATUSES:
             raise ConfigError(
                 f"run status must be one of {', '.join(_RUN_STATUSES)}, got {self.status!r}"
             )
-        for name in ("rounds_planned", "rounds_completed"):
+        for name in ("rounds_planned", "rounds_completed", "unreconciled"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ConfigError(f"RunInfo.{name} must be an int or None, got {value!r}")
@@ -122,6 +127,8 @@ class RunInfo:
             "rounds_planned": self.rounds_planned,
             "rounds_completed": self.rounds_completed,
             "secagg": self.secagg,
+            "unreconciled": self.unreconciled,
+            "resumed_at": list(self.resumed_at),
         }
 
 
@@ -311,6 +318,24 @@ def _notes(
         )
     elif run is not None and run.status == "failed":
         notes.append("The run failed: this report covers the rounds its ledger recorded.")
+    elif run is not None and run.status == "interrupted":
+        notes.append(
+            "The run was cut off by a coordinator crash: this report covers the rounds its "
+            "ledger recorded; `fedlora run --resume` (or `fedlora simulate --resume`) "
+            "continues it."
+        )
+    if run is not None and run.resumed_at:
+        at = ", ".join(str(r) for r in run.resumed_at)
+        notes.append(
+            f"The run was resumed after a crash at round(s) {at}: each cut round was trained "
+            "again, and what devices spent in the cut attempt is in the ledger too."
+        )
+    if run is not None and run.unreconciled:
+        notes.append(
+            f"{run.unreconciled} training request(s) never reported their spend to the "
+            "coordinator (the device did not answer): those devices' own ledgers may hold "
+            "more than this report shows."
+        )
     other = [d for d in ledger_deltas if d != delta]
     if other:
         shown = ", ".join(f"{d:g}" for d in other)

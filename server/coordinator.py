@@ -224,7 +224,10 @@ def serve_coordinator(args: argparse.Namespace) -> int:
     layout.info.unlink(missing_ok=True)  # left behind by a coordinator that was killed
     flwr_home(layout.flwr)
     for name in mark_interrupted(layout.runs):
-        print(f"fedlora coordinator: run {name} was cut off by a restart (run.json: interrupted)")
+        print(
+            f"fedlora coordinator: run {name} was cut off by a restart (run.json: interrupted); "
+            f"continue it with `fedlora run --resume {name}`"
+        )
 
     env = {
         **os.environ,

@@ -37,15 +37,15 @@ is still owed then is logged and left in the metrics (``unreconciled``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Message
-from flwr.common import GetPropertiesIns
+from flwr.common import GetPropertiesIns, Scalar
 from flwr.common.constant import MessageTypeLegacy
 from flwr.serverapp import Grid
 
-from client.spend import EVENTS_KEY, QUERY_KEY, decode_events
+from client.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, decode_events
 from fedlora.config import FedloraConfig
 from fedlora.errors import FedloraError, PrivacyError
 from privacy import POISSON_SUBSAMPLED_GAUSSIAN, DPSGDEvent
@@ -58,9 +58,13 @@ log = logging.getLogger("fedlora.server")
 QUERY_GROUP = "ledger"
 
 
-def query_messages(node_ids: Iterable[int]) -> list[Message]:
-    """One properties request per node asking for its DP-SGD events of this run."""
-    content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({QUERY_KEY: True}))
+def query_messages(node_ids: Iterable[int], runs: Sequence[str] = ()) -> list[Message]:
+    """One properties request per node asking for its DP-SGD events of this run (or of
+    ``runs``, Flower run ids)."""
+    config: dict[str, Scalar] = {QUERY_KEY: True}
+    if runs:
+        config[RUNS_KEY] = ",".join(runs)
+    content = compat.getpropertiesins_to_recorddict(GetPropertiesIns(config))
     return [
         Message(
             content=content,
@@ -82,15 +86,67 @@ class LedgerReconciler:
         #: Nodes that did not answer a query; asked again only by ``reconcile(final=True)``.
         self.unreachable: set[int] = set()
 
-    def reconcile(self, grid: Grid, *, final: bool = False) -> int:
-        """Ask every node that owes (all of them when ``final``); returns events recorded.
+    def recover(
+        self, grid: Grid, node_ids: Sequence[int], runs: Sequence[str], *, up_to_round: int
+    ) -> dict[str, int]:
+        """A resumed run's first step: what devices spent under the earlier run ids.
 
-        Waits at most ``secagg.timeout_s`` for all answers together.
+        Every node is asked for its events of ``runs`` (the Flower run ids of the
+        earlier segments, :mod:`server.resume`); an event this ledger lacks is
+        recorded after the checks a training reply's event gets, if its round is at
+        most ``up_to_round`` (the round the crash cut: no earlier segment asked for a
+        later one). Returns how many nodes were asked and answered, and how many
+        events were recorded; a node that does not answer is logged (its device's
+        own ledger still holds the spend, and its next reply's history will show it).
         """
-        targets = sorted(n for n in self.budget.owed if final or n not in self.unreachable)
-        if not targets:
-            return 0
-        replies = grid.send_and_receive(query_messages(targets), timeout=self.cfg.secagg.timeout_s)
+        counts = {"asked": len(node_ids), "answered": 0, "recorded": 0}
+        if not runs or not node_ids or not self.cfg.privacy.enabled:
+            return counts
+        wanted = set(runs)
+        replies = grid.send_and_receive(
+            query_messages(node_ids, runs), timeout=self.cfg.secagg.timeout_s
+        )
+        answered = self._answers(replies)
+        counts["answered"] = len(answered)
+        for nid, props in sorted(answered.items()):
+            known = self.budget.node_device.get(nid)
+            if known is None or props.get("device") != known:
+                log.warning("node %s: its ledger report names device %r; ignored", nid, known)
+                continue
+            who = f"node {nid} (device {known})"
+            try:
+                events = decode_events(
+                    props.get(EVENTS_KEY), who, max_events=self.cfg.training.rounds * len(runs)
+                )
+            except FedloraError as exc:
+                log.warning("%s: %s", who, exc)
+                continue
+            for event in events:
+                if event.device != known or event.run not in wanted:
+                    log.warning("%s reports an event of run %r; ignored", who, event.run)
+                    continue
+                if event.round in self.budget.ledger.rounds_for(known, run=event.run):
+                    continue  # the coordinator recorded it before the crash
+                if event.round > up_to_round:
+                    log.warning("%s reports round %d of an earlier run; ignored", who, event.round)
+                    continue
+                try:
+                    self._check(event, known, who)
+                    self.budget.add(nid, event)
+                except (UpdateRejected, PrivacyError) as exc:
+                    log.warning("%s: its round %d is not recorded: %s", who, event.round, exc)
+                    continue
+                counts["recorded"] += 1
+        missing = sorted(set(node_ids) - set(answered))
+        if missing:
+            log.warning(
+                "nodes %s did not report their spend before the resume; their devices' own "
+                "ledgers may hold rounds this ledger lacks",
+                ", ".join(str(n) for n in missing),
+            )
+        return counts
+
+    def _answers(self, replies: Iterable[Message]) -> dict[int, dict[str, object]]:
         answered: dict[int, dict[str, object]] = {}
         for reply in replies:
             nid = reply.metadata.src_node_id
@@ -103,6 +159,18 @@ class LedgerReconciler:
                 log.warning("node %s sent an unreadable ledger report (%s)", nid, exc)
                 continue
             answered[nid] = dict(props)
+        return answered
+
+    def reconcile(self, grid: Grid, *, final: bool = False) -> int:
+        """Ask every node that owes (all of them when ``final``); returns events recorded.
+
+        Waits at most ``secagg.timeout_s`` for all answers together.
+        """
+        targets = sorted(n for n in self.budget.owed if final or n not in self.unreachable)
+        if not targets:
+            return 0
+        replies = grid.send_and_receive(query_messages(targets), timeout=self.cfg.secagg.timeout_s)
+        answered = self._answers(replies)
         recorded = 0
         for nid in targets:
             if nid in answered:

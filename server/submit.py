@@ -53,6 +53,7 @@ clientapp = "client.app:app"
 fedlora-config = ""
 fedlora-config-json = ""
 run-dir = ""
+resume = ""
 """
 
 
@@ -65,7 +66,19 @@ def build_fab() -> bytes:
     return build_fab_from_files(files)[0]
 
 
-def resolve_run_config(args: argparse.Namespace) -> tuple[FedloraConfig, str]:
+def resolve_run_config(args: argparse.Namespace) -> tuple[FedloraConfig | None, str]:
+    """The config and run name; with ``--resume NAME`` no config (the run keeps its own)."""
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        if args.config or args.name:
+            flag = "--config" if args.config else "--name"
+            raise ConfigError(
+                f"{flag} cannot be combined with --resume: the run keeps its name and the "
+                "config it started with"
+            )
+        if not _NAME.match(resume):
+            raise ConfigError(f"run name {resume!r} is not a run directory name")
+        return None, resume
     cfg = load_config(args.config) if args.config else FedloraConfig()
     name = args.name or time.strftime("run-%Y%m%d-%H%M%S")
     if not _NAME.match(name):
@@ -77,12 +90,12 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[FedloraConfig, str]:
 
 def start_run(
     addr: CoordinatorAddress,
-    cfg: FedloraConfig,
+    cfg: FedloraConfig | None,
     name: str,
     root_cert: Path | None,
     insecure: bool,
 ) -> int:
-    """Submit the run; returns Flower's run id."""
+    """Submit the run (``cfg`` None: resume the run ``name``); returns Flower's run id."""
     import hashlib
 
     from flwr.common.serde import fab_to_proto, user_config_to_proto
@@ -91,10 +104,11 @@ def start_run(
 
     fab_bytes = build_fab()
     fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
-    overrides: dict[str, bool | float | int | str] = {
-        "fedlora-config-json": json.dumps(cfg.to_dict()),
-        "run-dir": name,
-    }
+    overrides: dict[str, bool | float | int | str] = {"run-dir": name}
+    if cfg is None:
+        overrides["resume"] = "true"
+    else:
+        overrides["fedlora-config-json"] = json.dumps(cfg.to_dict())
     with control_client(addr.control, root_cert, insecure) as client:
         try:
             res = client.StartRun(
@@ -179,7 +193,8 @@ def submit_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"CA certificate {root_cert} does not exist")
     cfg, name = resolve_run_config(args)
     run_id = start_run(addr, cfg, name, root_cert, args.insecure)
-    print(f"fedlora run: started run {run_id} ({name}) on {addr.control}", flush=True)
+    verb = "resumed" if cfg is None else "started"
+    print(f"fedlora run: {verb} run {name} as Flower run {run_id} on {addr.control}", flush=True)
     if args.no_wait:
         return 0
     sub, details = follow(addr, run_id, root_cert, args.insecure, verbose=args.verbose)

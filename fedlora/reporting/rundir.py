@@ -75,24 +75,37 @@ def _run_status(run_dir: Path) -> str | None:
         status = _read_json(run_dir / "run.json").get("status")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return None  # informational only: the ledger decides ε
-    return status if status in ("running", "complete", "failed") else None
+    return status if status in ("running", "complete", "failed", "interrupted") else None
 
 
-def _rounds_completed(run_dir: Path) -> int | None:
-    """The last round in ``metrics.jsonl``; unreadable lines (a partial last one) are skipped."""
+def _progress(run_dir: Path) -> tuple[int | None, int | None]:
+    """The last round in ``metrics.jsonl`` and its ``unreconciled`` count; unreadable
+    lines (a partial last one) are skipped."""
     try:
         lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
-        return None
-    rounds = []
+        return None, None
+    last: tuple[int | None, int | None] = (None, None)
     for line in lines:
         try:
-            rnd = json.loads(line).get("round")
+            row = json.loads(line)
+            rnd = row.get("round")
         except (ValueError, AttributeError):
             continue
-        if isinstance(rnd, int) and not isinstance(rnd, bool):
-            rounds.append(rnd)
-    return max(rounds, default=None)
+        if not isinstance(rnd, int) or isinstance(rnd, bool):
+            continue
+        if last[0] is None or rnd >= last[0]:
+            owed = row.get("unreconciled")
+            last = (rnd, owed if isinstance(owed, int) and not isinstance(owed, bool) else None)
+    return last
+
+
+def _resumed_at(run_dir: Path) -> tuple[int, ...]:
+    try:
+        resumed = _read_json(run_dir / "run.json").get("resumed") or []
+        return tuple(int(r["at_round"]) for r in resumed)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError):
+        return ()
 
 
 def load_run(path: str | Path) -> RunDir:
@@ -120,11 +133,14 @@ def load_run(path: str | Path) -> RunDir:
             f"{ledger_path} has events of {trained} devices but {run_dir / 'config.json'} "
             f"says the fleet has {devices}: the ledger is not this run's"
         )
+    rounds_completed, unreconciled = _progress(run_dir)
     run = RunInfo(
         status=status,
         rounds_planned=config.training.rounds,
-        rounds_completed=_rounds_completed(run_dir),
+        rounds_completed=rounds_completed,
         secagg=config.secagg.enabled,
+        unreconciled=unreconciled,
+        resumed_at=_resumed_at(run_dir),
     )
     return RunDir(run_dir, config, ledger, run, devices)
 

@@ -244,6 +244,11 @@ class LocalDeployment:
             args.append("--no-wait")
         return self.cli(*args, timeout=timeout)
 
+    def resume(self, name: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """``fedlora run --resume NAME``, waiting for the run to end."""
+        args = ["run", "--coordinator", self.addr, "--root-cert", str(self.ca), "--resume", name]
+        return self.cli(*args, timeout=timeout)
+
     def run_dir(self, name: str) -> Path:
         return self.dir / "runs" / name
 

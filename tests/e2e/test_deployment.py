@@ -254,7 +254,7 @@ def _wait_for_round(run_dir: Path, rnd: int, timeout_s: float) -> None:
     raise AssertionError(f"round {rnd} never finished in {run_dir}")
 
 
-def test_coordinator_killed_between_rounds_restarts_with_history_and_ledgers(deployment):
+def test_coordinator_killed_mid_run_restarts_with_history_and_the_run_resumes(deployment):
     from flwr.proto.control_pb2 import ListRunsRequest
 
     from fedlora.testing.deployment import processes_mentioning
@@ -264,7 +264,7 @@ def test_coordinator_killed_between_rounds_restarts_with_history_and_ledgers(dep
 
     dep = deployment
     first_report = (dep.dir / "runs" / "first" / "privacy" / "report.json").read_bytes()
-    res = dep.run("second", _config(3, export=False), wait=False)
+    res = dep.run("second", _config(2, export=False), wait=False)
     assert res.returncode == 0, res.stderr
     run_dir = dep.dir / "runs" / "second"
     _wait_for_round(run_dir, 1, timeout_s=300)
@@ -303,9 +303,7 @@ def test_coordinator_killed_between_rounds_restarts_with_history_and_ledgers(dep
         assert e in before[i].events and e.run == second_run
 
     # The devices reconnect by themselves (the SuperLink sees all three online again) and
-    # their ledgers, on their own disks, lost nothing. (A further run on top of them is
-    # left out to keep the suite short: the device-side ledger logic is the same code the
-    # first two runs already exercised.)
+    # their ledgers, on their own disks, lost nothing.
     from flwr.proto.control_pb2 import ListNodesRequest
 
     deadline = time.monotonic() + 120
@@ -322,3 +320,43 @@ def test_coordinator_killed_between_rounds_restarts_with_history_and_ledgers(dep
         after = _device_ledger(dep, i)
         assert after.events[: len(before[i])] == before[i].events, "a device ledger lost events"
         assert {e.run for e in after.events} >= {str(first_id), second_run}
+
+    # The operator resumes the cut run: it continues after its last committed round with
+    # the global adapter, sampler and ledger as they were, under a new Flower run id.
+    state = json.loads((run_dir / "state.json").read_text())["state"]
+    res = dep.resume("second")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "complete"
+    (resumed,) = status["resumed"]
+    assert resumed["at_round"] == state["round"] + 1
+    resumed_run = str(resumed["flower_run_id"])
+    assert resumed_run != second_run
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    final = PrivacyLedger.load(run_dir / "privacy" / "ledger.json")
+    # Nothing the coordinator had recorded before the kill was lost ...
+    assert final.events[: len(at_kill)] == at_kill.events
+    # ... every round of the run is in it exactly once per segment that trained it, and it
+    # is exactly the union of what the devices recorded for this run under either id.
+    devices_view = [
+        e
+        for i in range(DEVICES)
+        for e in _device_ledger(dep, i).events
+        if e.run in (second_run, resumed_run)
+    ]
+    key = lambda e: (e.device, e.run, e.round)  # noqa: E731
+    assert sorted(final.events, key=key) == sorted(devices_view, key=key)
+    assert len({key(e) for e in final.events}) == len(final)
+    assert {e.round for e in final.events if e.run == resumed_run} == {2}
+    # The report's totals are the devices' own: ε recomputed from each device's ledger
+    # (this run's events under either id; the devices' ledgers also hold the first run).
+    from privacy import epsilon_for
+
+    report = json.loads((run_dir / "privacy" / "report.json").read_text())
+    assert report["run"]["resumed_at"] == [2]
+    for d in report["devices"]:
+        i = int(d["device"].split("-")[1])
+        own = [e for e in _device_ledger(dep, i).events if e.run in (second_run, resumed_run)]
+        want = epsilon_for(own, report["delta"], report["accountant"])
+        assert d["epsilon"] == pytest.approx(want, rel=1e-9)

@@ -167,6 +167,8 @@ def test_json_on_stdout_is_report_json(complete):
         "rounds_planned": 3,
         "rounds_completed": 3,
         "secagg": True,
+        "unreconciled": None,
+        "resumed_at": [],
     }
     # One configured device never trained: counted, not invented.
     assert printed["fleet"]["num_devices"] == 4 and len(printed["devices"]) == 3

@@ -212,6 +212,8 @@ def test_in_progress_run_is_said_so():
         "rounds_planned": 10,
         "rounds_completed": 3,
         "secagg": True,
+        "unreconciled": None,
+        "resumed_at": [],
     }
     assert "in progress after round 3 of 10" in report["notes"][0]
 
