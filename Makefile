@@ -1,6 +1,8 @@
 # The README's two commands:
 #   make run    install fedlora and run a simulated fleet on the embedded model and data
 #   make test   install the dev tools and run lint, type checks and the test suite
+#   make bench  every benchmark under bench/ (JSON in bench/results/, README table); long
+#   make bench-quick  the same at the smaller sizes each bench's --quick documents (< 10 min)
 VENV ?= .venv
 RUN_DIR ?= runs/default
 export OMP_NUM_THREADS ?= 2
@@ -8,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Flower would install app dependencies at run time; everything is installed up front.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
 
-.PHONY: install install-dev run test lint typecheck unit clean
+.PHONY: install install-dev run test lint typecheck unit clean bench bench-quick
 
 install:
 	scripts/install.sh
@@ -31,6 +33,12 @@ unit:
 
 test: install-dev lint typecheck
 	$(VENV)/bin/pytest
+
+bench:
+	$(VENV)/bin/python bench/run_all.py
+
+bench-quick:
+	$(VENV)/bin/python bench/run_all.py --quick
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

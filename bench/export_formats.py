@@ -18,6 +18,7 @@ wall time of scoring the held-out set. Library chatter goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -69,7 +70,24 @@ def bench(run_dir: Path, formats: list[str], model: str | None = None) -> dict[s
                 if "note" in details:
                     entry["note"] = details["note"]
             results[name] = entry
-    return {"run_dir": str(run_dir), "heldout_tokens": int(mask.sum()), "formats": results}
+    smallest = min(
+        (k for k, v in results.items() if v.get("gate") == "pass"),
+        key=lambda k: results[k]["bytes"],
+        default=None,
+    )
+    return {
+        "bench": "export_formats",
+        "figure": results[smallest]["relative_size"] if smallest else None,
+        "unit": "ratio (bytes of the smallest artefact that passes its gate ÷ merged fp32 bytes)",
+        "comparison": (
+            "every export format written from the same merged fp32 model and scored on the "
+            "run's held-out text (KL, top-1 agreement, perplexity vs the merged model)"
+            + (f"; smallest passing: {smallest}" if smallest else "; none passes its gate")
+        ),
+        "run_dir": str(run_dir),
+        "heldout_tokens": int(mask.sum()),
+        "formats": results,
+    }
 
 
 def _weights_bytes(out: Path) -> int:
@@ -82,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", nargs="+", default=list(available_formats()))
     p.add_argument("--model", help="base checkpoint (default: the run's model.path)")
     args = p.parse_args(argv)
-    report = bench(args.run_dir, args.formats, args.model)
-    json.dump(report, sys.stdout, indent=2)
+    with contextlib.redirect_stdout(sys.stderr):  # llama.cpp and transformers chatter
+        report = bench(args.run_dir, args.formats, args.model)
+    json.dump(report, sys.stdout, indent=2, ensure_ascii=False)
     print()
     return 0
 
