@@ -165,3 +165,43 @@ def test_unknown_export_profile(tmp_path, capsys):
     code, err = _run(capsys, "simulate", "--out", str(out), "--config", str(cfg))
     _assert_one_line_error(code, err, "unknown profile 'toaster'")
     assert not out.exists()
+
+
+def test_resume_refuses_config_flags(tmp_path, capsys):
+    code, err = _run(capsys, "simulate", "--resume", str(tmp_path), "--rounds", "3")
+    assert code != 0 and err.count("\n") == 1
+    assert "--rounds cannot be combined with --resume" in err
+
+
+def test_resume_of_a_directory_without_a_run(tmp_path, capsys):
+    code, err = _run(capsys, "simulate", "--resume", str(tmp_path / "nothing"))
+    assert code != 0 and err.count("\n") == 1 and "holds no run to resume" in err
+
+
+def test_resume_of_a_run_that_is_still_alive(tmp_path, capsys):
+    import os
+    import platform
+
+    from fedlora.config import FedloraConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(FedloraConfig().to_dict()))
+    status = {"status": "running", "pid": os.getpid(), "host": platform.node()}
+    (run / "run.json").write_text(json.dumps(status))
+    code, err = _run(capsys, "simulate", "--resume", str(run))
+    assert code != 0 and err.count("\n") == 1 and f"still running (pid {os.getpid()})" in err
+
+
+def test_out_or_resume_is_required(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate"])
+    assert "one of the arguments --out --resume is required" in capsys.readouterr().err
+
+
+def test_run_resume_refuses_a_config(capsys):
+    code, err = _run(
+        capsys, "run", "--coordinator", "127.0.0.1:1", "--insecure", "--resume", "r1",
+        "--config", "x.json",
+    )  # fmt: skip
+    assert code != 0 and "--config cannot be combined with --resume" in err

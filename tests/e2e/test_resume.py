@@ -23,22 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlora.config import FedloraConfig
+from tests.e2e.conftest import ROUNDS, plain_config
 
 pytestmark = pytest.mark.slow
-
-ROUNDS = 2
-
-
-def _config() -> FedloraConfig:
-    return FedloraConfig().replace(
-        fleet={"num_devices": 6, "devices_per_round": 4, "min_devices": 3},
-        training={"rounds": ROUNDS, "local_steps": 3, "batch_size": 8},
-        privacy={"noise_multiplier": 1.0},
-        secagg={"enabled": False},
-        export={"enabled": False},
-        seed=1,
-    )
 
 
 def _device_events(run_dir: Path) -> list:
@@ -80,22 +67,11 @@ def _kill_in_round(run_dir: Path, config: Path, rnd: int) -> tuple[int, list]:
     return proc.pid, events
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    from fedlora import runtime
-    from fedlora.simulate import simulate
-
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    simulate(_config(), run_dir, show_progress=False)
-    runtime.clear()
-    return run_dir
-
-
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_one(reference, tmp_path):
+def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_one(plain_run, tmp_path):
     from safetensors.numpy import load_file
 
     from fedlora import runtime
@@ -103,7 +79,8 @@ def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_one(referen
     from privacy import PrivacyLedger, epsilon_for
 
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(_config().to_dict()))
+    _cfg, reference, _summary = plain_run
+    config.write_text(json.dumps(plain_config().to_dict()))
     run_dir = tmp_path / "run"
     pid, at_kill = _kill_in_round(run_dir, config, 2)
     state = json.loads((run_dir / "state.json").read_text())["state"]

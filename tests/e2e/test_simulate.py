@@ -13,38 +13,22 @@ import math
 import numpy as np
 import pytest
 
-from fedlora.config import FedloraConfig
+from tests.e2e.conftest import ROUNDS, small_config
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 2
-
-
-def small_config(**overrides) -> FedloraConfig:
-    cfg = FedloraConfig().replace(
-        fleet={"num_devices": 6, "devices_per_round": 4, "min_devices": 3},
-        training={"rounds": ROUNDS, "local_steps": 3, "batch_size": 8},
-        seed=1,
-    )
-    return cfg.replace(**overrides) if overrides else cfg
-
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, plain_run):
     from fedlora import runtime
     from fedlora.simulate import simulate
 
-    root = tmp_path_factory.mktemp("runs")
-    out = {}
-    for name, cfg in {
-        "secagg": small_config(),
-        "plain": small_config(secagg={"enabled": False}, export={"enabled": False}),
-    }.items():
-        run_dir = root / name
-        summary = simulate(cfg, run_dir, show_progress=False)
-        out[name] = (cfg, run_dir, summary)
+    run_dir = tmp_path_factory.mktemp("runs") / "secagg"
+    cfg = small_config()
+    summary = simulate(cfg, run_dir, show_progress=False)
     runtime.clear()
-    return out
+    # The plain run is shared with the resume test (the same small fleet, same seed).
+    return {"secagg": (cfg, run_dir, summary), "plain": plain_run}
 
 
 def test_run_directory_is_complete(runs):
