@@ -437,6 +437,13 @@ def make_server_app(
         if cfg is None:
             if str(context.run_config.get(RESUME_KEY, "")).lower() in ("1", "true", "yes"):
                 saved, state = resumable_run(out, statuses=("interrupted", "failed"))
+                # The devices train with the run config's copy: it must be the run's own.
+                sent = config_from_run_config(dict(context.run_config))
+                if sent.to_dict() != saved.to_dict():
+                    raise ConfigError(
+                        f"the config sent to resume run {out.name} is not the one it started "
+                        "with: resume it with `fedlora run --resume NAME`"
+                    )
                 _deployed_run(saved, out, context, grid, resume=state)
                 return
             resolved = config_from_run_config(dict(context.run_config))

@@ -105,11 +105,13 @@ def start_run(
     fab_bytes = build_fab()
     fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
     overrides: dict[str, bool | float | int | str] = {"run-dir": name}
-    if cfg is None:
-        overrides["resume"] = "true"
-    else:
-        overrides["fedlora-config-json"] = json.dumps(cfg.to_dict())
     with control_client(addr.control, root_cert, insecure) as client:
+        if cfg is None:
+            # Devices read their config from the run config: the run's own, as first sent.
+            overrides["resume"] = "true"
+            overrides["fedlora-config-json"] = _started_with(client, name, addr)
+        else:
+            overrides["fedlora-config-json"] = json.dumps(cfg.to_dict())
         try:
             res = client.StartRun(
                 StartRunRequest(
@@ -123,6 +125,30 @@ def start_run(
     if not res.HasField("run_id"):
         raise FedloraError(f"the coordinator at {addr.control} did not start the run")
     return int(res.run_id)
+
+
+def _started_with(client: Any, name: str, addr: CoordinatorAddress) -> str:
+    """The ``fedlora-config-json`` run ``name`` was first started with, from the SuperLink's
+    run history (it outlives a coordinator restart: SQLite under ``DIR/state``)."""
+    from flwr.common.serde import user_config_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    try:
+        runs = client.ListRuns(ListRunsRequest()).run_dict
+    except Exception as exc:
+        raise FedloraError(
+            f"cannot list the runs of the coordinator at {addr.control}: "
+            f"{describe_control_error(exc)}"
+        ) from None
+    for run_id in sorted(runs):
+        config = user_config_from_proto(runs[run_id].override_config)
+        text = config.get("fedlora-config-json")
+        if config.get("run-dir") == name and isinstance(text, str) and text:
+            return text
+    raise ConfigError(
+        f"the coordinator at {addr.control} has no run named {name!r} started by `fedlora run`: "
+        "check the name (its directory under DIR/runs/)"
+    )
 
 
 def run_status(
