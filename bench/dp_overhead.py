@@ -14,6 +14,11 @@ is one sample of s/step; that includes the per-call Opacus wrap and unwrap,
 amortised over the steps, as every real round pays it. After a warm-up call of
 each, the two variants alternate for ``--reps`` repetitions (the order flips
 every repetition) so machine noise hits both equally, and the median is kept.
+Each call is timed twice: wall clock (``ratio``) and this process's CPU time
+(``ratio_cpu``). With one torch thread the step's arithmetic all runs on this
+process, so CPU time is what the step costs even when other work on a shared
+machine preempts it (wall time then counts the waiting too); on an idle machine
+the two agree.
 
 Sizes: the embedded default model (``fedlora.model.default_model_path()``) at
 batch 8, 16, 32, and a from-config random-init LLaMA (hidden 256, 4 layers) at
@@ -22,8 +27,13 @@ per core). At the default model and batch 16 it also splits one DP step into
 forward, backward, clipping and noise+update, against the non-DP forward and
 backward (``breakdown``).
 
+Without ``--quick`` it also times the same DP step under each of Opacus'
+per-sample-gradient modes (``hooks``, which ``train_lora`` uses; ``functorch``;
+``ew``) against the non-DP step (``grad_sample_modes_default_b16``).
+
 Prints one JSON object to stdout (library chatter goes to stderr); the headline
-``figure`` is the DP / non-DP ratio at the default model, batch 16.
+``figure`` is the DP / non-DP CPU-time ratio at the default model, batch 16
+(``figure_wall`` the wall-clock one).
 
     .venv/bin/python bench/dp_overhead.py [--quick] [--reps 7] [--steps 8]
 """
@@ -135,20 +145,24 @@ def time_size(model: Any, batch: int, reps: int, steps: int, seed: int) -> dict[
     vocab = int(model.get_input_embeddings().weight.shape[0])
     ids, mask = records(vocab, batch, seed)
 
-    def call(dp: bool) -> float:
-        t0 = time.perf_counter()
+    def call(dp: bool) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         result = train_lora(model, ids, mask, plan(batch, steps, dp, seed))
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         assert result.sample_rate == 1.0 and result.empty_batches == 0
-        return elapsed / steps
+        return elapsed / steps, cpu / steps
 
     for dp in (True, False):  # warm-up: allocator, kernels, Opacus hook paths
         call(dp)
     samples: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}
     for rep in range(reps):
         for dp in (True, False) if rep % 2 == 0 else (False, True):
-            samples[dp].append(call(dp))
+            wall_s, cpu_s = call(dp)
+            samples[dp].append(wall_s)
+            cpu[dp].append(cpu_s)
     dp_s, nondp_s = statistics.median(samples[True]), statistics.median(samples[False])
+    dp_cpu, nondp_cpu = statistics.median(cpu[True]), statistics.median(cpu[False])
     return {
         "batch": batch,
         "seq_len": SEQ_LEN,
@@ -156,6 +170,9 @@ def time_size(model: Any, batch: int, reps: int, steps: int, seed: int) -> dict[
         "dp_s_per_step": round(dp_s, 5),
         "nondp_s_per_step": round(nondp_s, 5),
         "ratio": round(dp_s / nondp_s, 3),
+        "dp_cpu_s_per_step": round(dp_cpu, 5),
+        "nondp_cpu_s_per_step": round(nondp_cpu, 5),
+        "ratio_cpu": round(dp_cpu / nondp_cpu, 3),
         "dp_samples": [round(s, 5) for s in samples[True]],
         "nondp_samples": [round(s, 5) for s in samples[False]],
     }
@@ -244,6 +261,72 @@ def breakdown(model: Any, batch: int, reps: int, seed: int) -> dict[str, Any]:
     return out
 
 
+def grad_sample_modes(model: Any, batch: int, reps: int, steps: int, seed: int) -> dict[str, Any]:
+    """s/step of DP-SGD under each Opacus per-sample-gradient mode vs plain SGD, alternated.
+
+    ``hooks`` is what ``train_lora`` uses; ``functorch`` (vmap over the model) and ``ew``
+    (ExpandedWeights) are the alternatives Opacus 1.6 offers without ghost clipping. A mode
+    that cannot run this model is listed with its error.
+    """
+    from opacus.grad_sample.utils import prepare_module
+    from opacus.optimizers import DPOptimizer
+
+    from client.train import per_sequence_loss
+
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    ids, mask = records(vocab, batch, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def call(mode: str) -> float:
+        t0 = time.perf_counter()
+        if mode == "nondp":
+            opt: Any = torch.optim.SGD(params, lr=1e-3)
+            net: Any = model
+        else:
+            net = prepare_module(model, mode, batch_first=True, loss_reduction="sum")
+            opt = DPOptimizer(
+                torch.optim.SGD(params, lr=1e-3),
+                noise_multiplier=NOISE_MULTIPLIER,
+                max_grad_norm=MAX_GRAD_NORM,
+                expected_batch_size=batch,
+                loss_reduction="mean",
+                generator=torch.Generator().manual_seed(seed + 1),
+            )
+        net.train()
+        try:
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                out = net(input_ids=ids, attention_mask=mask, use_cache=False)
+                per_seq = per_sequence_loss(out.logits, ids, mask)
+                (per_seq.mean() if mode == "nondp" else per_seq.sum()).backward()
+                opt.step()
+        finally:
+            opt.zero_grad(set_to_none=True)
+            if mode != "nondp":
+                net._close()
+            model.eval()
+        return (time.perf_counter() - t0) / steps
+
+    modes, errors = [], {}
+    for mode in ("nondp", "hooks", "functorch", "ew"):
+        try:
+            call(mode)  # warm-up, and does it run at all
+            modes.append(mode)
+        except Exception as err:  # report it, don't stop the bench
+            errors[mode] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    for rep in range(reps):
+        for mode in modes if rep % 2 == 0 else list(reversed(modes)):
+            samples[mode].append(call(mode))
+    med = {m: statistics.median(v) for m, v in samples.items()}
+    return {
+        "batch": batch,
+        "s_per_step": {m: round(v, 5) for m, v in med.items()},
+        "ratio_vs_nondp": {m: round(v / med["nondp"], 3) for m, v in med.items()},
+        "unsupported": errors,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("FEDLORA_CACHE", "/tmp/fc")
@@ -258,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
                 **time_size(model, batch, args.reps, args.steps, args.seed),
             }
         split = breakdown(model, HEADLINE_BATCH, args.reps, args.seed)
+        modes = (
+            None
+            if args.quick
+            else grad_sample_modes(model, HEADLINE_BATCH, args.reps, args.steps, args.seed)
+        )
         del model
         big = large_model(args.seed)
         sizes[f"llama_h{LARGE['hidden_size']}_l{LARGE['num_layers']}_b{LARGE_BATCH}"] = {
@@ -266,10 +354,12 @@ def main(argv: list[str] | None = None) -> int:
             **time_size(big, LARGE_BATCH, args.reps, args.steps, args.seed),
         }
     headline = sizes[f"default_b{HEADLINE_BATCH}"]
-    figure = headline["ratio"]
+    figure = headline["ratio_cpu"]
     result = {
+        "bench": "dp_overhead",
         "figure": figure,
-        "unit": "ratio (DP-SGD s/step ÷ non-DP s/step)",
+        "unit": "ratio (DP-SGD CPU s/step ÷ non-DP CPU s/step, one torch thread)",
+        "figure_wall": headline["ratio"],
         "comparison": (
             "client.train.train_lora with noise_multiplier="
             f"{NOISE_MULTIPLIER} (Opacus per-sample grads, clip C={MAX_GRAD_NORM}, Gaussian "
@@ -281,12 +371,15 @@ def main(argv: list[str] | None = None) -> int:
         "method": (
             f"train_lora called with expected_batch_size = number of records (q = 1: fixed "
             f"full batches, no Poisson variation), {args.steps} steps per call, s/step = "
-            f"call time / steps (includes the per-call Opacus wrap/unwrap); one warm-up "
+            f"call time / steps (includes the per-call Opacus wrap/unwrap), as process CPU "
+            f"time (figure, ratio_cpu: what the step costs, unaffected by other work on a "
+            f"shared machine) and wall time (figure_wall, ratio); one warm-up "
             f"call each, then {args.reps} alternating repetitions (order flips each rep), "
             "median; torch.set_num_threads(1)"
         ),
         "sizes": sizes,
         "breakdown_default_b16": split,
+        **({"grad_sample_modes_default_b16": modes} if modes else {}),
         "env": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

@@ -12,7 +12,8 @@ sampled every 5 s) beside it. Sizes run smallest first, then in reverse for
 Figure: peak RSS at the largest size ÷ peak RSS at the smallest. Round time is
 the coordinator's ``round_s`` (mean over rounds ≥ 1, and over rounds ≥ 2 which
 leave out each worker's first model load); ``startup_s`` is the run's clock at
-the round-0 evaluation (Ray start, nodes, data and model).
+the round-0 evaluation (Ray start, nodes, data and model). ``--quick``: one round
+of 10 sampled devices (the fleet sizes stay 100 and 1,000).
 
     .venv/bin/python bench/fleet_scale.py [--quick] [--sizes 100 1000] [--per-round 50]
                                           [--rounds 3] [--out DIR]
@@ -33,16 +34,18 @@ TARGET = 1.2
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/fleet_scale.py", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 rounds instead of 3")
+    p.add_argument("--quick", action="store_true", help="1 round of 10 sampled devices")
     p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
-    p.add_argument("--per-round", type=int, default=50)
+    p.add_argument("--per-round", type=int, default=None, help="default 50 (quick: 10)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.rounds is None:
-        args.rounds = 2 if args.quick else 3
+        args.rounds = 1 if args.quick else 3
+    if args.per_round is None:
+        args.per_round = 10 if args.quick else 50
     if len(args.sizes) < 2:
         p.error("--sizes needs at least two fleet sizes to compare")
     return args
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             "target": TARGET,
             "meets_target": bool(figure <= TARGET),
             "round_s_ratio": bk.rnd(large["round_s"] / small["round_s"]),
+            "per_round": args.per_round,
+            "rounds": args.rounds,
             "sizes": sizes,
             "quick": args.quick,
             "machine": bk.machine(),

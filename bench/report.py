@@ -30,14 +30,14 @@ ORDER = (
     "export_formats",
 )
 WHAT = {
-    "dp_overhead": "`bench/dp_overhead.py` — s per optimizer step, DP-SGD ÷ plain SGD, "
-    "same LoRA model, batch, seq_len 64, 1 thread",
+    "dp_overhead": "`bench/dp_overhead.py` — CPU s per optimizer step, DP-SGD ÷ plain SGD, "
+    "same LoRA model, batch, seq_len 64, 1 thread (default model, batch 16)",
     "secagg_overhead": "`bench/secagg_overhead.py` — simulated round wall time, SecAgg+ ÷ "
     "plain, all devices sampled, DP-SGD local training",
     "efficiency": "`bench/efficiency.py` — simulated rounds' wall time ÷ ideal (summed "
     "local-training s ÷ worker slots)",
     "fleet_scale": "`bench/fleet_scale.py` — peak RSS of the run's process tree (driver + Ray "
-    "+ workers) at 1,000 ÷ 100 devices, 50 sampled per round",
+    "+ workers) at 1,000 ÷ 100 devices, the same number sampled per round",
     "utility": "`bench/utility.py` — tinyshakespeare by role: share of the centralized "
     "non-DP loss reduction recovered by federated DP (ε = 8)",
     "export_formats": "`bench/export_formats.py RUN_DIR` — each on-device format's size and "
@@ -59,7 +59,12 @@ def _mib(b: float) -> str:
 
 def details_dp(r: dict[str, Any]) -> str:
     sizes = r.get("sizes", {})
-    parts = [f"{k.replace('default_', '')}: {v['ratio']:.2f}" for k, v in sizes.items()]
+    parts = [
+        f"{k.replace('default_', '')}: {v.get('ratio_cpu', v['ratio']):.2f}"
+        for k, v in sizes.items()
+    ]
+    if "figure_wall" in r:
+        parts.insert(0, f"wall-clock {r['figure_wall']:.2f}")
     b = r.get("breakdown_default_b16", {})
     extra = ""
     if b:
@@ -75,10 +80,17 @@ def details_secagg(r: dict[str, Any]) -> str:
     for n, s in r.get("sizes", {}).items():
         sec, plain = s["variants"]["secagg"], s["variants"]["plain"]
         up = sec["uplink_per_device"]
+        est = up.get("payload_from_flower_primitives", {}).get("bytes")
+        fp32 = r.get("fp32_adapter_bytes")
+        payload = (
+            f"; SecAgg+ payload from Flower's primitives {_mib(est)} = {est / fp32:.2f}× fp32"
+            if est and fp32
+            else ""
+        )
         parts.append(
             f"{n} devices: {s['time_ratio']:.2f}× ({sec['round_s']:.1f} s vs "
             f"{plain['round_s']:.1f} s), uplink {_mib(up['bytes'])} = {up['vs_fp32']:.2f}× fp32 "
-            f"(plain {plain['uplink_per_device']['vs_fp32']:.2f}×)"
+            f"(plain {plain['uplink_per_device']['vs_fp32']:.2f}×){payload}"
         )
     source = {s["variants"]["secagg"]["uplink_per_device"]["source"] for s in r["sizes"].values()}
     return "; ".join(parts) + f" [bytes: {', '.join(sorted(source))}]"
@@ -86,6 +98,8 @@ def details_secagg(r: dict[str, Any]) -> str:
 
 def details_efficiency(r: dict[str, Any]) -> str:
     return (
+        f"{r.get('devices', '?')} devices, {r.get('per_round', '?')}/round, "
+        f"{r.get('rounds', '?')} round(s): "
         f"{r['rounds_wall_s']:.1f} s of rounds vs ideal {r['ideal_s']:.1f} s "
         f"({r['training_compute_s']:.1f} s training ÷ {r['slots']} slots, "
         f"{r['compute_source']}); whole run {r['whole_run_wall_s']:.0f} s = "
@@ -94,7 +108,7 @@ def details_efficiency(r: dict[str, Any]) -> str:
 
 
 def details_scale(r: dict[str, Any]) -> str:
-    parts = []
+    parts = [f"{r.get('per_round', '?')}/round, {r.get('rounds', '?')} round(s)"]
     for n, s in r.get("sizes", {}).items():
         parts.append(
             f"{n}: {s['peak_rss_mib']:.0f} MiB peak RSS, {_n(s['round_s'], 1)} s/round, "
@@ -145,7 +159,7 @@ def figure_cell(r: dict[str, Any]) -> str:
         return "–"
     fig = r.get("figure")
     if fig is None:
-        return "–"
+        return "– (no valid figure)" if "invalid" in r else "–"
     target = r.get("target")
     if target is None:
         return f"**{_n(fig)}**"
@@ -167,6 +181,8 @@ def when_cell(r: dict[str, Any]) -> str:
 def row(name: str, r: dict[str, Any]) -> str:
     try:
         details = DETAILS[name](r)
+        if "invalid" in r:
+            details = f"**not valid**: {r['invalid']}. As measured: {details}"
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
         details = r.get("error") or r.get("skipped") or f"(cannot summarize: {err!r})"
     return f"| {WHAT[name]} | {figure_cell(r)} | {details} | {when_cell(r)} |"

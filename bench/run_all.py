@@ -51,22 +51,22 @@ SUITE: tuple[Bench, ...] = (
 )
 
 
-def export_source() -> Path | None:
+def export_source(runs: Path) -> Path | None:
     """A finished run of this suite with an adapter on the default model."""
     for pattern in ("secagg_overhead/n20-secagg-*", "secagg_overhead/*-secagg-*", "efficiency/run"):
-        for run in sorted(RUNS.glob(pattern)):
+        for run in sorted(runs.glob(pattern)):
             if (run / "adapter" / "adapter_model.safetensors").is_file():
                 return run
     return None
 
 
-def command(bench: Bench, quick: bool) -> list[str] | None:
+def command(bench: Bench, quick: bool, runs: Path = RUNS) -> list[str] | None:
     cmd = [sys.executable, str(BENCH / bench.script), *(bench.quick if quick else bench.full)]
     cmd += list(bench.extra)
     if bench.runs:
-        cmd += ["--out", str(RUNS / bench.name)]
+        cmd += ["--out", str(runs / bench.name)]
     if bench.name == "export_formats":
-        source = export_source()
+        source = export_source(runs)
         if source is None:
             return None
         cmd.insert(2, str(source))
@@ -77,12 +77,12 @@ def _short(arg: str) -> str:
     return str(Path(arg).relative_to(REPO)) if arg.startswith(str(REPO)) else arg
 
 
-def run(bench: Bench, quick: bool) -> dict[str, Any]:
-    cmd = command(bench, quick)
+def run(bench: Bench, quick: bool, runs: Path = RUNS) -> dict[str, Any]:
+    cmd = command(bench, quick, runs)
     suite: dict[str, Any] = {"mode": "quick" if quick else "full", "date": time.strftime("%F")}
     if cmd is None:
         return {"bench": bench.name, "skipped": "no run directory with an adapter to export"}
-    log_file = RUNS / "logs" / f"{bench.name}.err"
+    log_file = runs / "logs" / f"{bench.name}.err"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     print(f"run_all: {bench.name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -92,7 +92,7 @@ def run(bench: Bench, quick: bool) -> dict[str, Any]:
         command=" ".join(["python", *(_short(c) for c in cmd[1:])]),
         exit_code=proc.returncode,
         elapsed_s=round(time.perf_counter() - t0, 1),
-        log=str(log_file.relative_to(REPO)),
+        log=_short(str(log_file)),
     )
     try:
         result = json.loads(proc.stdout)
@@ -115,24 +115,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", default=None, choices=[b.name for b in SUITE])
     p.add_argument("--skip", nargs="+", default=[], choices=[b.name for b in SUITE])
     p.add_argument("--no-report", action="store_true", help="leave README.md as it is")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
+    p.add_argument("--runs", type=Path, default=RUNS, help="run directories and logs")
     args = p.parse_args(argv)
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     failed = []
     for bench in SUITE:
         if (args.only and bench.name not in args.only) or bench.name in args.skip:
             continue
-        result = run(bench, args.quick)
+        result = run(bench, args.quick, args.runs.resolve())
         if result.get("suite", {}).get("exit_code", 0) != 0 or "error" in result:
             failed.append(bench.name)
-        path = RESULTS / f"{bench.name}.json"
+        path = args.results / f"{bench.name}.json"
         path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     total = round(time.perf_counter() - started, 1)
     print(f"run_all: done in {total} s; failed: {failed or 'none'}", file=sys.stderr)
     if not args.no_report:
         from report import main as report_main
 
-        report_main([])
+        report_main(["--results", str(args.results)])
     return 1 if failed else 0
 
 

@@ -64,7 +64,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "secagg": {"enabled": True},
     },
 }
-QUICK_VARIANTS = ("fed_nondp", "fed_dp_eps8")
+QUICK_VARIANTS = ("fed_dp_eps8",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
