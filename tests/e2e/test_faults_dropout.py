@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 
 from fedlora.config import FedloraConfig
-from tests.faults import (
+from fedlora.testing.faults import (
     Fault,
     checkpoint,
     device_ledgers,

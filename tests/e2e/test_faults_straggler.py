@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from fedlora.config import FedloraConfig
-from tests.faults import (
+from fedlora.testing.faults import (
     Fault,
     checkpoint,
     device_ledgers,
