@@ -132,8 +132,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--timeout-s",
         type=float,
-        default=60.0,
-        help="secagg.timeout_s: bound on every coordinator wait (default 60)",
+        default=300.0,
+        help=(
+            "secagg.timeout_s, the bound on every coordinator wait (default 300, the "
+            "product's): injected dropouts answer at once, so only a loaded machine waits"
+        ),
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the run and the fault plan")
     p.add_argument("--sample-s", type=float, default=0.5, help="memory sampling interval (s)")
