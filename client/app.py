@@ -9,11 +9,13 @@ message reaches the device's own code (training, evaluation, discovery).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Context
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.mods import secagg_mod
 
@@ -25,7 +27,11 @@ ROUND_KEY = "server-round"
 NUM_ROUNDS_KEY = "num-rounds"
 
 
-def make_client_app(cfg: FedloraConfig | None = None, device_root: Path | None = None) -> ClientApp:
+def make_client_app(
+    cfg: FedloraConfig | None = None,
+    device_root: Path | None = None,
+    outer_mods: Sequence[Mod] = (),
+) -> ClientApp:
     """The ClientApp; with ``cfg`` None it reads the config from the run config.
 
     A device built with a config that enables SecAgg+ refuses to send an
@@ -34,6 +40,8 @@ def make_client_app(cfg: FedloraConfig | None = None, device_root: Path | None =
 
     ``device_root`` gives each simulated device a directory of its own
     (``device_root/<device>/ledger.json``) standing in for its local disk.
+    ``outer_mods`` run outside SecAgg+ (``fedlora simulate`` puts the simulated fleet's
+    :func:`client.simulated.simulated_fleet_mod` there).
     """
     required = cfg.secagg.enabled if cfg is not None else False
 
@@ -51,7 +59,7 @@ def make_client_app(cfg: FedloraConfig | None = None, device_root: Path | None =
         resolved = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
         return DeviceClient(resolved, context, device_root).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secagg_mod(required)])
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, secagg_mod(required)])
 
 
 app = make_client_app()

@@ -10,6 +10,7 @@ masks that update before it leaves the device.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ from flwr.client import NumPyClient
 
 from client.app import NUM_ROUNDS_KEY, ROUND_KEY
 from client.ledger import load_device_ledger, save_device_ledger
-from client.spend import EVENTS_KEY, QUERY_KEY, encode_events
+from client.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, encode_events
 from client.train import LocalTrainingPlan, train_lora
-from fedlora import runtime
-from fedlora.config import FedloraConfig
+from fedlora import fleetsim, runtime
+from fedlora.config import DeviceProfile, FedloraConfig
+from fedlora.data.fleet import DeviceData
 from fedlora.errors import BudgetExhaustedError, DataError, UpdateError
 from fedlora.evaluation import mean_token_loss
 from privacy import DPSGDEvent, PrivacyLedger, calibrate_noise_multiplier, epsilon_for
@@ -97,7 +99,9 @@ class DeviceClient(NumPyClient):
             # A deployed device (``fedlora device``): its own records on its own disk.
             self.device = str(node.get("device-id") or Path(str(data_path)).stem)
             self.index = _device_index(self.device)
-            self.data = runtime.local_data(cfg, str(data_path), self.device)
+            self._data = runtime.local_data(cfg, str(data_path), self.device)
+            self._num_train = len(self._data.train)
+            self.profile: DeviceProfile | None = None  # a real device: never simulated
         else:
             pid = node.get("partition-id")
             if pid is None:
@@ -105,17 +109,15 @@ class DeviceClient(NumPyClient):
                     "this node has neither 'data-path' nor 'partition-id': start it with "
                     "`fedlora device --data PATH` or as part of a simulated fleet"
                 )
-            fleet = runtime.fleet(cfg)
-            index = int(pid)
-            if not 0 <= index < len(fleet.devices):
-                raise DataError(
-                    f"partition-id {index} is outside the fleet of {len(fleet.devices)}"
-                )
-            self.index = index
-            self.data = fleet.devices[index]
-            self.device = self.data.device
+            # Its records are read when it trains or evaluates, not to answer discovery.
+            self.index = int(pid)
+            self.device, self._num_train = runtime.device_info(cfg, self.index)
+            self._data = None
+            self.profile = fleetsim.profile_of(cfg.fleet, cfg.seed, self.device)
         # The device's own cap: it never trains past min(its budget, the run's budget).
         own = node.get("budget-epsilon")
+        if own is None and self.profile is not None:
+            own = self.profile.budget_epsilon
         self.budget_epsilon = cfg.privacy.epsilon
         if own is not None and float(own) > 0:
             self.budget_epsilon = min(float(own), cfg.privacy.epsilon)
@@ -127,6 +129,13 @@ class DeviceClient(NumPyClient):
         else:
             self.ledger_path = None
 
+    @property
+    def data(self) -> DeviceData:
+        """The device's records (a simulated device's are loaded on first use)."""
+        if self._data is None:
+            self._data = runtime.device_data(self.cfg, self.index)
+        return self._data
+
     def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
         """What the coordinator may know before sampling: who this is and its budget.
 
@@ -134,14 +143,17 @@ class DeviceClient(NumPyClient):
         current run, read from its own ledger: how the coordinator learns about a round
         whose training reply it never got (see :mod:`server.reconcile`).
         """
-        props: dict[str, Any] = {"device": self.device, "num_records": len(self.data.train)}
+        props: dict[str, Any] = {"device": self.device, "num_records": self._num_train}
         if self.cfg.privacy.enabled:
             props["budget_epsilon"] = self.budget_epsilon
+        if self.profile is not None:  # simulated: the coordinator applies its availability
+            props[fleetsim.PROFILE_PROPERTY] = self.profile.name
         if config.get(QUERY_KEY):
-            run = str(self.context.run_id)
+            asked = config.get(RUNS_KEY)
+            runs = set(str(asked).split(",")) if asked else {str(self.context.run_id)}
             ledger = load_device_ledger(self.context, self.ledger_path)
             props[EVENTS_KEY] = encode_events(
-                [e for e in ledger.events_for(self.device) if e.run == run]
+                [e for e in ledger.events_for(self.device) if e.run in runs]
             )
         return props
 
@@ -181,7 +193,9 @@ class DeviceClient(NumPyClient):
         )
         plan = LocalTrainingPlan(**{**plan_base.__dict__, "noise_multiplier": sigma})
 
+        started = time.perf_counter()
         result = train_lora(bundle.model, ids, mask, plan)
+        train_s = time.perf_counter() - started
         local = get_adapter_arrays(bundle.model)
         raw = [(lo - gl).astype(np.float32) for lo, gl in zip(local, parameters, strict=True)]
         # Before the mod masks it: one device's update is bounded, whatever its data did.
@@ -200,6 +214,8 @@ class DeviceClient(NumPyClient):
             # the update itself but not these two numbers.
             "update_norm": norm,
             "clipped": update is not raw,
+            # Seconds of local training compute (DP-SGD steps), as this device measured it.
+            "train_s": train_s,
         }
         if sigma is not None:
             event = DPSGDEvent(

@@ -21,7 +21,8 @@ from fedlora.errors import ConfigError
 
 CONFIG_FORMAT = "fedlora.config"
 #: 2: privacy.max_update_norm, and secagg.clipping_range 8 -> 64 (see ``_from_v1``).
-CONFIG_VERSION = 2
+#: 3: fleet.profiles, fleet.fraction_per_round, data.server_eval_max (see ``_from_v2``).
+CONFIG_VERSION = 3
 #: Keys ``fedlora simulate`` adds to ``RUN_DIR/config.json`` (what was loaded, package versions).
 RUN_METADATA_KEYS = ("resolved", "versions")
 
@@ -84,6 +85,12 @@ class DataSection:
     dirichlet_alpha: float = 0.5
     heldout_fraction: float = 0.1
     server_fraction: float = 0.1
+    #: The coordinator's held-out set is a seeded sample of at most this many of the
+    #: records set aside on every device (``server_fraction``), so evaluating a round
+    #: does not take longer as the fleet grows (null: all of them). 1,000 is about five
+    #: times what the default 20-device fleet sets aside (214 records); a 100-device
+    #: embedded fleet sets aside 1,009.
+    server_eval_max: int | None = 1000
     seq_len: int = 64
 
     def __post_init__(self) -> None:
@@ -95,17 +102,79 @@ class DataSection:
         _require(0 < self.heldout_fraction < 1, "data.heldout_fraction must be in (0, 1)")
         _require(0 < self.server_fraction < 1, "data.server_fraction must be in (0, 1)")
         _require(
+            self.server_eval_max is None or self.server_eval_max >= 1,
+            f"data.server_eval_max must be ≥ 1 (or null for no limit), got {self.server_eval_max}",
+        )
+        _require(
             8 <= self.seq_len <= 4096, f"data.seq_len must be in [8, 4096], got {self.seq_len}"
         )
 
 
 @dataclass(frozen=True)
+class DeviceProfile:
+    """A class of simulated device: how fast, how often online, how flaky, how much data.
+
+    Simulation only: a deployed device is what it is, and nothing here reaches it.
+    ``share`` is the probability that a simulated device has this profile (a seeded
+    draw per device, :func:`fedlora.fleetsim.profile_of`); the shares of a fleet's
+    profiles sum to 1.
+
+    - ``speed``: compute speed relative to this machine, in (0, 1]. A device with
+      speed s waits (1/s − 1)·(its training time) after training: simulated wall
+      clock, not extra compute (its fit metrics say how long: ``simulated_delay_s``).
+    - ``availability``: probability that the device is online in a round; an offline
+      device is not sampled (decided per device and round from the seed).
+    - ``dropout``: probability that a sampled device disappears mid-round, at a stage
+      drawn from the seed (before or after training, at any SecAgg+ stage).
+    - ``budget_epsilon``: the device's own privacy budget, capped at privacy.epsilon
+      (null: the run's).
+    - ``data_scale``: multiplies the device's number of records in the embedded
+      fleet (log-normal, median 100); 1 with ``data.path`` set.
+    """
+
+    name: str
+    share: float
+    speed: float = 1.0
+    availability: float = 1.0
+    dropout: float = 0.0
+    budget_epsilon: float | None = None
+    data_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "name must be a non-empty string")
+        _require(0 < self.share <= 1, f"share must be in (0, 1], got {self.share}")
+        _require(0 < self.speed <= 1, f"speed must be in (0, 1], got {self.speed}")
+        for key in ("availability", "dropout"):
+            value = getattr(self, key)
+            _require(0 <= value <= 1, f"{key} must be a probability in [0, 1], got {value}")
+        _require(
+            self.budget_epsilon is None
+            or (self.budget_epsilon > 0 and math.isfinite(self.budget_epsilon)),
+            f"budget_epsilon must be a positive number (or null), got {self.budget_epsilon}",
+        )
+        _require(
+            self.data_scale > 0 and math.isfinite(self.data_scale),
+            f"data_scale must be a positive number, got {self.data_scale}",
+        )
+
+
+@dataclass(frozen=True)
 class FleetSection:
-    """How many simulated devices, and how many the coordinator samples per round."""
+    """How many simulated devices, and how many the coordinator samples per round.
+
+    Each round samples ``devices_per_round`` devices, or with ``fraction_per_round``
+    set ceil(fraction · A) of the A devices that are online and have budget left, at
+    least ``min_devices`` and at most ``devices_per_round``; fewer than
+    ``min_devices`` such devices and the round is skipped. ``profiles`` (empty: every
+    device is always online, never drops and runs at this machine's speed) describes
+    the simulated fleet's device classes (:class:`DeviceProfile`).
+    """
 
     num_devices: int = 20
     devices_per_round: int = 10
     min_devices: int = 3
+    fraction_per_round: float | None = None
+    profiles: tuple[DeviceProfile, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.num_devices >= 2, f"fleet.num_devices must be ≥ 2, got {self.num_devices}")
@@ -115,6 +184,29 @@ class FleetSection:
             self.min_devices <= self.devices_per_round,
             "fleet.min_devices must be ≤ fleet.devices_per_round",
         )
+        f = self.fraction_per_round
+        _require(
+            f is None or 0 < f <= 1,
+            f"fleet.fraction_per_round must be in (0, 1] (or null to sample "
+            f"fleet.devices_per_round), got {f}",
+        )
+        profiles = tuple(self.profiles)
+        for i, p in enumerate(profiles):
+            _require(
+                isinstance(p, DeviceProfile),
+                f'fleet.profiles[{i}] must be an object like {{"name": "phone-low", "share": 0.5}}',
+            )
+        names = [p.name for p in profiles]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _require(not dup, f"fleet.profiles: the name {dup[0] if dup else ''!r} is used twice")
+        if profiles:
+            total = math.fsum(p.share for p in profiles)
+            parts = " + ".join(f"{p.name} {p.share:g}" for p in profiles)
+            _require(
+                abs(total - 1) <= 1e-6,
+                f"fleet.profiles: shares must sum to 1, got {total:g} ({parts})",
+            )
+        object.__setattr__(self, "profiles", profiles)
 
 
 @dataclass(frozen=True)
@@ -274,6 +366,13 @@ class FedloraConfig:
             f"fleet.devices_per_round ({self.fleet.devices_per_round}) exceeds "
             f"fleet.num_devices ({self.fleet.num_devices})",
         )
+        if self.data.path is not None:
+            for i, p in enumerate(self.fleet.profiles):
+                _require(
+                    p.data_scale == 1,
+                    f"fleet.profiles[{i}].data_scale applies to the embedded fleet only "
+                    f"(data.path is set): remove it or set it to 1, got {p.data_scale:g}",
+                )
         norm = self.privacy.max_update_norm
         if norm is not None:
             _require(
@@ -307,9 +406,11 @@ class FedloraConfig:
         fmt = data.pop("format", CONFIG_FORMAT)
         version = data.pop("version", CONFIG_VERSION)
         _require(fmt == CONFIG_FORMAT, f"not a fedlora config (format {fmt!r})")
-        _require(version in (1, CONFIG_VERSION), f"unsupported config version {version}")
+        _require(version in (1, 2, CONFIG_VERSION), f"unsupported config version {version}")
         if version == 1:
             data = _from_v1(data)
+        if version in (1, 2):
+            data = _from_v2(data)
         return _from_plain(cls, data, "")
 
     def replace(self, **sections: Any) -> FedloraConfig:
@@ -339,6 +440,18 @@ def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(values, dict) and key not in values:
             out[section] = {**values, key: then}
     return out
+
+
+def _from_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 config as version 3 reads it, meaning what it meant then.
+
+    Version 3 added device profiles and a fraction to sample (absent: as before) and a
+    cap on the coordinator's held-out set; a version-2 file evaluates on all of it.
+    """
+    values = data.get("data", {})
+    if isinstance(values, dict) and "server_eval_max" not in values:
+        return {**data, "data": {**values, "server_eval_max": None}}
+    return data
 
 
 def load_config(path: str | Path) -> FedloraConfig:
@@ -424,12 +537,36 @@ def _from_plain(cls: type[T], data: dict[str, Any], prefix: str) -> T:
         f = fields[name]
         where = f"{prefix}.{name}" if prefix else name
         sub = _SECTIONS.get(str(f.type))
-        if sub is not None:
+        if str(f.type) == "tuple[DeviceProfile, ...]":
+            kwargs[name] = _profiles(value, where)
+        elif sub is not None:
             _require(isinstance(value, dict), f"config section {where!r} must be an object")
             kwargs[name] = _from_plain(sub, value, where)
         else:
             kwargs[name] = _coerce(value, str(f.type), where)
     return cls(**kwargs)
+
+
+def _profiles(value: Any, where: str) -> tuple[DeviceProfile, ...]:
+    """``fleet.profiles``: a list of objects, each error naming its key, e.g.
+    ``fleet.profiles[1].availability must be a probability in [0, 1], got 1.5``."""
+    _require(
+        isinstance(value, (list, tuple)),
+        f'{where} must be a list of objects like [{{"name": "phone-low", "share": 0.5}}]',
+    )
+    out = []
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        _require(isinstance(item, dict), f"{at} must be an object, got {item!r}")
+        for key in ("name", "share"):
+            _require(key in item, f"{at}.{key} is required")
+        try:
+            out.append(_from_plain(DeviceProfile, item, at))
+        except ConfigError as exc:  # __post_init__ names the field only: add where it is
+            msg = str(exc)
+            own = msg.split(" ", 1)[0] in {f.name for f in dataclasses.fields(DeviceProfile)}
+            raise ConfigError(f"{at}.{msg}" if own else msg) from None
+    return tuple(out)
 
 
 _SECTIONS: dict[str, type] = {

@@ -67,11 +67,15 @@ class RunProgress:
             line = f"round {r:>3}  eval loss {row['eval_loss']:.4f}"
             if r > 0:
                 line += f"  devices {row['num_devices']}/{row['sampled']}"
+                if self.cfg.fleet.profiles and "online" in row:
+                    line += f" of {row['online']} online"
                 if row.get("train_loss") is not None:
                     line += f"  train loss {row['train_loss']:.4f}"
                 if self.cfg.privacy.enabled:
                     line += f"  max ε {row['max_epsilon']:.3f}"
                 line += f"  {row['round_s']:.1f}s"
+                if row.get("train_s_max"):
+                    line += f" (slowest training {row['train_s_max']:.1f}s)"
                 if row.get("failures") or row.get("rejected"):
                     line += f"  [yellow]{row['failures']} failed, {row['rejected']} rejected[/]"
                 if row.get("skipped"):

@@ -76,15 +76,19 @@ def model_bundle(cfg: FedloraConfig) -> ModelBundle:
 
 def fleet(cfg: FedloraConfig) -> Fleet:
     """The simulated fleet's data, partitioned deterministically from the config's seed."""
+    from fedlora import fleetsim
     from fedlora.data.fleet import build_fleet
 
     d = cfg.data
+    scaled = any(p.data_scale != 1 for p in cfg.fleet.profiles)
     key = (
+        cfg.fleet.profiles if scaled else (),
         d.path,
         d.partition,
         d.dirichlet_alpha,
         d.heldout_fraction,
         d.server_fraction,
+        d.server_eval_max,
         cfg.fleet.num_devices,
         cfg.seed,
     )
@@ -99,9 +103,86 @@ def fleet(cfg: FedloraConfig) -> Fleet:
                 seed=cfg.seed,
                 heldout_fraction=d.heldout_fraction,
                 server_fraction=d.server_fraction,
+                server_eval_max=d.server_eval_max,
+                scale=(lambda dev: fleetsim.data_scale(cfg.fleet, cfg.seed, dev))
+                if scaled
+                else None,
             )
             _fleets[key] = f
         return f
+
+
+#: Devices of the embedded fleet whose notes are written one device at a time; above
+#: this many, device ids no longer sort in index order and the whole fleet is built.
+_MAX_LAZY_DEVICES = 10_000
+_MAX_DEVICE_DATA = 64
+_indexes: dict[tuple[Any, ...], Any] = {}
+_device_data: dict[tuple[Any, ...], Any] = {}
+
+
+def _embedded_devices(cfg: FedloraConfig) -> Any:
+    """The embedded natural fleet, device by device (:class:`EmbeddedDevices`), or None
+    when the fleet's data must be built whole (a data path, iid or Dirichlet)."""
+    from fedlora import fleetsim
+    from fedlora.data.fleet import EmbeddedDevices
+
+    d, n = cfg.data, cfg.fleet.num_devices
+    if d.path is not None or d.partition != "natural" or n > _MAX_LAZY_DEVICES:
+        return None
+    scaled = any(p.data_scale != 1 for p in cfg.fleet.profiles)
+    key = (cfg.fleet.profiles if scaled else (), n, cfg.seed, d.heldout_fraction, d.server_fraction)
+    with _lock:
+        hit = _indexes.get(key)
+        if hit is None:
+            hit = EmbeddedDevices(
+                n,
+                seed=cfg.seed,
+                heldout_fraction=d.heldout_fraction,
+                server_fraction=d.server_fraction,
+                scale=(lambda dev: fleetsim.data_scale(cfg.fleet, cfg.seed, dev))
+                if scaled
+                else None,
+            )
+            _indexes[key] = hit
+        return hit
+
+
+def device_info(cfg: FedloraConfig, index: int) -> tuple[str, int]:
+    """Simulated device ``index``'s id and number of training records.
+
+    On the embedded fleet this writes no note and keeps one integer per device: what a
+    simulation worker needs to answer discovery for a fleet of thousands.
+    """
+    lazy = _embedded_devices(cfg)
+    if lazy is not None:
+        return lazy.device_id(index), lazy.num_train(index)
+    data = device_data(cfg, index)
+    return data.device, len(data.train)
+
+
+def device_data(cfg: FedloraConfig, index: int) -> Any:
+    """Simulated device ``index``'s records (:class:`fedlora.data.fleet.DeviceData`).
+
+    On the embedded fleet only that device's notes are written, and a worker keeps the
+    last few devices it served, not the fleet.
+    """
+    from fedlora.errors import DataError
+
+    lazy = _embedded_devices(cfg)
+    if lazy is None:
+        devices = fleet(cfg).devices
+        if not 0 <= index < len(devices):
+            raise DataError(f"partition-id {index} is outside the fleet of {len(devices)}")
+        return devices[index]
+    key = (id(lazy), index)
+    with _lock:
+        hit = _device_data.get(key)
+        if hit is None:
+            hit = lazy.device(index)
+            if len(_device_data) >= _MAX_DEVICE_DATA:  # bounded: a worker serves many devices
+                _device_data.pop(next(iter(_device_data)))
+            _device_data[key] = hit
+        return hit
 
 
 _local: dict[tuple[Any, ...], Any] = {}
@@ -150,3 +231,5 @@ def clear() -> None:
         _fleets.clear()
         _encoded.clear()
         _local.clear()
+        _indexes.clear()
+        _device_data.clear()

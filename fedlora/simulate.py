@@ -112,20 +112,90 @@ def simulate(
         run_dir / "config.json",
         {**cfg.to_dict(), "resolved": info, "versions": versions()},
     )
-    status: dict[str, Any] = {"format": RUN_FORMAT, "status": "running", "started": time.time()}
-    write_json(run_dir / "run.json", status)
+    status: dict[str, Any] = {
+        "format": RUN_FORMAT,
+        "status": "running",
+        "started": time.time(),
+        **_process_id(),
+    }
+    return _run_and_record(cfg, run_dir, info, status, verbose, show_progress, None)
 
+
+def resume_simulation(
+    run_dir: Path, *, verbose: bool = False, show_progress: bool = True
+) -> dict[str, Any]:
+    """Continue a simulation cut off by a crash (or a kill) after its last committed round.
+
+    The run's own ``config.json`` is used; the run must not be complete, and one still
+    marked "running" must have lost its process (same host, pid gone). The round the
+    crash cut is trained again; what devices spent in it stays in their ledgers and is
+    recovered into the coordinator's (:mod:`server.resume`).
+    """
+    from server.app import resumable_run
+
+    if not verbose:
+        quiet_libraries()
+    try:
+        status = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        status = {}  # resumable_run says what is wrong
+    if isinstance(status, dict) and status.get("status") == "running" and _alive(status):
+        raise ConfigError(
+            f"run {run_dir} is still running (pid {status.get('pid')}): stop it first, or "
+            "wait for it to finish"
+        )
+    cfg, state = resumable_run(run_dir, statuses=("interrupted", "failed", "running"))
+    info = prepare(cfg)
+    status.pop("error", None)
+    status.update(status="running", **_process_id())
+    status.setdefault("resumed", []).append({"at_round": state.next_round, "time": time.time()})
+    return _run_and_record(cfg, run_dir, info, status, verbose, show_progress, state)
+
+
+def _run_and_record(
+    cfg: FedloraConfig,
+    run_dir: Path,
+    info: dict[str, Any],
+    status: dict[str, Any],
+    verbose: bool,
+    show_progress: bool,
+    resume: Any,
+) -> dict[str, Any]:
+    write_json(run_dir / "run.json", status)
     t0 = time.perf_counter()
     try:
-        rows, coordinator = _run_engine(cfg, run_dir, info, verbose, show_progress)
+        rows, coordinator = _run_engine(cfg, run_dir, info, verbose, show_progress, resume)
     except BaseException as exc:  # record the failure, then let the CLI report it
         status.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         write_json(run_dir / "run.json", status)
         raise
+    status["flower_run_id"] = coordinator.strategy.run_id
+    if resume is not None:
+        status["resumed"][-1].update(
+            flower_run_id=coordinator.strategy.run_id, recovered=coordinator.recovery
+        )
     summary = _summary(cfg, run_dir, rows, coordinator, time.perf_counter() - t0)
     status.update(status="complete", finished=time.time(), summary=summary)
     write_json(run_dir / "run.json", status)
     return summary
+
+
+def _process_id() -> dict[str, Any]:
+    """Which process runs the simulation: ``--resume`` refuses a run that is alive."""
+    return {"pid": os.getpid(), "host": platform.node()}
+
+
+def _alive(status: dict[str, Any]) -> bool:
+    pid = status.get("pid")
+    if status.get("host") != platform.node() or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def quiet_libraries() -> None:
@@ -151,38 +221,52 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def ray_backend_config(verbose: bool = False) -> dict[str, Any]:
+    """Flower's Ray backend: one simulated device per CPU at a time.
+
+    On this machine Ray starts with the cores there are. With ``RAY_ADDRESS`` set (Ray's
+    own variable, e.g. ``auto`` on a node of a cluster started with ``ray start``) the
+    simulation joins that cluster instead and uses every CPU it has; Ray refuses CPU
+    counts for a cluster it did not start, so none are passed then.
+    """
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": "DEBUG" if verbose else "ERROR",
+        "log_to_driver": verbose,
+    }
+    if not os.environ.get("RAY_ADDRESS"):
+        init_args.update(num_cpus=os.cpu_count() or 1, num_gpus=0)
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+
 def _run_engine(
     cfg: FedloraConfig,
     run_dir: Path,
     info: dict[str, Any],
     verbose: bool,
     show_progress: bool,
+    resume: Any = None,
 ) -> tuple[list[dict[str, Any]], Any]:
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
+    from client.simulated import simulated_fleet_mod
     from fedlora.progress import RunProgress
     from server.app import make_server_app
 
-    cpus = os.cpu_count() or 1
     result: dict[str, Any] = {}
     with RunProgress(cfg, info, enabled=show_progress) as progress:
-        server_app = make_server_app(cfg, run_dir, observer=progress.on_round, result=result)
-        client_app = make_client_app(cfg, device_root=run_dir / "devices")
+        server_app = make_server_app(
+            cfg, run_dir, observer=progress.on_round, result=result, resume=resume
+        )
+        # Simulation only: profiles' dropouts and speeds (no-op without fleet.profiles).
+        outer = [simulated_fleet_mod(cfg)] if cfg.fleet.profiles else []
+        client_app = make_client_app(cfg, device_root=run_dir / "devices", outer_mods=outer)
         run_simulation(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=info["devices"],
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {
-                    "num_cpus": cpus,
-                    "num_gpus": 0,
-                    "include_dashboard": False,
-                    "logging_level": "DEBUG" if verbose else "ERROR",
-                    "log_to_driver": verbose,
-                },
-            },
+            backend_config=ray_backend_config(verbose),
             verbose_logging=verbose,
         )
     coordinator = result.get("coordinator")

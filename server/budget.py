@@ -45,11 +45,17 @@ class FleetBudget:
         self.num_records: dict[str, int] = {}
         self.budgets: dict[str, float] = {}
         self.declined: set[str] = set()
+        #: Device → the simulated profile it reported at discovery (simulation only; a
+        #: deployed device reports none). The sampler draws such a device's availability.
+        self.profiles: dict[str, str] = {}
         #: Node id → rounds it was sent a training request in whose privacy spend this
         #: ledger has not learned yet: not from its training reply, not from a decline,
         #: not from its own ledger (:mod:`server.reconcile` asks for those).
         self.owed: dict[int, set[int]] = {}
         self._eps_cache: dict[str, tuple[int, float]] = {}
+        #: "Does one more round fit?" by what decides it (the spend's parameters, not whose
+        #: it is): a fleet of thousands has far fewer distinct histories than devices.
+        self._fits_cache: dict[tuple[Any, ...], bool] = {}
 
     def register(self, node_id: int, props: Mapping[str, Any]) -> None:
         """What a device said about itself at discovery: its id and how many records it has."""
@@ -61,6 +67,9 @@ class FleetBudget:
         own = props.get("budget_epsilon")
         if isinstance(own, (int, float)) and 0 < own < self.privacy.epsilon:
             self.budgets[device] = float(own)
+        profile = props.get("profile")
+        if isinstance(profile, str) and profile:
+            self.profiles[device] = profile
 
     def budget(self, device: str) -> float:
         """The device's budget: the run's, or less where the device said so at discovery."""
@@ -175,7 +184,12 @@ class FleetBudget:
             steps=steps,
             delta=self.privacy.delta,
         )
-        return epsilon_for((*events, nxt), self.privacy.delta, self.privacy.accountant) <= budget
+        key = (budget, *(_spend(e) for e in (*events, nxt)))
+        fits = self._fits_cache.get(key)
+        if fits is None:
+            eps = epsilon_for((*events, nxt), self.privacy.delta, self.privacy.accountant)
+            fits = self._fits_cache[key] = eps <= budget
+        return fits
 
     def eligible(self, node_ids: list[int]) -> list[int]:
         """Nodes that may be sampled: unknown ones, and known devices with budget left."""
@@ -196,6 +210,11 @@ class FleetBudget:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.ledger.save(path)
+
+
+def _spend(event: DPSGDEvent) -> tuple[Any, ...]:
+    """What an event's privacy cost depends on (not the device, round or run)."""
+    return (event.mechanism, event.noise_multiplier, event.sample_rate, event.steps, event.delta)
 
 
 def finite_or(value: float, default: float) -> float:

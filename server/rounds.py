@@ -16,6 +16,8 @@ forking them:
 - **Dropouts before key sharing.** Flower 1.39 asks the survivors for the secrets of a
   device lost at setup or key sharing, which they never received, and the round fails
   at unmask; :class:`ReportingSecAggPlus` leaves such devices out of the unmasking.
+- **What a round costs.** :class:`RoundGrid` adds up the serialized size of every
+  message it sends to devices and of every reply (:func:`message_bytes`).
 - **Who was lost where.** :class:`RoundGrid` counts, per stage, the sampled devices
   that did not answer in time or answered with an error, and which devices got the
   training request but did not answer by the deadline (``late``). It also tells the
@@ -37,6 +39,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import FitRes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.serde import message_to_proto
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.server import LegacyContext
 from flwr.server.client_proxy import ClientProxy
@@ -71,6 +74,8 @@ class RoundOutcomes(Protocol):
 
     def note_transport(self, late: int, dropouts: dict[str, int]) -> None: ...
 
+    def note_traffic(self, bytes_down: int, bytes_up: int) -> None: ...
+
 
 def is_training_request(msg: Message) -> bool:
     """A message that asks a device to train (and so to spend privacy budget)."""
@@ -88,6 +93,12 @@ def stage_of(msg: Message) -> str:
     if msg.metadata.message_type == MessageType.TRAIN:
         return PLAIN_FIT_STAGE
     return msg.metadata.message_type
+
+
+def message_bytes(msg: Message) -> int:
+    """The size of ``msg`` serialized as Flower sends it (protobuf: metadata, content,
+    error), without transport framing (gRPC, TLS)."""
+    return int(message_to_proto(msg).ByteSize())
 
 
 def current_round(context: Context) -> int:
@@ -123,6 +134,9 @@ class RoundGrid(Grid):
         self.late: set[int] = set()
         #: Stage → nodes asked at that stage that did not answer, or answered with an error.
         self.dropouts: Counter[str] = Counter()
+        #: Serialized bytes sent to devices, and received from them (:func:`message_bytes`).
+        self.bytes_down = 0
+        self.bytes_up = 0
 
     def wait_limit(self, training: bool) -> float:
         """Seconds the next wait may take."""
@@ -141,7 +155,9 @@ class RoundGrid(Grid):
         if training and self._on_training_request is not None:
             self._on_training_request(asked)
         stage = stage_of(msgs[0])
+        self.bytes_down += sum(message_bytes(m) for m in msgs)
         replies = list(self._grid.send_and_receive(msgs, timeout=self.wait_limit(training)))
+        self.bytes_up += sum(message_bytes(r) for r in replies)
         answered = {r.metadata.src_node_id for r in replies}
         ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
         if asked - ok:
@@ -321,3 +337,4 @@ class RoundWorkflow:
                 len(round_grid.late),
             )
         self.strategy.note_transport(len(round_grid.late), dict(round_grid.dropouts))
+        self.strategy.note_traffic(round_grid.bytes_down, round_grid.bytes_up)

@@ -20,7 +20,14 @@ as it was. Either way every training reply that arrived has its privacy event
 recorded, used or not. The round's row also counts the devices whose update missed
 the deadline (``late``), the devices lost per protocol stage (``dropouts``), and the
 training requests whose spend the ledger has yet to learn (``unreconciled``; see
-:mod:`server.rounds` and :mod:`server.reconcile`).
+:mod:`server.rounds` and :mod:`server.reconcile`), and what the round cost: the
+devices' training time against the round's (``train_s_*``, ``framework_s``) and the
+bytes sent each way (``bytes_*``).
+
+Each round samples ``fleet.devices_per_round`` devices (or ``fleet.fraction_per_round``
+of them) by device id from those with budget left that are online: a simulated device
+with a profile is online as its seeded draw says (:mod:`fedlora.fleetsim`), any other
+device always.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from client.app import NUM_ROUNDS_KEY, ROUND_KEY
+from fedlora import fleetsim
 from fedlora.config import FedloraConfig
 from fedlora.errors import PrivacyError, UpdateError
 from server.aggregate import (
@@ -82,12 +90,17 @@ class _RoundState:
     started: float = 0.0
     sampled: int = 0
     eligible: int = 0
+    online: int = 0
     aggregated: int = 0
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
     clipped: int = 0
     failures: int = 0
     declined: int = 0
     train_losses: list[float] = field(default_factory=list)
+    #: ``train_s`` of every training reply received (seconds of local training compute).
+    train_s: list[float] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
     late: int = 0
     dropouts: dict[str, int] = field(default_factory=dict)
     skipped_reason: str | None = None
@@ -128,6 +141,33 @@ class LoraFedAvg(Strategy):
         self._rng = np.random.default_rng(cfg.seed)
         self._t0 = time.perf_counter()
         self._round = _RoundState()
+        #: The file holding the current global adapter (None until one is written).
+        self.checkpoint: Path | None = None
+
+    def restore(
+        self,
+        arrays: list[np.ndarray],
+        *,
+        checkpoint: Path,
+        sampler_state: dict[str, Any],
+        rows: list[dict[str, Any]],
+        wall_s: float,
+    ) -> None:
+        """Continue from a committed round (:mod:`server.resume`): its global adapter,
+        the sampler exactly where it was, the metrics rows so far and the wall clock."""
+        shapes = [tuple(a.shape) for a in arrays]
+        if shapes != self.shapes:
+            raise ValueError(f"checkpoint shapes {shapes} do not match the adapter's {self.shapes}")
+        self.global_arrays = [a.astype(np.float32) for a in arrays]
+        self.checkpoint = checkpoint
+        self._rng.bit_generator.state = sampler_state
+        self.rows = list(rows)
+        self._t0 = time.perf_counter() - wall_s
+
+    @property
+    def sampler_state(self) -> dict[str, Any]:
+        """The device sampler's bit-generator state (JSON-serialisable)."""
+        return dict(self._rng.bit_generator.state)
 
     # ------------------------------------------------------------ lifecycle
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -146,24 +186,48 @@ class LoraFedAvg(Strategy):
         ordered = sorted(proxies, key=lambda nid: (known.get(nid, "~"), nid))
         eligible = self.budget.eligible(ordered)
         self._round.eligible = len(eligible)
-        k = min(fleet.devices_per_round, len(eligible))
+        # A simulated device with a profile is online in a round as its seeded draw says
+        # (fedlora.fleetsim); every other device is taken to be online.
+        pool = [nid for nid in eligible if self._online(known.get(nid), server_round)]
+        self._round.online = len(pool)
+        k = self._sample_size(len(pool))
         if k < fleet.min_devices:
+            offline = len(eligible) - len(pool)
             self._round.skipped_reason = (
-                f"only {len(eligible)} device(s) have privacy budget left "
-                f"(fewer than fleet.min_devices={fleet.min_devices})"
+                f"only {len(pool)} device(s) have privacy budget left"
+                + (f" and are online ({offline} offline)" if offline else "")
+                + f" (fewer than fleet.min_devices={fleet.min_devices})"
             )
             log.warning("round %d skipped: %s", server_round, self._round.skipped_reason)
             return []
         # Choose positions, not ids: Flower node ids are uint64 and numpy would turn a mix
         # of large ones into float64.
-        picked = self._rng.choice(len(eligible), size=k, replace=False)
-        chosen = sorted(eligible[int(i)] for i in picked)
+        picked = self._rng.choice(len(pool), size=k, replace=False)
+        chosen = sorted(pool[int(i)] for i in picked)
         self._round.sampled = k
         ins = FitIns(
             parameters,
             {ROUND_KEY: server_round, NUM_ROUNDS_KEY: self.cfg.training.rounds},
         )
         return [(proxies[nid], ins) for nid in chosen]
+
+    def _online(self, device: str | None, server_round: int) -> bool:
+        """Whether a device is online this round: drawn for a simulated device that
+        reported a profile at discovery (simulation only), else always."""
+        if device is None or device not in self.budget.profiles:
+            return True
+        return fleetsim.is_online(self.cfg.fleet, self.cfg.seed, device, server_round)
+
+    def _sample_size(self, available: int) -> int:
+        """How many of ``available`` devices to sample: ``devices_per_round``, or the
+        ``fraction_per_round`` of them (at least ``min_devices``, at most
+        ``devices_per_round``); never more than there are."""
+        fleet = self.cfg.fleet
+        k = fleet.devices_per_round
+        if fleet.fraction_per_round is not None:
+            wanted = math.ceil(fleet.fraction_per_round * available - 1e-9)
+            k = min(k, max(fleet.min_devices, wanted))
+        return min(k, available)
 
     def aggregate_fit(
         self,
@@ -188,7 +252,9 @@ class LoraFedAvg(Strategy):
             return None, {"aggregated": 0}
         st.aggregated = len(accepted)
         self.global_arrays = new_global
-        save_checkpoint(self.run_dir / "checkpoints", server_round, self.names, self.global_arrays)
+        self.checkpoint = save_checkpoint(
+            self.run_dir / "checkpoints", server_round, self.names, self.global_arrays
+        )
         return ndarrays_to_parameters(self.global_arrays), {"aggregated": len(accepted)}
 
     def round_failed(
@@ -212,6 +278,11 @@ class LoraFedAvg(Strategy):
         self._round.late = late
         self._round.dropouts = dict(sorted(dropouts.items()))
 
+    def note_traffic(self, bytes_down: int, bytes_up: int) -> None:
+        """Serialized bytes of the round's messages to devices and of their replies."""
+        self._round.bytes_down = bytes_down
+        self._round.bytes_up = bytes_up
+
     def _account(
         self,
         server_round: int,
@@ -232,6 +303,9 @@ class LoraFedAvg(Strategy):
                 log.warning("round %d: a device failed: %s", server_round, reason)
         accepted: list[tuple[list[np.ndarray], int]] = []
         for proxy, res in results:
+            train_s = res.metrics.get("train_s")
+            if isinstance(train_s, float) and math.isfinite(train_s) and train_s >= 0:
+                st.train_s.append(train_s)
             who = f"update from node {proxy.node_id}"
             try:
                 arrays = self._check(server_round, proxy.node_id, res, who)
@@ -403,9 +477,12 @@ class LoraFedAvg(Strategy):
     ) -> tuple[float, dict[str, Scalar]] | None:
         arrays = parameters_to_ndarrays(parameters)
         self.global_arrays = arrays
+        eval_started = time.perf_counter()
         loss = self.evaluator(arrays)
         st = self._round
         now = time.perf_counter()
+        eval_s = now - eval_started
+        round_s = (now - st.started) if server_round > 0 else 0.0
         row: dict[str, Any] = {
             "round": server_round,
             "eval_loss": loss,
@@ -413,6 +490,8 @@ class LoraFedAvg(Strategy):
             "num_devices": st.aggregated if server_round > 0 else 0,
             "sampled": st.sampled,
             "eligible": st.eligible,
+            # Of those, the devices online this round (simulated profiles' availability).
+            "online": st.online,
             "failures": st.failures,
             "declined": st.declined,
             "rejected": st.rejected,
@@ -428,8 +507,9 @@ class LoraFedAvg(Strategy):
             "dp": self.cfg.privacy.enabled,
             "max_epsilon": self.budget.worst_epsilon(),
             "devices_exhausted": self.budget.num_exhausted(),
-            "round_s": (now - st.started) if server_round > 0 else 0.0,
+            "round_s": round_s,
             "wall_s": now - self._t0,
+            **_round_costs(st, round_s, eval_s),
         }
         if st.skipped_reason:
             row["skipped"] = st.skipped_reason
@@ -441,6 +521,31 @@ class LoraFedAvg(Strategy):
         if self.observer is not None:
             self.observer(row)
         return loss, {"eval_loss": loss}
+
+
+def _round_costs(st: _RoundState, round_s: float, eval_s: float) -> dict[str, Any]:
+    """Where a round's time and traffic went.
+
+    ``train_s_*``: the devices' own measure of their local training compute (replies
+    received); ``framework_s`` = ``round_s`` − ``train_s_max``, the round's time not
+    covered by its slowest device's training (scheduling, serialisation, SecAgg+,
+    waiting, a simulated slow device's delay, aggregation and the evaluation, which
+    ``eval_s`` measures alone). ``bytes_*``: serialized message content sent to and
+    received from devices in the round's protocol (every SecAgg+ stage; not the
+    ledger queries between rounds), in total and per device sampled.
+    """
+    train_max = max(st.train_s, default=0.0)
+    per = max(1, st.sampled)
+    return {
+        "train_s_total": float(sum(st.train_s)),
+        "train_s_max": train_max,
+        "framework_s": max(0.0, round_s - train_max),
+        "eval_s": eval_s,
+        "bytes_down": st.bytes_down,
+        "bytes_up": st.bytes_up,
+        "bytes_down_per_device": st.bytes_down / per,
+        "bytes_up_per_device": st.bytes_up / per,
+    }
 
 
 def _describe_failure(f: tuple[ClientProxy, FitRes] | BaseException) -> str:

@@ -10,6 +10,7 @@ not leak a training text into the coordinator's evaluation).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -82,8 +83,15 @@ def build_fleet(
     seed: int = 0,
     heldout_fraction: float = 0.1,
     server_fraction: float = 0.1,
+    server_eval_max: int | None = None,
+    scale: Callable[[str], float] | None = None,
 ) -> Fleet:
-    """Build the fleet; ``source=None`` is the embedded synthetic fleet (20 devices by default)."""
+    """Build the fleet; ``source=None`` is the embedded synthetic fleet (20 devices by default).
+
+    ``server_eval_max`` caps the coordinator's set (the first of its seeded order).
+    ``scale(device)`` multiplies an embedded device's number of records (device profiles'
+    ``data_scale``); it does not apply to data read from ``source``.
+    """
     if not 0 < heldout_fraction < 1 or not 0 <= server_fraction < 1:
         raise ConfigError(
             "heldout_fraction must be in (0, 1) and server_fraction in [0, 1), got "
@@ -93,7 +101,8 @@ def build_fleet(
         raise ConfigError("heldout_fraction + server_fraction must be below 1 to leave train data")
     if source is None:
         count = DEFAULT_NUM_DEVICES if num_devices is None else num_devices
-        records, what = default_records(count, seed, "private"), "embedded synthetic device notes"
+        records = default_records(count, seed, "private", scale=scale)
+        what = "embedded synthetic device notes"
     else:
         records, what = load_records(source)
     parts = partition_records(records, partition, num_devices, alpha, seed)
@@ -106,7 +115,7 @@ def build_fleet(
         server.extend(to_server)
     trained = {t for d in devices for t in d.train}
     kept = [t for t in server if t not in trained]
-    server_eval = tuple(kept[int(i)] for i in rng.permutation(len(kept)))
+    server_eval = tuple(kept[int(i)] for i in rng.permutation(len(kept)))[:server_eval_max]
     scheme = f"dirichlet alpha={alpha}" if partition == "dirichlet" else partition
     n_train = sum(len(d.train) for d in devices)
     n_held = sum(len(d.heldout) for d in devices)
@@ -115,6 +124,8 @@ def build_fleet(
         notes.append(f"{parts.dropped} devices dropped with fewer than 2 records")
     if len(kept) < len(server):
         notes.append(f"{len(server) - len(kept)} server texts dropped as duplicates of train texts")
+    if len(server_eval) < len(kept):
+        notes.append(f"server eval capped at {len(server_eval)} of {len(kept)} texts")
     description = (
         f"{what}: {len(devices)} devices ({scheme}), {n_train} train / {n_held} held-out "
         f"records on devices, {len(server_eval)} server eval records; {', '.join(notes)}"
@@ -151,9 +162,7 @@ def _split_device(
     rng: np.random.Generator,
 ) -> tuple[DeviceData, list[str]]:
     n = len(texts)
-    n_held = max(1, round(heldout_fraction * n))
-    spare = n - n_held - 1  # leave at least one record to train on
-    n_server = min(spare, max(1, round(server_fraction * n))) if server_fraction > 0 else 0
+    n_held, n_server = _split_sizes(n, heldout_fraction, server_fraction)
     order = rng.permutation(n)
     held = sorted(int(i) for i in order[:n_held])
     to_server = sorted(int(i) for i in order[n_held : n_held + n_server])
@@ -164,3 +173,72 @@ def _split_device(
         heldout=tuple(texts[i] for i in held),
     )
     return data, [texts[i] for i in to_server]
+
+
+def _split_sizes(n: int, heldout_fraction: float, server_fraction: float) -> tuple[int, int]:
+    """(held-out, server) record counts of a device with ``n`` records; the rest trains."""
+    n_held = max(1, round(heldout_fraction * n))
+    spare = n - n_held - 1  # leave at least one record to train on
+    n_server = min(spare, max(1, round(server_fraction * n))) if server_fraction > 0 else 0
+    return n_held, n_server
+
+
+class EmbeddedDevices:
+    """The embedded fleet's devices (natural partition) one at a time, without the fleet.
+
+    :func:`build_fleet` writes every device's notes and keeps them all; a simulation
+    worker only ever needs the few devices it is serving. This gives the same
+    :class:`DeviceData` as ``build_fleet(None, ...).devices[i]`` for one device, from its
+    own notes and its place in the seeded split stream (which only the record counts of
+    the devices before it determine), and a device's id and training-record count
+    without writing any note. It holds one integer per device.
+    """
+
+    def __init__(
+        self,
+        num_devices: int,
+        *,
+        seed: int = 0,
+        heldout_fraction: float = 0.1,
+        server_fraction: float = 0.1,
+        scale: Callable[[str], float] | None = None,
+    ) -> None:
+        from fedlora.data.synthetic import device_note_count
+
+        self.seed = seed
+        self.heldout_fraction = heldout_fraction
+        self.server_fraction = server_fraction
+        self.scale = scale
+        self.counts = [device_note_count(i, seed, scale) for i in range(num_devices)]
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def device_id(self, index: int) -> str:
+        from fedlora.data.synthetic import device_name
+
+        self._check(index)
+        return device_name(index)
+
+    def num_train(self, index: int) -> int:
+        self._check(index)
+        n = self.counts[index]
+        n_held, n_server = _split_sizes(n, self.heldout_fraction, self.server_fraction)
+        return n - n_held - n_server
+
+    def device(self, index: int) -> DeviceData:
+        from fedlora.data.synthetic import device_notes
+
+        self._check(index)
+        rng = np.random.default_rng([self.seed, _SPLIT_STREAM])
+        for n in self.counts[:index]:
+            rng.permutation(n)  # what build_fleet's split drew for the devices before
+        texts = [r.text for r in device_notes(index, self.seed, self.scale)]
+        data, _ = _split_device(
+            self.device_id(index), texts, self.heldout_fraction, self.server_fraction, rng
+        )
+        return data
+
+    def _check(self, index: int) -> None:
+        if not 0 <= index < len(self.counts):
+            raise DataError(f"partition-id {index} is outside the fleet of {len(self.counts)}")

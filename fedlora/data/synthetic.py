@@ -14,7 +14,7 @@ Why it is non-IID (each device is one writer)
       the ten topics, so most devices write mainly about two or three of them;
       a record's ``label`` is the topic of that note.
     * quantity skew: a device's number of notes is log-normal (median 100,
-      clipped to 40..300).
+      clipped to 40..300), times its device profile's ``data_scale``.
     * feature (style) skew: each writer has their own people, places and pet
       name, a greeting and a signature they use with their own probabilities,
       two favourite phrases, and some write all in lower case or with "!!".
@@ -33,6 +33,7 @@ and device ``i`` is the same writer whatever ``num_devices`` is.
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,16 +88,19 @@ def default_records(
     split: Literal["private", "public"] = "private",
     *,
     num_records: int | None = None,
+    scale: Callable[[str], float] | None = None,
 ) -> list[Record]:
     """Generate the embedded fleet (``private``) or its generic text (``public``).
 
     Private devices are named ``device-0000``.... The public split has device
     ``public`` and ``num_records`` notes (default ``100 * num_devices``).
+    ``scale(device)`` multiplies a private device's number of notes (at least 2): its
+    first notes are the same whatever the scale.
     """
     if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
         raise ConfigError(f"num_devices must be a positive integer, got {num_devices!r}")
     if split == "private":
-        return [r for i in range(num_devices) for r in _device_notes(i, seed)]
+        return [r for i in range(num_devices) for r in device_notes(i, seed, scale)]
     if split == "public":
         count = PUBLIC_NOTES_PER_DEVICE * num_devices if num_records is None else num_records
         if count < 1:
@@ -106,14 +110,38 @@ def default_records(
     raise ConfigError(f"split must be 'private' or 'public', got {split!r}")
 
 
-def _device_notes(index: int, seed: int) -> list[Record]:
+def device_name(index: int) -> str:
+    """The id of the embedded fleet's device ``index``."""
+    return f"device-{index:04d}"
+
+
+def device_notes(
+    index: int, seed: int = 0, scale: Callable[[str], float] | None = None
+) -> list[Record]:
+    """The notes of the embedded fleet's device ``index`` alone (as in :func:`default_records`)."""
+    rng, writer, count = _device_writer(index, seed, scale)
+    device = device_name(index)
+    return [_note(rng, writer, device) for _ in range(count)]
+
+
+def device_note_count(
+    index: int, seed: int = 0, scale: Callable[[str], float] | None = None
+) -> int:
+    """How many notes device ``index`` has, without writing them."""
+    return _device_writer(index, seed, scale)[2]
+
+
+def _device_writer(
+    index: int, seed: int, scale: Callable[[str], float] | None
+) -> tuple[np.random.Generator, _Writer, int]:
     rng = np.random.default_rng([seed, _PRIVATE_STREAM, index])
     writer = _make_writer(rng)
     count = int(
         np.clip(round(rng.lognormal(np.log(MEDIAN_NOTES), NOTES_SIGMA)), MIN_NOTES, MAX_NOTES)
     )
-    device = f"device-{index:04d}"
-    return [_note(rng, writer, device) for _ in range(count)]
+    if scale is not None:
+        count = max(2, round(count * scale(device_name(index))))
+    return rng, writer, count
 
 
 def _make_writer(rng: np.random.Generator) -> _Writer:

@@ -26,7 +26,8 @@ def _event(rnd: int, run: str) -> DPSGDEvent:
 @pytest.fixture
 def device(monkeypatch, tmp_path):
     data = SimpleNamespace(device="d0", train=tuple(f"r{i}" for i in range(32)), heldout=())
-    monkeypatch.setattr(runtime, "fleet", lambda cfg: SimpleNamespace(devices=[data]))
+    monkeypatch.setattr(runtime, "device_info", lambda cfg, i: ("d0", len(data.train)))
+    monkeypatch.setattr(runtime, "device_data", lambda cfg, i: data)
     ctx = Context(
         run_id=3, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
     )

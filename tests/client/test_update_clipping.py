@@ -17,7 +17,7 @@ from hypothesis.extra.numpy import arrays
 from client.app import NUM_ROUNDS_KEY, ROUND_KEY
 from client.device_client import DeviceClient, clip_update_norm
 from fedlora import runtime
-from fedlora.config import FedloraConfig, load_config
+from fedlora.config import CONFIG_VERSION, FedloraConfig, load_config
 from fedlora.errors import ConfigError, UpdateError
 from tests.conftest import tiny_lora_model
 
@@ -149,7 +149,7 @@ def test_a_version_1_run_config_reloads_as_the_unclipped_run_it_was(tmp_path):
     cfg = load_config(path)
 
     assert cfg.privacy.max_update_norm is None and cfg.secagg.clipping_range == 8.0
-    assert cfg.to_dict()["version"] == 2
+    assert cfg.to_dict()["version"] == CONFIG_VERSION
     assert FedloraConfig.from_dict({"version": 1}).secagg.clipping_range == 8.0  # v1 default
     assert FedloraConfig.from_dict({}).privacy.max_update_norm == 64.0  # a file without one
 
@@ -166,7 +166,8 @@ def tiny_device(monkeypatch):
     mask = torch.ones_like(ids)
     device = SimpleNamespace(device="d0", train=tuple(f"r{i}" for i in range(20)), heldout=())
     monkeypatch.setattr(runtime, "model_bundle", lambda cfg: SimpleNamespace(model=model))
-    monkeypatch.setattr(runtime, "fleet", lambda cfg: SimpleNamespace(devices=[device]))
+    monkeypatch.setattr(runtime, "device_info", lambda cfg, i: ("d0", len(device.train)))
+    monkeypatch.setattr(runtime, "device_data", lambda cfg, i: device)
     monkeypatch.setattr(runtime, "encoded", lambda cfg, name, texts: (ids, mask))
     contexts: list[Context] = []
 

@@ -83,3 +83,33 @@ def test_invalid_fractions_are_config_errors() -> None:
 def test_missing_source_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         build_fleet(tmp_path / "missing.jsonl", num_devices=2)
+
+
+def test_embedded_devices_one_at_a_time_are_the_fleets_devices():
+    """A worker writes only the devices it serves; they are exactly build_fleet's."""
+    from fedlora.data.fleet import EmbeddedDevices
+
+    fleet = build_fleet(None, num_devices=40, seed=3, heldout_fraction=0.2, server_fraction=0.1)
+    lazy = EmbeddedDevices(40, seed=3, heldout_fraction=0.2, server_fraction=0.1)
+
+    assert len(lazy) == 40
+    for i in (0, 1, 17, 39):
+        assert lazy.device(i) == fleet.devices[i]
+    assert [lazy.device_id(i) for i in range(40)] == list(fleet.device_ids)
+    assert [lazy.num_train(i) for i in range(40)] == [len(d.train) for d in fleet.devices]
+    with pytest.raises(DataError, match="partition-id 40 is outside the fleet of 40"):
+        lazy.device(40)
+
+
+def test_the_runtime_serves_a_device_without_building_the_fleet():
+    from fedlora import runtime
+    from fedlora.config import FedloraConfig
+
+    runtime.clear()
+    cfg = FedloraConfig().replace(fleet={"num_devices": 30})
+    assert runtime.device_info(cfg, 7) == ("device-0007", len(runtime.device_data(cfg, 7).train))
+    assert not runtime._fleets  # no whole fleet was built for it
+    assert runtime.device_data(cfg, 7) == runtime.fleet(cfg).devices[7]
+    iid = cfg.replace(data={"partition": "iid"})  # needs every record: the whole fleet
+    assert runtime.device_data(iid, 3) == runtime.fleet(iid).devices[3]
+    runtime.clear()

@@ -30,7 +30,14 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 from fedlora.config import FedloraConfig
 from fedlora.errors import ConfigError
 from server.budget import FleetBudget
-from server.rounds import RoundGrid, RoundWorkflow, halt_reason, is_training_request, stage_of
+from server.rounds import (
+    RoundGrid,
+    RoundWorkflow,
+    halt_reason,
+    is_training_request,
+    message_bytes,
+    stage_of,
+)
 from server.strategy import LoraFedAvg
 from tests.server.fakes import FakeGrid, error, fit_reply, ok, task_identity
 
@@ -68,6 +75,29 @@ def test_every_wait_is_bounded_whatever_the_caller_asks():
     grid.send_and_receive([train_msg(1)])  # no deadline: training waits the timeout too
 
     assert [t for _, t in inner.calls] == [42.0, 42.0, 42.0]
+
+
+def test_the_grid_counts_the_bytes_of_every_message_and_reply():
+    """Down: each message as serialized (the training one carries the adapter); up: each
+    reply, an error reply included; a device that never answers sends nothing."""
+
+    def answer(msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        return ok(msg) if node == 1 else error(msg) if node == 2 else None
+
+    grid = RoundGrid(FakeGrid(answer), timeout_s=42.0)
+    sent = [train_msg(1), train_msg(2), train_msg(3)]
+    down = sum(message_bytes(m) for m in sent)
+
+    replies = list(grid.send_and_receive(sent))
+    unmask = secagg_msg(1, "unmask")
+    down += message_bytes(unmask)  # as it leaves: the grid gives it an id on the way
+    replies += grid.send_and_receive([unmask])
+
+    assert message_bytes(sent[0]) > 2 * 4  # the two float32 values, and more
+    assert grid.bytes_down == down
+    assert grid.bytes_up == sum(message_bytes(r) for r in replies)
+    assert len(replies) == 3
 
 
 def test_training_replies_wait_until_the_deadline_counted_from_the_round_start():
@@ -163,6 +193,7 @@ def _fit_res(node: int, value: float) -> FitRes:
         "sample_rate": min(1.0, 16 / records),
         "steps": 10,
         "delta": 1e-5,
+        "train_s": 1.5,
     }
     arrays = [np.full(s, value, np.float32) for s in SHAPES]
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), records, metrics)
@@ -224,6 +255,12 @@ def test_a_plain_round_drops_the_late_device_and_counts_it(tmp_path):
     )
     np.testing.assert_allclose(new[0], 0.25)  # node 1's update alone
     assert budget.owed == {3: {1}} and row["unreconciled"] == 1
+    # what the round cost: node 1's reply says how long it trained; bytes both ways
+    assert (row["train_s_total"], row["train_s_max"]) == (1.5, 1.5)
+    assert row["framework_s"] == pytest.approx(max(0.0, row["round_s"] - 1.5))
+    assert row["bytes_down"] > 3 * 2 * 4 and row["bytes_up"] > 0
+    assert row["bytes_down_per_device"] == pytest.approx(row["bytes_down"] / 3)
+    assert row["bytes_up_per_device"] == pytest.approx(row["bytes_up"] / 3)
     assert budget.ledger.rounds_for("d1") == (1,) and budget.ledger.rounds_for("d2") == ()
 
 
