@@ -13,6 +13,16 @@ merged model's), its default gate and pass/fail, the GGUF tensor types, and the
 wall time of scoring the held-out set. Library chatter goes to stderr.
 
     .venv/bin/python bench/export_formats.py RUN_DIR [--formats int8 gguf-q8_0 ...]
+
+The embedded default model (hidden 128, FFN 344) has no rows llama.cpp can store
+as K-quant blocks (multiples of 256), so its "Q4_K_M" is a per-tensor fallback.
+``--kquant-base`` builds (once, in the model cache) a base with the same recipe
+but hidden 256 / FFN 768, whose Q4_K_M is made of real Q4_K / Q6_K tensors, and
+prints its path; train a run on it as a user's ``--model`` and bench that run:
+
+    base=$(.venv/bin/python bench/export_formats.py --kquant-base)
+    .venv/bin/fedlora simulate --out runs/kquant --model "$base" --no-export
+    .venv/bin/python bench/export_formats.py runs/kquant --formats int8 gguf-q8_0 gguf-q4_k_m
 """
 
 from __future__ import annotations
@@ -30,6 +40,12 @@ from fedlora.export import available_formats, get_format
 from fedlora.export.cli import run_inputs
 from fedlora.export.merge import load_fp32_model, merge_adapter
 from fedlora.export.quality import compare_logits
+from fedlora.model import BaseModelSpec, default_model_path
+
+KQUANT_SPEC = BaseModelSpec(
+    name="fedlora-kquant-llama", hidden_size=256, intermediate_size=768, pretrain_steps=80
+)
+"""The default base's recipe with K-quant-capable widths (every matrix row a multiple of 256)."""
 
 
 def _bytes(path: Path) -> int:
@@ -96,10 +112,22 @@ def _weights_bytes(out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", nargs="?")
     p.add_argument("--formats", nargs="+", default=list(available_formats()))
     p.add_argument("--model", help="base checkpoint (default: the run's model.path)")
+    p.add_argument(
+        "--kquant-base",
+        action="store_true",
+        help="build (once) the K-quant-capable base (hidden 256, FFN 768), print its path, exit",
+    )
     args = p.parse_args(argv)
+    if args.kquant_base:
+        with contextlib.redirect_stdout(sys.stderr):
+            path = default_model_path(spec=KQUANT_SPEC)
+        print(path)
+        return 0
+    if args.run_dir is None:
+        p.error("RUN_DIR is required (unless --kquant-base)")
     with contextlib.redirect_stdout(sys.stderr):  # llama.cpp and transformers chatter
         report = bench(args.run_dir, args.formats, args.model)
     json.dump(report, sys.stdout, indent=2, ensure_ascii=False)

@@ -176,5 +176,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"top-1 {q['top1_agreement']:.4f}, ppl {q['perplexity']:.3f}"
             + (f", tensors {types}" if types else "")
         )
+        note = artefact.get("details", {}).get("note")
+        if note:
+            print(f"  note: {note}")
     print(f"manifest: {Path(args.run_dir) / 'export' / 'manifest.json'}")
     return 0

@@ -288,12 +288,25 @@ def describe_gguf(artefact_dir: str | Path) -> dict[str, Any]:
         "k_quant_tensors": k_quants,
         "quantized_tensors": sum(1 for t in types.values() if t not in ("F32", "F16", "BF16")),
     }
-    if ftype == QUANT_FTYPES["q4_k_m"] and k_quants == 0:
-        details["note"] = (
-            "no tensor has rows whose length is a multiple of 256, so llama.cpp stored none "
-            "as a K-quant and fell back per tensor (see tensor_types): this file is "
-            "labelled Q4_K_M but is not a K-quant model"
+    if ftype == QUANT_FTYPES["q4_k_m"]:
+        fallback = sorted(
+            t.name
+            for t in reader.tensors
+            if len(t.shape) >= 2 and t.tensor_type.name not in K_QUANT_TYPES
         )
+        if fallback:
+            details["k_quant_fallback"] = fallback
+        if k_quants == 0:
+            details["note"] = (
+                "no tensor has rows whose length is a multiple of 256, so llama.cpp stored none "
+                "as a K-quant and fell back per tensor (see tensor_types): this file is "
+                "labelled Q4_K_M but is not a K-quant model"
+            )
+        elif fallback:
+            details["note"] = (
+                f"{len(fallback)} weight matrices have rows whose length is not a multiple of "
+                "256, so llama.cpp fell back to another type for them (see k_quant_fallback)"
+            )
     return details
 
 
