@@ -54,7 +54,8 @@ Exits 1 if the ledger recount does not match or a non-finite adapter appeared, a
 with fedlora's exit code if the run itself fails.
 
 Measured on the 2-core development machine shared with other jobs (2026-11-28,
-seed 0): the full soak's run took 506 s and its recount 2 min (10.6 min in all);
+seed 0): the full soak's run took 506 s and its recount 2 min (10.6 min in all), and
+715 s + 130 s at a load average of 25 (same counts: the plan and sampling are seeded);
 ``--quick`` 150 s + 30 s; ``--quick --plain`` 360 s + 68 s at a load average of 30.
 Full soak and the quick one::
 
