@@ -164,7 +164,8 @@ def validate_num_examples(num_examples: Any, who: str, *, at_most: int | None) -
     if at_most is not None and num_examples > at_most:
         raise UpdateRejected(
             "num_examples",
-            f"{who} claims {num_examples} examples, but reported {at_most} records at discovery",
+            f"{who} claims {num_examples} examples, more than the {at_most} it may weigh (its "
+            "record count at discovery, or the largest reported for a device that missed it)",
         )
     return int(num_examples)
 

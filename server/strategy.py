@@ -349,6 +349,11 @@ class LoraFedAvg(Strategy):
         if p.enabled and metrics["dp"] is not True:
             raise UpdateRejected("privacy_event", f"{who} trained without DP-SGD in a DP run")
         at_most = self.budget.num_records.get(device)
+        if at_most is None and self.budget.num_records:
+            # A device that missed discovery (a late reply, a restarted node): its word on
+            # its record count would set its weight in the mean, so it may weigh no more
+            # than the largest device that did report.
+            at_most = int(self.secagg_max_weight)
         if self.cfg.secagg.enabled:
             # SecAgg+ scales by num_examples / max_weight; above 1 the masked sum overflows.
             cap = int(self.secagg_max_weight)

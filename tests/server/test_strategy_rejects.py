@@ -261,6 +261,23 @@ def test_a_replayed_update_is_refused_and_not_counted_twice(tmp_path: Path) -> N
     assert got is not None and row["num_devices"] == 1
 
 
+def test_a_device_that_missed_discovery_cannot_outweigh_the_largest_known_one(
+    tmp_path: Path,
+) -> None:
+    strategy = make_strategy(tmp_path, enabled=False)  # no DP: no sample rate to check n by
+    big = max(records for _, records in NODES.values())
+
+    _, row = aggregate(
+        strategy,
+        [result(1, dp=False), result(9, dp=False, num_examples=10**9)],
+    )
+    assert row["rejected_by_reason"] == {"num_examples": 1}
+
+    strategy = make_strategy(tmp_path, enabled=False)
+    got, row = aggregate(strategy, [result(1, dp=False), result(9, dp=False, num_examples=big)])
+    assert got is not None and row["rejected"] == 0 and row["num_devices"] == 2
+
+
 def test_a_node_cannot_switch_device_ids_within_a_run(tmp_path: Path) -> None:
     strategy = make_strategy(tmp_path)
     aggregate(strategy, [result(1), result(2), result(3)], rnd=1)
