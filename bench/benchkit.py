@@ -243,6 +243,23 @@ def simulate_child(
     )
 
 
+def finished_run(run_dir: Path) -> ChildRun | None:
+    """A run made earlier, if it completed (wall time from run.json; no memory samples)."""
+    try:
+        status = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if status.get("status") != "complete":
+        return None
+    return ChildRun(
+        run_dir=Path(run_dir),
+        wall_s=float(status["finished"] - status["started"]),
+        rows=read_rows(Path(run_dir)),
+        memory={"peak_rss_mib": None},
+        summary=status.get("summary", {}),
+    )
+
+
 def alternate(names: Sequence[str], reps: int) -> list[str]:
     """ABBA order: ``reps`` runs of each name, the order reversed every repetition."""
     order: list[str] = []

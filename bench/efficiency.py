@@ -67,18 +67,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def finished_run(run_dir: Path) -> bk.ChildRun:
-    """A run made earlier (its wall time from run.json; no memory samples)."""
-    status = json.loads((run_dir / "run.json").read_text())
-    return bk.ChildRun(
-        run_dir=run_dir,
-        wall_s=float(status["finished"] - status["started"]),
-        rows=bk.read_rows(run_dir),
-        memory={"peak_rss_mib": None},
-        summary=status.get("summary", {}),
-    )
-
-
 def ledger_trainings(run_dir: Path) -> list[Any]:
     """Every DP-SGD event the coordinator recorded: one per (device, round) that trained."""
     from privacy import PrivacyLedger
@@ -131,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         export={"enabled": False},
     )
     if args.from_run is not None:
-        run = finished_run(args.from_run)
+        found = bk.finished_run(args.from_run)
+        if found is None:
+            raise SystemExit(f"{args.from_run} is not a completed run")
+        run = found
         cfg_dict = json.loads((args.from_run / "config.json").read_text())
         args.devices = cfg_dict["fleet"]["num_devices"]
         args.per_round = cfg_dict["fleet"]["devices_per_round"]

@@ -54,7 +54,7 @@ def _n(x: Any, digits: int = 2) -> str:
 
 
 def _mib(b: float) -> str:
-    return f"{b / 2**10:.0f} KB" if b < 2**20 else f"{b / 2**20:.1f} MiB"
+    return f"{b / 2**10:.0f} KiB" if b < 2**20 else f"{b / 2**20:.1f} MiB"
 
 
 def details_dp(r: dict[str, Any]) -> str:

@@ -80,6 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path, default=None, help="PNG of the curves")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take a variant's completed run under --out (same config) instead of rerunning it",
+    )
     args = p.parse_args(argv)
     if args.variants is None:
         args.variants = list(QUICK_VARIANTS) if args.quick else list(VARIANTS)
@@ -203,6 +208,22 @@ def fed_config(args: argparse.Namespace, data: Path, model: Path, **sections: An
     return bk.config_dict(**base)
 
 
+def reused(run_dir: Path, cfg: dict[str, Any]) -> bk.ChildRun | None:
+    """The completed run in ``run_dir`` if it ran this config (secagg.timeout_s aside)."""
+    run = bk.finished_run(run_dir)
+    if run is None:
+        return None
+    ran = json.loads((run_dir / "config.json").read_text())
+
+    def key(c: dict[str, Any]) -> dict[str, Any]:
+        sections = ("model", "data", "fleet", "training", "privacy", "lora", "seed")
+        out = {k: c.get(k) for k in sections}
+        out["secagg"] = c["secagg"]["enabled"]
+        return out
+
+    return run if key(ran) == key(cfg) else None
+
+
 def central(cfg_dict: dict[str, Any], rounds: int) -> dict[str, Any]:
     """Non-DP LoRA on every private training record pooled, evaluated like the coordinator."""
     import torch
@@ -297,9 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         model, base_info = build_base(public, args.pretrain_steps, args.seed)
     results: dict[str, dict[str, Any]] = {}
     for name in args.variants:
-        bk.log(f"utility: {name}")
-        run = bk.simulate_child(fed_config(args, data, model, **VARIANTS[name]), out / name)
-        results[name] = fed(run)
+        cfg = fed_config(args, data, model, **VARIANTS[name])
+        run = reused(out / name, cfg) if args.reuse else None
+        if run is None:
+            bk.log(f"utility: {name}")
+            run = bk.simulate_child(cfg, out / name)
+        else:
+            bk.log(f"utility: {name} reused from {run.run_dir}")
+        results[name] = {**fed(run), **({"reused": True} if args.reuse else {})}
     bk.log("utility: central")
     with bk.stdout_to_stderr():
         results["central"] = central(fed_config(args, data, model), args.rounds)
