@@ -186,16 +186,12 @@ def _process_id() -> dict[str, Any]:
 
 
 def _alive(status: dict[str, Any]) -> bool:
+    from fedlora.watchdog import alive
+
     pid = status.get("pid")
     if status.get("host") != platform.node() or not isinstance(pid, int):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return alive(pid)
 
 
 def quiet_libraries() -> None:

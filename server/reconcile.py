@@ -130,13 +130,7 @@ class LedgerReconciler:
                 if event.round > up_to_round:
                     log.warning("%s reports round %d of an earlier run; ignored", who, event.round)
                     continue
-                try:
-                    self._check(event, known, who)
-                    self.budget.add(nid, event)
-                except (UpdateRejected, PrivacyError) as exc:
-                    log.warning("%s: its round %d is not recorded: %s", who, event.round, exc)
-                    continue
-                counts["recorded"] += 1
+                counts["recorded"] += self._record(nid, event, known, who)
         missing = sorted(set(node_ids) - set(answered))
         if missing:
             log.warning(
@@ -222,17 +216,21 @@ class LedgerReconciler:
                     event.run,
                 )
                 continue
-            try:
-                self._check(event, device, who)
-                self.budget.add(node_id, event)
-            except (UpdateRejected, PrivacyError) as exc:
-                log.warning("%s: its reported round %d is not recorded: %s", who, event.round, exc)
-                continue
-            recorded += 1
-            log.info("%s: round %d recorded from its own ledger", who, event.round)
+            recorded += self._record(node_id, event, device, who)
         for rnd in owed:  # its ledger is the authority: what it did not report, it did not spend
             self.budget.settle(node_id, rnd)
         return recorded
+
+    def _record(self, node_id: int, event: DPSGDEvent, device: str, who: str) -> bool:
+        """Record an event a device reported from its ledger, if it passes the checks."""
+        try:
+            self._check(event, device, who)
+            self.budget.add(node_id, event)
+        except (UpdateRejected, PrivacyError) as exc:
+            log.warning("%s: its reported round %d is not recorded: %s", who, event.round, exc)
+            return False
+        log.info("%s: round %d recorded from its own ledger", who, event.round)
+        return True
 
     def _check(self, event: DPSGDEvent, device: str, who: str) -> None:
         """The checks of an event in a training reply (:func:`validate_event`)."""
