@@ -11,7 +11,7 @@ from flwr.common.constant import MessageTypeLegacy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.spend import EVENTS_KEY, QUERY_KEY, encode_events
+from client.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, encode_events
 from fedlora.config import FedloraConfig
 from privacy import DPSGDEvent
 from server.budget import FleetBudget
@@ -234,3 +234,41 @@ def test_any_answer_is_handled_without_an_exception(props):
     budget.expect(1, 1)
     recorded = reconciler.settle(1, props)
     assert recorded == 0 and len(budget.ledger) == 0
+
+
+def test_a_resumed_run_recovers_the_cut_attempts_spend_and_nothing_else():
+    """After a crash the new segment (run "8") asks for the events of the earlier one ("7")."""
+    _, budget, reconciler = make()
+    reconciler.run_id = "8"
+    budget.add(1, event(1, 1))  # committed before the crash
+    ledgers = {
+        # round 1 known; round 2 trained in the cut attempt; round 3 never asked for
+        1: [event(1, 1), event(1, 2), event(1, 3)],
+        # another run's event, and one with another device's id: neither is recorded
+        2: [event(2, 2, run="5"), event(1, 2, run="7")],
+        3: [event(3, 2)],
+    }
+    answer, asked = answering(ledgers)
+    grid = FakeGrid(answer)
+
+    counts = reconciler.recover(grid, [1, 2, 3], ["7"], up_to_round=2)
+
+    assert sorted(asked) == [1, 2, 3]
+    assert counts == {"asked": 3, "answered": 3, "recorded": 2}
+    assert budget.ledger.rounds_for("d1", run="7") == (1, 2)
+    assert budget.ledger.rounds_for("d2") == ()
+    assert budget.ledger.rounds_for("d3", run="7") == (2,)
+    query = grid.calls[0][0][0]
+    assert query.content.config_records["getpropertiesins.config"][RUNS_KEY] == "7"
+    # Asked again (a second resume), nothing is counted twice.
+    assert reconciler.recover(FakeGrid(answer), [1, 2, 3], ["7"], up_to_round=2)["recorded"] == 0
+
+
+def test_a_node_that_does_not_answer_the_resume_query_is_reported():
+    _, budget, reconciler = make()
+    answer, _ = answering({1: [event(1, 1)]})
+
+    counts = reconciler.recover(FakeGrid(answer), [1, 2], ["7"], up_to_round=1)
+
+    assert counts == {"asked": 2, "answered": 1, "recorded": 1}
+    assert budget.ledger.rounds_for("d1", run="7") == (1,)
