@@ -133,14 +133,14 @@ def test_tls_secagg_run_equals_plain_weighted_mean(deployment):
     from server.checkpoint import load_checkpoint
 
     dep = deployment
-    res = dep.run("first", _config(2, export=True))
+    res = dep.run("first", _config(1, export=True))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + dep.log("coordinator")
     assert "completed" in res.stdout
     run_dir = dep.dir / "runs" / "first"
     status = json.loads((run_dir / "run.json").read_text())
     assert status["status"] == "complete"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [0, 1]
     assert all(r["num_devices"] == DEVICES for r in rows[1:])
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     assert (run_dir / "privacy" / "report.json").exists()
@@ -159,7 +159,8 @@ def test_tls_secagg_run_equals_plain_weighted_mean(deployment):
     # scales. So the mean is off by at most n · step · max_weight / Σ num_examples.
     s = cfg.secagg
     step = 2 * s.clipping_range / (s.quantization_range - 1)
-    for rnd in (1, 2):
+    # One round here (suite time); the resumed run below aggregates a second one.
+    for rnd in (1,):
         expected, weights = _recompute_round(dep, run_dir, rnd, previous)
         tol = 2 * DEVICES * step * max(weights) / sum(weights) + 1e-6
         got = load_checkpoint(run_dir / "checkpoints" / f"round-{rnd:04d}.safetensors", names)
