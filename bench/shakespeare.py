@@ -21,16 +21,16 @@ and exits 0.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from benchkit import stdout_to_stderr  # bench/ is on sys.path when a bench script runs
 
 REPO = Path(__file__).resolve().parents[1]
 PLAY = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -87,20 +87,6 @@ def base_config(args: argparse.Namespace) -> Any:
         training={"rounds": args.rounds, "local_steps": args.local_steps},
         export={"enabled": False},
     )
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Send fd 1 (ours and any child process's) to stderr, so stdout carries only the JSON."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def run_variant(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:

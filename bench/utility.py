@@ -128,14 +128,12 @@ def write_jsonl(records: list[Any], path: Path) -> Path:
 
 def build_base(public: list[str], steps: int, seed: int) -> tuple[Path, dict[str, Any]]:
     """A tiny LLaMA pretrained on the public speeches, cached by recipe and text."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedlora.model import (
         BaseModelSpec,
         _portable_tokenizer_class,
-        _pretrain,
         mean_token_loss,
+        pretrained_llama,
         train_tokenizer,
     )
 
@@ -153,24 +151,7 @@ def build_base(public: list[str], steps: int, seed: int) -> tuple[Path, dict[str
     held = public[-500:]
     train = public[:-500]
     tokenizer = train_tokenizer(train, spec.vocab_size, spec.max_positions)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        max_position_embeddings=spec.max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        losses = _pretrain(model, tokenizer, train, spec)
-    model.eval()
+    model, losses = pretrained_llama(tokenizer, train, spec)
     info = {
         "public_speeches": len(train),
         "pretrain_steps": steps,

@@ -179,8 +179,6 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 
 def _build(spec: BaseModelSpec, out: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     started = time.perf_counter()
     public = [
         r.text
@@ -190,24 +188,7 @@ def _build(spec: BaseModelSpec, out: Path) -> None:
     ]
     train_texts, eval_texts = public[: spec.public_records], public[spec.public_records :]
     tokenizer = train_tokenizer(train_texts, spec.vocab_size, spec.max_positions)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        max_position_embeddings=spec.max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = LlamaForCausalLM(config)
-        losses = _pretrain(model, tokenizer, train_texts, spec)
-    model.eval()
+    model, losses = pretrained_llama(tokenizer, train_texts, spec)
     info = {
         "spec": asdict(spec),
         "cache_key": spec.cache_key(),
@@ -260,6 +241,35 @@ def _portable_tokenizer_class(config_file: Path) -> None:
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def pretrained_llama(
+    tokenizer: Any, texts: Sequence[str], spec: BaseModelSpec
+) -> tuple[Any, list[float]]:
+    """A LLaMA of ``spec``'s shape for ``tokenizer``, initialised from ``spec.seed`` (without
+    touching the global torch RNG) and pretrained on ``texts``; in eval mode, with the
+    pretraining losses."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = LlamaForCausalLM(config)
+        losses = _pretrain(model, tokenizer, texts, spec)
+    model.eval()
+    return model, losses
 
 
 def _pretrain(model: Any, tokenizer: Any, texts: Sequence[str], spec: BaseModelSpec) -> list[float]:
