@@ -30,11 +30,14 @@ from fedlora.keys.registry import DeviceRegistry, RegisteredDevice
 from fedlora.keys.signing import (
     MAX_CLOCK_SKEW_S,
     METADATA_DEVICE,
+    METADATA_NONCE,
     METADATA_SIGNATURE,
     METADATA_TIMESTAMP,
     OPERATOR_ID,
     call_payload,
+    new_nonce,
     sign_call,
+    valid_nonce,
     verify_call,
 )
 
@@ -42,6 +45,7 @@ __all__ = [
     "DEFAULT_HOSTS",
     "MAX_CLOCK_SKEW_S",
     "METADATA_DEVICE",
+    "METADATA_NONCE",
     "METADATA_SIGNATURE",
     "METADATA_TIMESTAMP",
     "OPERATOR_ID",
@@ -57,10 +61,12 @@ __all__ = [
     "key_fingerprint",
     "load_private_key",
     "load_public_key",
+    "new_nonce",
     "openssh_public_key",
     "operator_key_files",
     "parse_public_key",
     "sign_call",
     "tls_files",
+    "valid_nonce",
     "verify_call",
 ]

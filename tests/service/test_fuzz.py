@@ -34,6 +34,7 @@ from fedlora.errors import ConfigError, ExportError
 from fedlora.export.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, write_manifest
 from fedlora.keys import (
     METADATA_DEVICE,
+    METADATA_NONCE,
     METADATA_SIGNATURE,
     METADATA_TIMESTAMP,
     DeviceRegistry,
@@ -426,14 +427,18 @@ def metadata(draw: st.DrawFn, key: Any) -> list[tuple[str, str | bytes]]:
         entries = []
     for _ in range(draw(st.sampled_from([0, 1, 1, 2, 3]))):
         name = draw(
-            st.sampled_from([METADATA_DEVICE, METADATA_TIMESTAMP, METADATA_SIGNATURE, "x-other"])
+            st.sampled_from(
+                [METADATA_DEVICE, METADATA_TIMESTAMP, METADATA_NONCE, METADATA_SIGNATURE, "x-other"]
+            )
         )
         value: str | bytes
         if name.endswith("-bin"):
             value = draw(st.binary(max_size=80))
         else:
             value = draw(
-                st.sampled_from(["d1", "operator", "1" * 5000, "-1", "1e9", "0x10", " 17 "])
+                st.sampled_from(
+                    ["d1", "operator", "1" * 5000, "-1", "1e9", "0x10", " 17 ", "ab" * 16]
+                )
                 | st.integers(-(2**70), 2**70).map(str)
                 | TEXT
             )
@@ -462,6 +467,9 @@ def test_call_metadata_either_names_a_verified_caller_or_is_refused(coordinator,
     # Only d1's key exists on this side: nothing else can produce a valid signature.
     assert caller == Caller("d1")
     assert (METADATA_DEVICE, "d1") in entries
+    # and the same call again is a replay
+    with pytest.raises(Unauthenticated, match="replays"):
+        auth.authenticate(METHOD, entries)
 
 
 # ------------------------------------------------------------------ the device's side

@@ -14,7 +14,16 @@ import pytest
 
 from client.service_client import DOWNLOAD_MODEL, LIST_MODELS, DeviceServiceClient, ServiceCallError
 from fedlora.errors import ConfigError, ExportError
-from fedlora.keys import generate_device_key, init_pki, load_private_key, sign_call
+from fedlora.keys import (
+    METADATA_DEVICE,
+    METADATA_NONCE,
+    METADATA_SIGNATURE,
+    METADATA_TIMESTAMP,
+    generate_device_key,
+    init_pki,
+    load_private_key,
+    sign_call,
+)
 from fedlora.v1 import model_service_pb2 as pb
 from fedlora.v1 import model_service_pb2_grpc
 from privacy import PrivacyLedger, epsilon_for
@@ -209,17 +218,38 @@ def test_revoked_and_newly_registered_devices_take_effect_without_restart(
     assert len(connect(server, "stranger").list_models()) == 2
 
 
+def _old_format(key: Any) -> tuple[tuple[str, str | bytes], ...]:
+    """A call as fedlora signed it before nonces: ``method|id|timestamp``, no nonce entry."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ts = int(time.time())
+    signature = key.sign(f"{LIST_MODELS}|d1|{ts}".encode(), ec.ECDSA(hashes.SHA256()))
+    return ((METADATA_DEVICE, "d1"), (METADATA_TIMESTAMP, str(ts)), (METADATA_SIGNATURE, signature))
+
+
+def _other_nonce(key: Any) -> tuple[tuple[str, str | bytes], ...]:
+    """A real signed call whose nonce was swapped for another after signing."""
+    return tuple(
+        (name, "ab" * 16 if name == METADATA_NONCE else value)
+        for name, value in sign_call(key, LIST_MODELS, "d1")
+    )
+
+
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
         (lambda key: sign_call(key, LIST_MODELS, "d1", int(time.time()) - 301), "behind"),
         (lambda key: sign_call(key, LIST_MODELS, "d1", int(time.time()) + 400), "ahead of"),
         (lambda key: sign_call(key, DOWNLOAD_MODEL, "d1"), "signature is not"),  # other method
+        (_other_nonce, "signature is not"),  # the nonce is covered by the signature
+        (_old_format, "carries no nonce"),
+        (lambda key: sign_call(key, LIST_MODELS, "d1", nonce="x" * 32), "nonce is not"),
         (lambda key: sign_call(key, LIST_MODELS, "d1")[:2], "not signed"),
         (lambda key: (), "not signed"),
     ],
 )
-def test_stale_replayed_or_missing_signatures_are_refused(
+def test_stale_forged_or_missing_signatures_are_refused(
     coordinator: Coordinator, server: Any, metadata: Any, message: str
 ) -> None:
     key = load_private_key(coordinator.key("d1"))
@@ -232,6 +262,38 @@ def test_stale_replayed_or_missing_signatures_are_refused(
 
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert message in err.value.details()
+
+
+def test_a_replayed_call_is_refused_the_second_time(coordinator: Coordinator, server: Any) -> None:
+    # arrange: one signed call, as a listener past TLS would have captured it
+    key = load_private_key(coordinator.key("d1"))
+    captured = sign_call(key, LIST_MODELS, "d1")
+    with grpc.secure_channel(
+        f"127.0.0.1:{server.port}", grpc.ssl_channel_credentials(coordinator.ca.read_bytes())
+    ) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        # act
+        first = stub.ListModels(pb.ListModelsRequest(), metadata=captured, timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ListModels(pb.ListModelsRequest(), metadata=captured, timeout=10)
+        fresh = stub.ListModels(
+            pb.ListModelsRequest(), metadata=sign_call(key, LIST_MODELS, "d1"), timeout=10
+        )
+
+    # assert
+    assert len(first.models) == 2
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert err.value.details().startswith("the call replays an earlier call of d1")
+    assert "\n" not in err.value.details()
+    assert len(fresh.models) == 2  # a newly signed call goes through
+
+
+def test_the_service_client_signs_every_call_afresh(server: Any, connect: Any) -> None:
+    client = connect(server)
+
+    results = [len(client.list_models()) for _ in range(3)]
+
+    assert results == [2, 2, 2]
 
 
 def test_a_client_that_does_not_trust_the_coordinators_ca_cannot_connect(
