@@ -4,10 +4,18 @@ Before it starts anything the device checks what it can on its own side (its
 key loads, its data parses, the CA exists) and asks the coordinator's
 PrivacyService who it is, signed with its key: an unregistered key is told so
 in one line, instead of a SuperNode retrying forever against a SuperLink that
-refuses it. Then it runs ``flower-supernode`` with fedlora's ClientApp, the
-device's data path, id, budget and ledger file as node config. The ledger lives
-under ``--state-dir`` on the device's disk and survives restarts; the ClientApp
-refuses any round that would take the device past its budget.
+refuses it. Then it runs ``flower-supernode`` with the device's data path, id,
+budget and ledger file as node config. The ledger lives under ``--state-dir`` on
+the device's disk and survives restarts; the ClientApp refuses any round that
+would take the device past its budget.
+
+The SuperNode runs with ``--isolation process``: this process is its task
+executor (:mod:`fedlora.appguard`) and starts each ClientApp task only after
+checking that the run's app bundle is fedlora's own (no code, the installed
+``client.app:app``). A coordinator, even a compromised one, cannot make a
+device run code: a foreign bundle is refused before anything in it is written
+or imported, with one line in ``clientapp.log``, and the refusal goes back to
+the coordinator as the task's error reply.
 """
 
 from __future__ import annotations
@@ -119,17 +127,21 @@ def serve_device(args: argparse.Namespace) -> int:
     }
     if args.budget_epsilon is not None:
         values["budget-epsilon"] = float(args.budget_epsilon)
+    runtime_port = free_port()
     cmd = [
         flower_executable("flower-supernode"),
         "--superlink",
         addr.fleet,
         "--node-config",
         node_config(values),
+        # fedlora runs the ClientApp tasks itself, after checking each run's bundle
         "--isolation",
-        "subprocess",
-        # the SuperNode's local API for its ClientApp processes; any free port on this host
+        "process",
+        # the SuperNode's local Runtime API for those tasks: loopback, any free port
+        "--host",
+        "127.0.0.1",
         "--port",
-        str(free_port()),
+        str(runtime_port),
     ]
     if args.insecure:
         cmd.append("--insecure")
@@ -181,6 +193,12 @@ def serve_device(args: argparse.Namespace) -> int:
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    from fedlora.appguard import start_executor
+
+    app_log = (state / "clientapp.log").open("ab")
+    executor = start_executor(
+        "clientapp", f"127.0.0.1:{runtime_port}", None, output=app_log, env=env
+    )
     print(
         f"fedlora device {device}: joined {addr.fleet} "
         f"({'TLS' if not args.insecure else 'INSECURE'}); ledger {state / 'ledger.json'}; "
@@ -200,5 +218,8 @@ def serve_device(args: argparse.Namespace) -> int:
             raise FedloraError(f"the SuperNode exited with code {proc.returncode}; see {log_path}")
         return 0
     finally:
+        executor[1].set()
+        executor[0].join(timeout=15)
         stop_process(proc)
         reader.join(timeout=5)
+        app_log.close()

@@ -1,0 +1,106 @@
+"""The app guard: only fedlora's own code-free bundle passes; anything else is refused."""
+
+from __future__ import annotations
+
+import io
+import sys
+import zipfile
+
+import pytest
+
+from fedlora.appguard import COMPONENTS, ForeignAppError, check_fab, task_command
+from server.control import app_pyproject, build_fab
+
+
+def _fab(files: dict[str, bytes]) -> bytes:
+    """A bundle built the way `flwr build` builds one (Flower's own builder and manifest)."""
+    from flwr.cli.build import build_fab_from_files
+
+    return build_fab_from_files(files)[0]
+
+
+def _pyproject(**components: str) -> bytes:
+    text = app_pyproject("0.1.0")
+    for kind, ref in components.items():
+        text = text.replace(f'{kind} = "{COMPONENTS[kind]}"', f'{kind} = "{ref}"')
+    return text.encode()
+
+
+def test_fedloras_own_bundle_passes():
+    check_fab(build_fab())
+
+
+def test_a_bundle_that_carries_code_is_refused_even_if_it_names_our_apps():
+    # Flower puts the bundle's directory first on sys.path: a client/app.py in it would
+    # shadow the installed one.
+    fab = _fab({"pyproject.toml": _pyproject(), "client/app.py": b"import os\n"})
+    with pytest.raises(ForeignAppError, match=r"client/app\.py"):
+        check_fab(fab)
+
+
+@pytest.mark.parametrize(
+    "components",
+    [
+        {"clientapp": "evil:app"},
+        {"serverapp": "server.app:other"},
+        {"clientapp": "client.app:app2"},
+    ],
+)
+def test_a_bundle_naming_other_components_is_refused(components):
+    with pytest.raises(ForeignAppError, match="components"):
+        check_fab(_fab({"pyproject.toml": _pyproject(**components)}))
+
+
+def test_a_bundle_with_dependencies_or_another_publisher_is_refused():
+    deps = _pyproject().replace(b"dependencies = []", b'dependencies = ["evil==1"]')
+    with pytest.raises(ForeignAppError, match="install"):
+        check_fab(_fab({"pyproject.toml": deps}))
+    other = _pyproject().replace(b'publisher = "fedlora"', b'publisher = "mallory"')
+    with pytest.raises(ForeignAppError, match="publisher"):
+        check_fab(_fab({"pyproject.toml": other}))
+
+
+def test_unreadable_and_hand_made_archives_are_refused():
+    with pytest.raises(ForeignAppError, match="archive"):
+        check_fab(b"not a zip")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:  # no manifest, a data file, a directory entry
+        z.writestr("pyproject.toml", _pyproject())
+        z.writestr("payload/", b"")
+    with pytest.raises(ForeignAppError, match="payload/"):
+        check_fab(buf.getvalue())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(".info/CONTENT", b"")
+    with pytest.raises(ForeignAppError, match="no pyproject"):
+        check_fab(buf.getvalue())
+
+
+def test_guarded_install_refuses_before_flower_unpacks_anything(tmp_path, monkeypatch):
+    """The guard sits in front of Flower's install_from_fab: a foreign bundle never reaches it."""
+    import importlib
+
+    from fedlora import appguard
+
+    module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    installed: list[bytes] = []
+    monkeypatch.setattr(module, "install_from_fab", lambda fab, **kw: installed.append(fab))
+    appguard._guard(module)
+    evil = _fab({"pyproject.toml": _pyproject(clientapp="evil:app"), "evil.py": b"x = 1\n"})
+    with pytest.raises(ForeignAppError):
+        module.install_from_fab(evil, skip_prompt=True)
+    assert installed == []
+    ours = build_fab()
+    module.install_from_fab(ours, skip_prompt=True)
+    assert installed == [ours]
+
+
+def test_task_command_runs_this_python_with_the_guard(tmp_path):
+    cmd = task_command("clientapp", "127.0.0.1:9", "tok", None)
+    assert cmd[:4] == [sys.executable, "-m", "fedlora.appguard", "clientapp"]
+    assert "--insecure" in cmd and cmd[cmd.index("--token") + 1] == "tok"
+    ca = tmp_path / "ca.crt"
+    assert task_command("serverapp", "127.0.0.1:9", "t", ca)[-2:] == [
+        "--root-certificates",
+        str(ca),
+    ]
