@@ -7,6 +7,7 @@ A deployment's keys in the order they are needed::
     fedlora keys register --data-dir DIR --device-id phone-17 --public-key keys/phone-17.pub
     fedlora keys list --data-dir DIR
     fedlora keys revoke --data-dir DIR --device-id phone-17
+    fedlora keys audit --data-dir DIR                            # who changed what, when
 
 Every handler returns an exit code; errors are :class:`~fedlora.errors.ConfigError`,
 printed by ``fedlora.cli`` as one line.
@@ -138,6 +139,23 @@ def add_keys_parser(sub: Any) -> None:
     revoke.add_argument("--device-id", required=True, metavar="ID", help="the device to remove")
     revoke.set_defaults(func=cmd_revoke)
 
+    audit = actions.add_parser(
+        "audit",
+        help="show the coordinator's audit log (key and run events)",
+        description=(
+            "Print DIR/audit.jsonl, one line per event: when, what (run.start, run.resume, "
+            "run.stop, key.register, key.revoke), who authorised it (a signed caller and its "
+            "key's fingerprint, or the local user who ran `fedlora keys`) and the details. "
+            "The log's hash chain is checked first: an edited or removed line is reported "
+            "(exit code 2) instead of printing the log."
+        ),
+    )
+    audit.add_argument(
+        "--data-dir", required=True, type=Path, metavar="DIR", help="the coordinator's data dir"
+    )
+    audit.add_argument("--json", action="store_true", help="one JSON object per event")
+    audit.set_defaults(func=cmd_audit)
+
 
 def _missing_action(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
@@ -156,10 +174,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_device(args: argparse.Namespace) -> int:
-    from fedlora.keys import generate_device_key, key_fingerprint, load_public_key
+    from fedlora.keys import generate_device_key, load_public_key, ssh_fingerprint
 
     key_path, pub_path = generate_device_key(args.out, args.device_id, force=args.force)
-    fp = key_fingerprint(load_public_key(pub_path))
+    fp = ssh_fingerprint(load_public_key(pub_path))
     print(f"fedlora: wrote {key_path} (keep it on the device) and {pub_path} ({fp})")
     return 0
 
@@ -202,4 +220,20 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
     device = DeviceRegistry(args.data_dir).revoke(args.device_id)
     print(f"fedlora: revoked device {device.device_id} ({device.fingerprint})")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fedlora.auditlog import format_event, log_path, read_events
+
+    events = read_events(args.data_dir)  # a broken chain is a ConfigError: one line, exit 2
+    if args.json:
+        for event in events:
+            print(json.dumps(event, sort_keys=True))
+        return 0
+    if not events:
+        print(f"no audit events in {log_path(args.data_dir)}")
+        return 0
+    for event in events:
+        print(format_event(event))
     return 0

@@ -99,7 +99,19 @@ def flower_public_key_bytes(key: ec.EllipticCurvePublicKey) -> bytes:
 
 
 def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
-    """``SHA256:<base64>`` of the OpenSSH key blob: what ``ssh-keygen -lf KEY.pub`` prints."""
+    """``sha256:<hex>`` of the key's DER SubjectPublicKeyInfo: how the audit log names keys.
+
+    The same as ``openssl pkey -pubin -in KEY.pem -outform DER | sha256sum``.
+    """
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return f"sha256:{hashlib.sha256(spki).hexdigest()}"
+
+
+def ssh_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """``SHA256:<base64>`` of the OpenSSH key blob: what ``ssh-keygen -lf KEY.pub`` prints
+    (and what the device registry lists)."""
     blob = base64.b64decode(openssh_public_key(key).split()[1])
     digest = base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
     return f"SHA256:{digest}"

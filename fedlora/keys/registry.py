@@ -4,6 +4,10 @@ Each entry maps a device id to its OpenSSH public key, the key's ``SHA256:``
 fingerprint (as ``ssh-keygen -l`` prints it) and when it was registered. The
 coordinator reads it on every call (re-parsing only when the file changed), so
 ``fedlora keys register`` and ``revoke`` take effect while it runs.
+
+Every change is also an event in ``DIR/audit.jsonl`` (:mod:`fedlora.auditlog`),
+appended under the registry's lock once the change is saved, so the log's order is
+the registry's. A register that changes nothing logs nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedlora.auditlog import append_event, local_actor
 from fedlora.errors import ConfigError
 from fedlora.keys.material import (
     check_device_id,
@@ -29,6 +34,7 @@ from fedlora.keys.material import (
     key_fingerprint,
     openssh_public_key,
     parse_public_key,
+    ssh_fingerprint,
     write_atomic,
 )
 from fedlora.keys.signing import OPERATOR_ID
@@ -59,6 +65,14 @@ class RegisteredDevice:
             "public_key": self.public_key,
             "fingerprint": self.fingerprint,
             "registered_at": self.registered_at,
+        }
+
+    def audit_details(self) -> dict[str, str]:
+        """What the audit log records about this device's key."""
+        return {
+            "device_id": self.device_id,
+            "fingerprint": key_fingerprint(self.key()),
+            "ssh_fingerprint": self.fingerprint,
         }
 
 
@@ -144,7 +158,9 @@ class DeviceRegistry:
 
     # -------------------------------------------------------------- changing
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, RegisteredDevice]]:
+    def _changing(self) -> Iterator[dict[str, RegisteredDevice]]:
+        """The devices as saved now, under an exclusive lock held until the block ends
+        (the block saves its change with :meth:`_save`)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(f".{self.path.name}.lock")
         with lock_path.open("a") as lock:
@@ -154,15 +170,16 @@ class DeviceRegistry:
                 fcntl = None  # type: ignore[assignment]
             if fcntl is not None:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            devices = self._read()
-            yield devices
-            payload: dict[str, Any] = {
-                "format": REGISTRY_FORMAT,
-                "version": REGISTRY_VERSION,
-                "devices": {d: devices[d].to_dict() for d in sorted(devices)},
-            }
-            text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-            write_atomic(self.path, text.encode("utf-8"), 0o644)
+            yield self._read()
+
+    def _save(self, devices: dict[str, RegisteredDevice]) -> None:
+        payload: dict[str, Any] = {
+            "format": REGISTRY_FORMAT,
+            "version": REGISTRY_VERSION,
+            "devices": {d: devices[d].to_dict() for d in sorted(devices)},
+        }
+        text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+        write_atomic(self.path, text.encode("utf-8"), 0o644)
 
     def register(
         self,
@@ -170,11 +187,14 @@ class DeviceRegistry:
         public_key: ec.EllipticCurvePublicKey | bytes | str,
         *,
         source: str = "public key",
+        actor: str | None = None,
     ) -> RegisteredDevice:
         """Allow ``device_id`` to call with ``public_key``; the same pair again is a no-op.
 
         Refused: a reserved or malformed id, a key that is not NIST EC, an id already
-        registered with another key, a key already registered under another id.
+        registered with another key, a key already registered under another id. A new
+        registration is logged as ``key.register`` by ``actor`` (default: this machine's
+        user, :func:`fedlora.auditlog.local_actor`).
         """
         check_device_id(device_id)
         if device_id == OPERATOR_ID:
@@ -185,8 +205,8 @@ class DeviceRegistry:
             else parse_public_key(public_key, source)
         )
         check_nist_ec(key, source)
-        line, fp = openssh_public_key(key), key_fingerprint(key)
-        with self._locked() as devices:
+        line, fp = openssh_public_key(key), ssh_fingerprint(key)
+        with self._changing() as devices:
             known = devices.get(device_id)
             if known is not None:
                 if known.public_key == line:
@@ -206,14 +226,29 @@ class DeviceRegistry:
             now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
             device = RegisteredDevice(device_id, line, fp, now)
             devices[device_id] = device
+            self._save(devices)
+            self._audit("key.register", actor, device)
         return device
 
-    def revoke(self, device_id: str) -> RegisteredDevice:
-        """Remove ``device_id``; its calls are refused from the next one on."""
-        with self._locked() as devices:
+    def revoke(self, device_id: str, *, actor: str | None = None) -> RegisteredDevice:
+        """Remove ``device_id``; its calls are refused from the next one on. Logged as
+        ``key.revoke`` by ``actor`` (default: this machine's user)."""
+        with self._changing() as devices:
             if device_id not in devices:
                 known = ", ".join(sorted(devices)) or "none"
                 raise ConfigError(
                     f"device {device_id!r} is not registered in {self.path} (registered: {known})"
                 )
-            return devices.pop(device_id)
+            device = devices.pop(device_id)
+            self._save(devices)
+            self._audit("key.revoke", actor, device)
+        return device
+
+    def _audit(self, action: str, actor: str | None, device: RegisteredDevice) -> None:
+        try:
+            append_event(self.data_dir, action, actor or local_actor(), **device.audit_details())
+        except ConfigError as err:
+            done = "registered" if action == "key.register" else "revoked"
+            raise ConfigError(
+                f"device {device.device_id} is {done}, but the audit log did not record it: {err}"
+            ) from None

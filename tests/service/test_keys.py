@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import json
 import stat
@@ -13,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from fedlora.auditlog import AUDIT_LOG, local_actor, read_events
 from fedlora.cli import main
 from fedlora.errors import ConfigError
 from fedlora.keys import (
@@ -20,10 +22,12 @@ from fedlora.keys import (
     flower_public_key_bytes,
     generate_device_key,
     init_pki,
+    key_fingerprint,
     load_private_key,
     load_public_key,
     operator_key_files,
     parse_public_key,
+    ssh_fingerprint,
     tls_files,
 )
 
@@ -164,6 +168,49 @@ def test_registry_refuses_a_second_key_for_an_id_and_a_key_for_two_ids(tmp_path:
     assert list(registry.devices()) == ["d1"]
 
 
+def test_key_fingerprint_is_sha256_of_the_der_public_key(tmp_path: Path) -> None:
+    _, pub = generate_device_key(tmp_path, "d1")
+    key = load_public_key(pub)
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+    assert key_fingerprint(key) == "sha256:" + hashlib.sha256(der).hexdigest()
+    assert ssh_fingerprint(key).startswith("SHA256:") and len(ssh_fingerprint(key)) == 50
+
+
+def test_registry_changes_are_audited_with_actor_device_and_fingerprints(tmp_path: Path) -> None:
+    _, pub = generate_device_key(tmp_path / "keys", "d1")
+    key = load_public_key(pub)
+    registry = DeviceRegistry(tmp_path)
+
+    registry.register("d1", pub.read_bytes())
+    registry.register("d1", pub.read_bytes())  # no change: nothing to log
+    registry.revoke("d1", actor="someone (key sha256:00)")
+    with pytest.raises(ConfigError):
+        registry.revoke("d1")  # refused: nothing to log
+
+    events = read_events(tmp_path)
+    assert [(e["action"], e["actor"]) for e in events] == [
+        ("key.register", local_actor()),
+        ("key.revoke", "someone (key sha256:00)"),
+    ]
+    details = {
+        "device_id": "d1",
+        "fingerprint": key_fingerprint(key),
+        "ssh_fingerprint": ssh_fingerprint(key),
+    }
+    assert [e["details"] for e in events] == [details, details]
+
+
+def test_a_registration_the_audit_log_cannot_record_says_so(tmp_path: Path) -> None:
+    _, pub = generate_device_key(tmp_path / "keys", "d1")
+    (tmp_path / AUDIT_LOG).write_bytes(b'{"seq": 1, "cut off')  # a torn last line
+
+    with pytest.raises(ConfigError, match=r"^device d1 is registered, but the audit log did not"):
+        DeviceRegistry(tmp_path).register("d1", pub.read_bytes())
+
+
 def test_keys_that_flower_cannot_use_are_refused(tmp_path: Path) -> None:
     rsa_pub = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
     rsa_line = rsa_pub.public_bytes(
@@ -214,6 +261,53 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert list(listed) == ["d1"]
     assert listed["d1"]["fingerprint"] in capsys.readouterr().out
     assert DeviceRegistry(data).devices() == {}
+    assert [e["action"] for e in read_events(data)] == ["key.register", "key.revoke"]
+
+
+def test_cli_audit_prints_one_line_per_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # arrange: a register and a revoke through the CLI
+    data, keys = str(tmp_path / "coord"), str(tmp_path / "keys")
+    main(["keys", "device", "--out", keys, "--device-id", "d1"])
+    pub = str(Path(keys) / "d1.pub")
+    main(["keys", "register", "--data-dir", data, "--device-id", "d1", "--public-key", pub])
+    main(["keys", "revoke", "--data-dir", data, "--device-id", "d1"])
+    fp = key_fingerprint(load_public_key(pub))
+    capsys.readouterr()
+
+    # act
+    assert main(["keys", "audit", "--data-dir", data]) == 0
+    text = capsys.readouterr().out
+    assert main(["keys", "audit", "--data-dir", data, "--json"]) == 0
+    as_json = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    # assert
+    lines = text.splitlines()
+    assert len(lines) == 2
+    assert "  key.register  " in lines[0] and "  key.revoke    " in lines[1]
+    for line in lines:
+        assert f"  {local_actor()}  device_id=d1 fingerprint={fp} ssh_fingerprint=SHA256:" in line
+    assert as_json == read_events(data)
+
+
+def test_cli_audit_of_an_empty_and_a_broken_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, keys = tmp_path / "coord", tmp_path / "keys"
+    assert main(["keys", "audit", "--data-dir", str(data)]) == 0
+    assert capsys.readouterr().out == f"no audit events in {data / AUDIT_LOG}\n"
+    for device_id in ("d1", "d2"):
+        _, pub = generate_device_key(keys, device_id)
+        DeviceRegistry(data).register(device_id, pub.read_bytes())
+    log = data / AUDIT_LOG
+    log.write_bytes(log.read_bytes().replace(b'"device_id":"d1"', b'"device_id":"d9"'))
+    capsys.readouterr()
+
+    assert main(["keys", "audit", "--data-dir", str(data)]) == 2
+
+    err = _one_line_error(capsys)
+    assert "audit log broken at line 2: it does not follow line 1" in err
 
 
 def test_cli_errors_are_one_line_with_an_exit_code(
