@@ -9,11 +9,14 @@
 # ConfigMaps are re-applied. Run it again after adding devices (DEVICES=N, then scale the
 # device StatefulSet to N): the coordinator re-reads the registry ConfigMap without a restart.
 #
-# $PKI is a coordinator data directory that never runs a coordinator: it keeps the CA key
-# and the operator key, which stay on this machine. Into the cluster go:
+# $PKI is a coordinator data directory that never runs a coordinator: it keeps the CA key,
+# which stays on this machine, and the audit log of the keys it registers and revokes
+# ($PKI/audit.jsonl). Into the cluster go:
 #   Secret    fedlora-coordinator-tls  ca.crt, server.crt, server.key, operator.pub
 #   ConfigMap fedlora-device-registry  devices.json (device ids and public keys)
 #   ConfigMap fedlora-ca               ca.crt (what devices and `fedlora run` trust)
+#   Secret    fedlora-operator-key     operator.key: only the `fedlora run` Job mounts it;
+#                                      whoever can read it can start and stop runs
 #   Secret    fedlora-device-keys      device-<i>.key: only because this trial fleet runs in
 #                                      the cluster; a real device keeps its key to itself
 set -eu
@@ -61,6 +64,9 @@ kubectl create configmap fedlora-device-registry -n "$NAMESPACE" \
 kubectl create configmap fedlora-ca -n "$NAMESPACE" \
   --from-file=ca.crt="$PKI/tls/ca.crt" \
   --dry-run=client -o yaml | apply
+kubectl create secret generic fedlora-operator-key -n "$NAMESPACE" \
+  --from-file=operator.key="$PKI/tls/operator.key" \
+  --dry-run=client -o yaml | apply
 
 set --
 i=0
@@ -71,4 +77,4 @@ done
 kubectl create secret generic fedlora-device-keys -n "$NAMESPACE" "$@" \
   --dry-run=client -o yaml | apply
 
-echo "pki: keys in $PKI (keep ca.key and operator.key there); cluster objects in $NAMESPACE"
+echo "pki: keys in $PKI (keep ca.key there); cluster objects in $NAMESPACE"

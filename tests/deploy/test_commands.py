@@ -107,7 +107,7 @@ def test_device_commands_name_coordinator_data_key_and_ca() -> None:
             )
 
 
-def test_run_commands_trust_the_ca_and_carry_a_config() -> None:
+def test_run_commands_trust_the_ca_sign_with_the_operator_key_and_carry_a_config() -> None:
     runs = [x for x in deployed() if x.subcommand == "run"]
     assert len(runs) >= 2  # compose's `run` service and the Kubernetes Job
     for launch in runs:
@@ -115,6 +115,18 @@ def test_run_commands_trust_the_ca_and_carry_a_config() -> None:
         assert launch.has("--config"), (
             f"{launch}: a run without --config uses the 20-device default"
         )
+        key = launch.value("--key")
+        assert key is not None and key.endswith("operator.key"), f"{launch}: no operator key"
+        assert any(key.startswith(m.rstrip("/") + "/") for m in launch.mounts), (
+            f"{launch}: {key} is on no mounted volume"
+        )
+
+
+def test_every_documented_run_command_passes_the_operator_key() -> None:
+    runs = [x for x in everything() if x.subcommand == "run" and not x.has("--insecure")]
+    assert any("README" in x.where for x in runs)
+    for launch in runs:
+        assert launch.has("--key"), f"{launch}: the RunService needs the operator key"
 
 
 def test_every_command_dials_the_port_the_coordinator_listens_on() -> None:

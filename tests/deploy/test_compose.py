@@ -83,8 +83,11 @@ def test_run_is_a_profile_gated_one_shot() -> None:
     assert run["profiles"] == ["run"]
     assert run["restart"] == "no"
     assert run["depends_on"]["coordinator"]["condition"] == "service_healthy"
-    # it sees the CA certificate and its config, no private key
-    assert set(mounts(run).values()) == {"ca-cert", "./run-config.json"}
+    # it sees the CA certificate, the operator key it signs with and its config: no device
+    # key, no CA key, not the coordinator's state
+    assert set(mounts(run).values()) == {"ca-cert", "operator-key", "./run-config.json"}
+    assert mounts(run)["/operator"] == "operator-key"
+    assert "operator-key:/operator:ro" in run["volumes"]
 
 
 def test_volumes_are_declared_and_writable_by_the_image_user() -> None:
@@ -133,6 +136,7 @@ def test_pki_makes_and_registers_a_key_for_each_device_idempotently() -> None:
     assert re.search(r'if \[ ! -f "/keys/device-\$i.key" \]; then\s+fedlora keys device', script)
     assert "cp /var/lib/fedlora/tls/ca.crt /keys/ca.crt" in script
     assert "cp /var/lib/fedlora/tls/ca.crt /ca/ca.crt" in script
+    assert "install -m 0600 /var/lib/fedlora/tls/operator.key /operator/operator.key" in script
     shell, flags = services()["pki"]["entrypoint"]
     assert shell == "/bin/sh" and "e" in flags, "stop at the first failing command (sh -e)"
 
@@ -143,15 +147,15 @@ def test_demo_data_covers_every_device() -> None:
     assert mounts(services()["demo-data"])["/data"] == "device-data"
 
 
-def test_coordinator_ports_keep_the_control_api_on_loopback() -> None:
+def test_coordinator_publishes_the_fleet_api_and_fedloras_services_only() -> None:
     coordinator = services()["coordinator"]
     published = {}
     for spec in coordinator["ports"]:
         parts = str(spec).split(":")
         host_ip = parts[0] if len(parts) == 3 else "0.0.0.0"
         published[int(parts[-1])] = host_ip
-    assert set(published) == {P, P + 1, P + 2}
-    assert published[P + 1] == "127.0.0.1", "the Control API must not be published publicly"
+    # P for devices, P+2 for devices and `fedlora run`; P+1 is on the coordinator's loopback
+    assert published == {P: "0.0.0.0", P + 2: "0.0.0.0"}
     assert mounts(coordinator)["/var/lib/fedlora"] == "coordinator-state"
 
 

@@ -86,7 +86,7 @@ def test_the_coordinator_checks_its_grpc_ports_and_the_device_has_no_healthcheck
     assert "(p, p + 2)" in check.args  # Fleet API and fedlora services, not the Control API
     assert coordinator.env()["FEDLORA_HEALTHCHECK_PORT"] == "9092"
     exposed = {p for i in coordinator.all("EXPOSE", coordinator.final) for p in i.args.split()}
-    assert exposed == {"9092", "9093", "9094"}
+    assert exposed == {"9092", "9094"}  # P+1, the Control API, listens on loopback only
     device = df.dockerfile("fedlora-device")
     # A device serves no port: an explicit NONE, the restart policy is its health check.
     assert [i.args for i in device.all("HEALTHCHECK", device.final)] == ["NONE"]

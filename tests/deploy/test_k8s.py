@@ -12,7 +12,7 @@ import yaml
 from tests.deploy import deployfiles as df
 
 P = 9092
-PORT_NAMES = {"fleet": P, "control": P + 1, "fedlora": P + 2}
+PORT_NAMES = {"fleet": P, "fedlora": P + 2}  # P+1 listens on the pod's loopback only
 OBJECTS = df.load_k8s_objects()
 WORKLOADS = [(path, obj) for path, obj in OBJECTS if df.pod_spec(obj) is not None]
 
@@ -150,7 +150,7 @@ def test_coordinator_ports_and_probes_follow_the_port_scheme() -> None:
         assert number in (P, P + 2), f"{probe} must check a gRPC port, not the Control API"
 
 
-def test_the_coordinator_service_exposes_the_three_ports_inside_the_cluster_only() -> None:
+def test_the_coordinator_service_exposes_fleet_and_services_inside_the_cluster_only() -> None:
     service = find("Service", "coordinator")
     assert service["spec"]["type"] == "ClusterIP"
     ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
@@ -215,25 +215,45 @@ def test_the_device_container_sees_only_its_own_key() -> None:
     assert key_volume["emptyDir"]["medium"] == "Memory"
 
 
-def test_the_cluster_gets_no_ca_key_and_no_operator_key() -> None:
+def test_the_cluster_gets_no_ca_key_and_the_operator_key_for_the_run_job_only() -> None:
     objects = pki_objects()
     assert objects[("Secret", "fedlora-coordinator-tls")] == {
         "ca.crt", "server.crt", "server.key", "operator.pub",
     }  # fmt: skip
     assert objects[("ConfigMap", "fedlora-ca")] == {"ca.crt"}
     assert objects[("ConfigMap", "fedlora-device-registry")] == {"devices.json"}
-    for keys in objects.values():
-        assert not keys & {"ca.key", "operator.key"}
+    assert objects[("Secret", "fedlora-operator-key")] == {"operator.key"}
+    for name, keys in objects.items():
+        assert "ca.key" not in keys
+        assert "operator.key" not in keys or name == ("Secret", "fedlora-operator-key")
+    mounting = {
+        f"{obj['kind']}/{obj['metadata']['name']}"
+        for _path, obj in WORKLOADS
+        for volume in (df.pod_spec(obj) or {}).get("volumes", [])
+        if volume.get("secret", {}).get("secretName") == "fedlora-operator-key"
+    }
+    assert mounting == {"Job/fedlora-run"}
 
 
-def test_the_control_api_admits_only_the_operator() -> None:
+def test_the_coordinator_admits_the_fleet_api_and_fedloras_services_only() -> None:
     policy = find("NetworkPolicy", "coordinator-ingress")
-    open_rule, operator_rule = policy["spec"]["ingress"]
-    assert "from" not in open_rule
-    assert {p["port"] for p in open_rule["ports"]} == {P, P + 2}
-    assert [p["port"] for p in operator_rule["ports"]] == [P + 1]
-    (peer,) = operator_rule["from"]
+    (rule,) = policy["spec"]["ingress"]
+    assert "from" not in rule  # devices may come through a load balancer
+    assert {p["port"] for p in rule["ports"]} == {P, P + 2}
+
+
+def test_the_run_job_signs_with_the_operator_key_and_is_not_retried() -> None:
     job = find("Job", "fedlora-run")
-    job_labels = job["spec"]["template"]["metadata"]["labels"]
-    assert peer["podSelector"]["matchLabels"].items() <= job_labels.items()
     assert job["spec"]["backoffLimit"] == 0, "a retried `fedlora run` is another run"
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    key = args[args.index("--key") + 1]
+    mount = next(m for m in container["volumeMounts"] if key.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "fedlora-operator-key"
+    assert [i["path"] for i in volume["secret"]["items"]] == [key.rsplit("/", 1)[-1]]
+    assert mount["readOnly"] is True
+    # Secret files are root's: group-readable (0440) by the pod's fsGroup, the image's user
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]

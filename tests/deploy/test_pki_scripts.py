@@ -112,6 +112,7 @@ def test_compose_pki_makes_registers_and_keeps_keys(tmp_path: Path, bin_dir: Pat
     # arrange
     script = compose_pki_script(tmp_path)
     state, keys, ca = tmp_path / "var_lib_fedlora", tmp_path / "keys", tmp_path / "ca"
+    operator = tmp_path / "operator"
     # act: twice, as `docker compose up` does after a restart
     first = sh(script, tmp_path, bin_dir)
     key_bytes = (keys / "device-0.key").read_bytes()
@@ -125,14 +126,23 @@ def test_compose_pki_makes_registers_and_keeps_keys(tmp_path: Path, bin_dir: Pat
     ca_crt = (state / "tls" / "ca.crt").read_bytes()
     assert (keys / "ca.crt").read_bytes() == ca_crt == (ca / "ca.crt").read_bytes()
     assert sorted(p.name for p in ca.iterdir()) == ["ca.crt"], "`run` must see only the CA cert"
+    # and the operator key, alone in its own volume, private to the image's user
+    assert sorted(p.name for p in operator.iterdir()) == ["operator.key"]
+    op_key = operator / "operator.key"
+    assert op_key.read_bytes() == (state / "tls" / "operator.key").read_bytes()
+    assert op_key.stat().st_mode & 0o777 == 0o600
     for d in devices:
         assert (keys / f"{d}.key").stat().st_mode & 0o077 == 0
+    from fedlora.auditlog import read_events
     from fedlora.keys import DeviceRegistry
 
     assert sorted(DeviceRegistry(state).devices()) == devices
+    # registered once each: the second run's registrations change nothing and log nothing
+    registered = [e["details"]["device_id"] for e in read_events(state)]
+    assert registered == devices
 
 
-def test_k8s_pki_puts_only_public_material_and_device_keys_in_the_cluster(
+def test_k8s_pki_puts_public_material_device_keys_and_the_operator_key_in_the_cluster(
     tmp_path: Path, bin_dir: Path
 ) -> None:
     # act: twice (idempotent), as an operator re-running it after a change would
@@ -149,12 +159,20 @@ def test_k8s_pki_puts_only_public_material_and_device_keys_in_the_cluster(
     assert sorted(registry["devices"]) == ["device-0", "device-1", "device-2"]
     device_keys = objects[("Secret", "fedlora-device-keys")]
     assert set(device_keys) == {"device-0.key", "device-1.key", "device-2.key"}
-    # the CA key and the operator key never leave the operator's machine
-    secrets = {(pki / "tls" / name).read_text().strip() for name in ("ca.key", "operator.key")}
-    everything = repr(objects) + "".join(
-        base64.b64decode(v).decode() for v in {**tls, **device_keys}.values()
-    )
-    assert not any(secret in everything for secret in secrets)
+    # the operator key, for the run Job, in a Secret of its own
+    operator = objects[("Secret", "fedlora-operator-key")]
+    assert set(operator) == {"operator.key"}
+    op_key = (pki / "tls" / "operator.key").read_bytes()
+    assert base64.b64decode(operator["operator.key"]) == op_key
+    # the CA key never leaves the operator's machine; the operator key only in its Secret
+    ca_key = (pki / "tls" / "ca.key").read_text().strip()
+    op_text = op_key.decode().strip()
+    for name, data in objects.items():
+        decoded = repr(data) + "".join(
+            base64.b64decode(v).decode() for v in data.values() if name[0] == "Secret"
+        )
+        assert ca_key not in decoded, name
+        assert op_text not in decoded or name == ("Secret", "fedlora-operator-key"), name
     assert (bin_dir / "ns").exists()  # the namespace was created when missing
 
 
