@@ -188,8 +188,6 @@ def serve_tasks(
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    from fedlora.watchdog import die_with_parent
-
     task_type = TaskType.CLIENT_APP if kind == "clientapp" else TaskType.SERVER_APP
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
@@ -216,7 +214,8 @@ def serve_tasks(
                         stdout=output,
                         stderr=subprocess.STDOUT if output is not None else None,
                         env=env,
-                        preexec_fn=die_with_parent,
+                        # No preexec_fn: it would fork a process whose gRPC threads are
+                        # running; the task ends with us through --parent-pid instead.
                     )
                 )
                 continue  # another task may be waiting

@@ -5,11 +5,12 @@ fedlora's own gRPC services), devices that join it (one SuperNode each), a
 command that starts a federated run on the connected devices, and a helper that
 writes per-device data files from the embedded corpus for trials.
 
-Addresses: a coordinator listens on three consecutive ports from ``--port P``
+Addresses: a coordinator uses three consecutive ports from ``--port P``
 (default 9092): P = Flower Fleet API (gRPC, what devices connect to), P+1 =
-Flower Control API (HTTP, what ``fedlora run`` talks to), P+2 = fedlora's
-ModelService / PrivacyService (gRPC). Every other command takes the coordinator
-as ``HOST[:P]`` and derives the rest.
+Flower Control API (HTTP, on the coordinator's loopback only), P+2 = fedlora's
+ModelService / PrivacyService / RunService (gRPC; ``fedlora run`` and ``fedlora
+runs`` talk to it, signed with the operator key). Every other command takes the
+coordinator as ``HOST[:P]`` and derives the rest.
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ def add_deploy_parsers(sub: Any) -> None:
         "coordinator",
         help="run the coordinator service (SuperLink + fedlora gRPC services)",
         description=(
-            "Start the coordinator: a Flower SuperLink (gRPC Fleet API for devices, HTTP "
-            "Control API for `fedlora run`; TLS and device authentication on; SQLite state "
-            "under DIR so a restart keeps its runs) and fedlora's ModelService and "
-            "PrivacyService (gRPC, same TLS). Runs land under DIR/runs/. Stops on Ctrl-C or "
-            "SIGTERM, taking every process it started with it."
+            "Start the coordinator: a Flower SuperLink (gRPC Fleet API for devices on --host; "
+            "its HTTP Control API on loopback only; TLS and device authentication on; SQLite "
+            "state under DIR so a restart keeps its runs) and fedlora's ModelService, "
+            "PrivacyService and RunService (gRPC, same TLS; runs start only with the operator "
+            "key). Only fedlora's own installed ServerApp runs: a run whose app bundle carries "
+            "code or names other apps is refused. Runs land under DIR/runs/. Stops on Ctrl-C "
+            "or SIGTERM, taking every process it started with it."
         ),
         epilog=(
-            "ports: P Fleet API (devices), P+1 Control API (fedlora run), P+2 fedlora services\n"
+            "ports: P Fleet API (devices), P+1 Control API (loopback only), P+2 fedlora services "
+            "(models, budgets, runs)\n"
             "first time: fedlora keys init --data-dir DIR --host <name devices use>"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,7 +67,9 @@ def add_deploy_parsers(sub: Any) -> None:
         description=(
             "Join a coordinator as one device: a Flower SuperNode running fedlora's ClientApp "
             "on the records in --data. The device keeps its own privacy ledger under "
-            "--state-dir and refuses to train past its budget whatever the coordinator asks."
+            "--state-dir and refuses to train past its budget whatever the coordinator asks; "
+            "it runs only the ClientApp installed with fedlora, never code a run's bundle "
+            "carries, and draws its DP noise from the operating system's CSPRNG."
         ),
     )
     dev.add_argument(
@@ -111,10 +117,16 @@ def add_deploy_parsers(sub: Any) -> None:
         help="start a federated run on a coordinator's connected devices",
         description=(
             "Start a federated fine-tuning run (SecAgg+ on) on the devices connected to a "
-            "coordinator and stream its progress until it ends. The run's artefacts "
+            "coordinator and stream its progress until it ends. Calls the coordinator's "
+            "RunService (port P+2) signed with the operator key. The run's artefacts "
             "(adapter, ledger, privacy report, export) land under the coordinator's "
             "DIR/runs/<name>/."
         ),
+        epilog=(
+            "example:\n  fedlora run --coordinator coord:9092 --root-cert DIR/tls/ca.crt "
+            "--key DIR/tls/operator.key --config run.json --name run-a"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument(
         "--coordinator", required=True, metavar="HOST[:P]", help="the coordinator's address"
@@ -132,13 +144,34 @@ def add_deploy_parsers(sub: Any) -> None:
             "interrupted)"
         ),
     )
-    run.add_argument("--root-cert", metavar="CA", help="the coordinator's CA certificate")
-    run.add_argument("--insecure", action="store_true", help="plaintext: local trials only")
+    _add_operator_connection(run)
     run.add_argument(
         "--no-wait", action="store_true", help="return once the run is started, do not stream"
     )
     run.add_argument("--verbose", action="store_true", help="Flower logs and tracebacks")
     run.set_defaults(func=cmd_run)
+
+    runs = sub.add_parser(
+        "runs",
+        help="list or stop a coordinator's runs (operator key)",
+        description="List a coordinator's runs, or stop one, through its RunService (port P+2), "
+        "signed with the operator key.",
+    )
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
+    ls = runs_sub.add_parser("list", help="every run: id, name, status")
+    ls.add_argument(
+        "--coordinator", required=True, metavar="HOST[:P]", help="the coordinator's address"
+    )
+    _add_operator_connection(ls)
+    ls.add_argument("--json", action="store_true", help="JSON instead of a table")
+    ls.set_defaults(func=cmd_runs_list)
+    stop = runs_sub.add_parser("stop", help="stop a running run")
+    stop.add_argument("run_id", type=int, metavar="RUN_ID", help="Flower run id (runs list)")
+    stop.add_argument(
+        "--coordinator", required=True, metavar="HOST[:P]", help="the coordinator's address"
+    )
+    _add_operator_connection(stop)
+    stop.set_defaults(func=cmd_runs_stop)
 
     demo = sub.add_parser(
         "demo-data",
@@ -154,6 +187,16 @@ def add_deploy_parsers(sub: Any) -> None:
     demo.add_argument("--data", metavar="PATH", help="corpus to partition (default: embedded)")
     demo.add_argument("--seed", type=int, default=0, help="partition seed (default 0)")
     demo.set_defaults(func=cmd_demo_data)
+
+
+def _add_operator_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root-cert", metavar="CA", help="the coordinator's DIR/tls/ca.crt")
+    parser.add_argument(
+        "--key",
+        metavar="KEY",
+        help="the operator key, the coordinator's DIR/tls/operator.key (required)",
+    )
+    parser.add_argument("--insecure", action="store_true", help="plaintext: local trials only")
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
@@ -172,6 +215,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from server.submit import submit_run
 
     return submit_run(args)
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    from server.submit import list_runs
+
+    return list_runs(args)
+
+
+def cmd_runs_stop(args: argparse.Namespace) -> int:
+    from server.submit import stop_run
+
+    return stop_run(args)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:

@@ -1,10 +1,13 @@
 """Talking to a SuperLink's Control API (HTTP): register devices, start runs, read them.
 
 ``fedlora coordinator`` registers device keys with the SuperLink it runs, and
-``fedlora run`` starts runs on it, through the same Control API client the
-``flwr`` CLI uses. Flower keeps CLI credentials under ``FLWR_HOME``; fedlora
-points that at a directory of its own so it never reads or writes a user's
-``~/.flwr``.
+its RunService (:mod:`server.service.runs`) starts, stops and follows runs on
+it, through the same Control API client the ``flwr`` CLI uses. The Control API
+has no authentication of its own, so the coordinator binds it to loopback
+(:data:`CONTROL_HOST`) and nothing but the coordinator talks to it; operators
+reach runs through the signed RunService. Flower keeps CLI credentials under
+``FLWR_HOME``; fedlora points that at a directory of its own so it never reads
+or writes a user's ``~/.flwr``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlora.appguard import COMPONENTS, PUBLISHER
 from fedlora.deploy_cli import DEFAULT_PORT
 from fedlora.errors import ConfigError, FedloraError
+
+#: The only interface the SuperLink's Control API (port P+1) ever listens on.
+CONTROL_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -69,12 +76,12 @@ class CoordinatorAddress:
 
     @property
     def control(self) -> str:
-        """Flower Control API (HTTP): what ``fedlora run`` talks to."""
-        return self._join(self.port + 1)
+        """Flower Control API (HTTP): on the coordinator's loopback only (:data:`CONTROL_HOST`)."""
+        return f"{CONTROL_HOST}:{self.port + 1}"
 
     @property
     def service(self) -> str:
-        """fedlora's ModelService / PrivacyService (gRPC)."""
+        """fedlora's ModelService / PrivacyService / RunService (gRPC)."""
         return self._join(self.port + 2)
 
 
@@ -140,3 +147,44 @@ def describe_control_error(exc: BaseException) -> str:
     """One line for a failed Control API call (Flower raises click exceptions or httpx errors)."""
     msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     return " ".join(str(msg).split())
+
+
+def app_pyproject(version: str) -> str:
+    """The run bundle's only file: which *installed* apps to run, and the run config keys.
+
+    Devices and the coordinator refuse any other bundle (:func:`fedlora.appguard.check_fab`).
+    """
+    components = "\n".join(f'{k} = "{v}"' for k, v in COMPONENTS.items())
+    return f"""[build-system]
+requires = ["setuptools>=77"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedlora"
+version = "{version}"
+description = "fedlora federated LoRA fine-tuning (apps installed on coordinator and devices)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "{PUBLISHER}"
+
+[tool.flwr.app.components]
+{components}
+
+[tool.flwr.app.config]
+fedlora-config = ""
+fedlora-config-json = ""
+run-dir = ""
+resume = ""
+"""
+
+
+def build_fab() -> bytes:
+    """fedlora's run bundle: a ``pyproject.toml`` and Flower's manifest, no code."""
+    from flwr.cli.build import build_fab_from_files
+
+    from fedlora import __version__
+
+    files = {"pyproject.toml": app_pyproject(__version__).encode()}
+    return build_fab_from_files(files)[0]

@@ -2,12 +2,18 @@
 
 One command an operator runs (and restarts) on one machine. It starts:
 
-* a ``flower-superlink`` child: the gRPC Fleet API devices connect to, the
-  HTTP Control API ``fedlora run`` talks to, TLS and SuperNode authentication
-  on, its state in SQLite under ``DIR/state/`` so a restart keeps the run
-  history. Each run's ServerApp is a ``flwr-serverapp`` subprocess of it that
+* a ``flower-superlink`` child: the gRPC Fleet API devices connect to (on
+  ``--host``), TLS and SuperNode authentication on, its state in SQLite under
+  ``DIR/state/`` so a restart keeps the run history. Its HTTP Control API
+  (P+1), which has no authentication and runs whatever app a bundle names, is
+  bound to loopback only, whatever ``--host`` is: only this process talks to it;
+* the ServerApp executor (:mod:`fedlora.appguard`): the SuperLink runs with
+  ``--isolation process`` and each run's ServerApp is a ``flwr-serverapp``
+  task started here, after its bundle was checked to be fedlora's own; it
   writes the run's artefacts under ``DIR/runs/<name>/``;
-* fedlora's ModelService / PrivacyService (gRPC, same TLS) in this process;
+* fedlora's ModelService / PrivacyService / RunService (gRPC, same TLS) in
+  this process: operators start, stop and follow runs through the RunService,
+  signed with the operator key;
 * a loop that keeps the SuperLink's registered device keys equal to
   ``DIR/registry/devices.json`` (``fedlora keys register`` / ``revoke`` while
   the coordinator runs take effect within seconds).
@@ -40,6 +46,7 @@ from fedlora.watchdog import (
 )
 from server.app import RUNS_DIR_ENV
 from server.control import (
+    CONTROL_HOST,
     CoordinatorAddress,
     control_client,
     describe_control_error,
@@ -131,12 +138,14 @@ def superlink_command(
         str(layout.database),
         "--fleet-api-address",
         addr.fleet,
+        # The Control API (and the Runtime API the ServerApp uses): loopback only.
         "--host",
-        addr.host,
+        CONTROL_HOST,
         "--port",
         str(addr.port + 1),
+        # fedlora starts the ServerApp tasks itself, after checking their bundle.
         "--isolation",
-        "subprocess",
+        "process",
         "--disable-runtime-dependency-installation",
     ]
     if tls is None:
@@ -212,10 +221,13 @@ def serve_coordinator(args: argparse.Namespace) -> int:
         from fedlora.keys import tls_files
 
         tls = tls_files(data_dir)  # ConfigError with the `fedlora keys init` hint if missing
-    for port, what in ((addr.port, "Fleet API"), (addr.port + 1, "Control API")):
-        if not port_free(addr.host, port):
+    for host, port, what in (
+        (addr.host, addr.port, "Fleet API"),
+        (CONTROL_HOST, addr.port + 1, "Control API, on loopback"),
+    ):
+        if not port_free(host, port):
             raise ConfigError(
-                f"port {port} ({what}) on {addr.host} is in use: stop what holds it or pick "
+                f"port {port} ({what}) on {host} is in use: stop what holds it or pick "
                 "another --port (the coordinator uses P, P+1 and P+2)"
             )
     if not port_free(addr.host, addr.port + 2):
@@ -257,25 +269,30 @@ def serve_coordinator(args: argparse.Namespace) -> int:
             preexec_fn=die_with_parent,
         )
     service = None
+    executor: tuple[threading.Thread, threading.Event] | None = None
+    app_log = (layout.logs / "serverapp.log").open("ab")
     try:
         alive = lambda: proc.poll() is None  # noqa: E731
         try:
             here = addr.local
             wait_for_port(here.host, here.port, STARTUP_TIMEOUT_S, alive)
-            wait_for_port(here.host, here.port + 1, STARTUP_TIMEOUT_S, alive)
+            wait_for_port(CONTROL_HOST, addr.port + 1, STARTUP_TIMEOUT_S, alive)
         except FedloraError as exc:
             tail = _tail(log_path)
             raise FedloraError(
                 f"the SuperLink did not start ({exc}); its log ends: {tail}"
             ) from None
-        stop_unfinished_runs(addr.local.control, tls.ca if tls is not None else None)
+        ca = tls.ca if tls is not None else None
+        stop_unfinished_runs(addr.control, ca)
         sync = None
         if tls is not None:
-            sync = RegistrySync(data_dir, addr.local.control, tls.ca)
+            sync = RegistrySync(data_dir, addr.control, tls.ca)
             sync.sync(force=True)
+        from fedlora.appguard import start_executor
         from server.service import serve
 
-        service = serve(data_dir, addr.host, addr.port + 2, tls)
+        executor = start_executor("serverapp", addr.control, ca, output=app_log, env=env)
+        service = serve(data_dir, addr.host, addr.port + 2, tls, control=addr.control)
         info = {
             "pid": os.getpid(),
             "superlink_pid": proc.pid,
@@ -303,7 +320,11 @@ def serve_coordinator(args: argparse.Namespace) -> int:
     finally:
         if service is not None:
             service.stop(grace=2).wait()
+        if executor is not None:
+            executor[1].set()
+            executor[0].join(timeout=15)
         stop_process(proc)
+        app_log.close()
         layout.info.unlink(missing_ok=True)
 
 
@@ -311,14 +332,18 @@ def _print_banner(addr: CoordinatorAddress, data_dir: Path, secure: bool, sync: 
     lines = [
         "fedlora coordinator ready",
         f"  Fleet API (devices, gRPC{' + TLS' if secure else ''}):  {addr.fleet}",
-        f"  Control API (fedlora run, HTTP{'S' if secure else ''}):  {addr.control}",
-        f"  fedlora services (gRPC{' + TLS' if secure else ''}):     {addr.service}",
+        f"  fedlora services (gRPC{' + TLS' if secure else ''}):     {addr.service}"
+        "  (models, budgets; runs with the operator key)",
+        f"  Control API (HTTP{'S' if secure else ''}, loopback only):  {addr.control}",
         f"  state and runs: {data_dir}",
     ]
     if secure:
         n = len(sync.registered) if sync is not None else 0
         lines += [
             f"  registered devices: {n}",
+            "to start a run (operator key):",
+            f"  fedlora run --coordinator {addr.fleet} --root-cert {data_dir}/tls/ca.crt "
+            f"--key {data_dir}/tls/operator.key --config FILE --name NAME",
             "to add a device:",
             "  fedlora keys device --out KEYS --device-id ID",
             f"  fedlora keys register --data-dir {data_dir} --device-id ID "

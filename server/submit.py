@@ -1,12 +1,11 @@
 """``fedlora run``: start a federated run on a coordinator and follow it to the end.
 
-The run is submitted through the SuperLink's Control API as a Flower App
-Bundle (FAB). fedlora's FAB carries no code: only a ``pyproject.toml`` naming
-the ServerApp and ClientApp that are *installed* on the coordinator and the
-devices (``server.app:app``, ``client.app:app``), so what runs is always the
-audited installed version, never code shipped with a run request. The
-resolved fedlora config travels inline in the run config
-(``fedlora-config-json``), checked here before anything is submitted.
+``fedlora run`` is a client of the coordinator's RunService (port P+2), and
+every call is signed with the operator key (``DIR/tls/operator.key``): nobody
+else can start, resume or stop a run. The coordinator builds the run's Flower
+App Bundle itself (no code: the apps installed on the coordinator and the
+devices) and starts it on its SuperLink over loopback; the resolved fedlora
+config travels in the request, checked here and again by the coordinator.
 """
 
 from __future__ import annotations
@@ -19,51 +18,75 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from client.service_client import DeviceServiceClient, _method
 from fedlora.config import FedloraConfig, load_config
 from fedlora.errors import ConfigError, FedloraError
-from server.control import CoordinatorAddress, control_client, describe_control_error
+from fedlora.keys import OPERATOR_ID
+from fedlora.v1 import run_service_pb2 as pb
+from fedlora.v1 import run_service_pb2_grpc
+from server.control import CoordinatorAddress
 
-#: What a finished run's status looks like in the Control API.
+#: What a finished run's status looks like.
 FINISHED = "finished"
 COMPLETED = "completed"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-
-def app_pyproject(version: str) -> str:
-    """The FAB's only file: which installed apps to run, and the run config keys."""
-    return f"""[build-system]
-requires = ["setuptools>=77"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "fedlora"
-version = "{version}"
-description = "fedlora federated LoRA fine-tuning (apps installed on coordinator and devices)"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedlora"
-
-[tool.flwr.app.components]
-serverapp = "server.app:app"
-clientapp = "client.app:app"
-
-[tool.flwr.app.config]
-fedlora-config = ""
-fedlora-config-json = ""
-run-dir = ""
-resume = ""
-"""
+START_RUN = _method(pb, "RunService", "StartRun")
+RESUME_RUN = _method(pb, "RunService", "ResumeRun")
+STOP_RUN = _method(pb, "RunService", "StopRun")
+LIST_RUNS = _method(pb, "RunService", "ListRuns")
+FOLLOW_RUN = _method(pb, "RunService", "FollowRun")
+#: How long ``fedlora run`` waits to reach the coordinator before it gives up.
+CONNECT_TIMEOUT_S = 30.0
 
 
-def build_fab() -> bytes:
-    from flwr.cli.build import build_fab_from_files
+class RunServiceClient(DeviceServiceClient):
+    """The operator's connection to a coordinator's RunService (signed as ``operator``;
+    ``caller`` signs as someone else, which the coordinator refuses: for tests)."""
 
-    from fedlora import __version__
+    def __init__(
+        self, address: str, root_cert: Path | None, key: Path, caller: str = OPERATOR_ID
+    ) -> None:
+        super().__init__(address, root_cert, caller, key, timeout=60.0)
+        self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
 
-    files = {"pyproject.toml": app_pyproject(__version__).encode()}
-    return build_fab_from_files(files)[0]
+    def start(self, name: str, cfg: FedloraConfig) -> int:
+        req = pb.StartRunRequest(name=name, config_json=json.dumps(cfg.to_dict()))
+        return int(self._unary(self._runs.StartRun, START_RUN, req).run_id)
+
+    def resume(self, name: str) -> int:
+        req = pb.ResumeRunRequest(name=name)
+        return int(self._unary(self._runs.ResumeRun, RESUME_RUN, req).run_id)
+
+    def stop(self, run_id: int) -> bool:
+        req = pb.StopRunRequest(run_id=run_id)
+        return bool(self._unary(self._runs.StopRun, STOP_RUN, req).stopped)
+
+    def list(self) -> list[pb.Run]:
+        return list(self._unary(self._runs.ListRuns, LIST_RUNS, pb.ListRunsRequest()).runs)
+
+    def follow(self, run_id: int, out: Any, verbose: bool = False) -> pb.Run:
+        """Print the run's log as it arrives until it finishes; returns its final state."""
+        after = 0.0
+        while True:
+            try:
+                stream = self._runs.FollowRun(
+                    pb.FollowRunRequest(run_id=run_id, after_timestamp=after),
+                    metadata=self._signed(FOLLOW_RUN),
+                )
+                for res in stream:
+                    after = max(after, res.latest_timestamp)
+                    if res.log_output:
+                        out.write(_clean(res.log_output, verbose))
+                        out.flush()
+                    if res.HasField("finished"):
+                        return res.finished
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise self._error(err, FOLLOW_RUN) from None
+            time.sleep(1.0)  # the connection dropped: follow again from where it was
 
 
 def resolve_run_config(args: argparse.Namespace) -> tuple[FedloraConfig | None, str]:
@@ -80,120 +103,18 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[FedloraConfig | None, 
             raise ConfigError(f"run name {resume!r} is not a run directory name")
         return None, resume
     cfg = load_config(args.config) if args.config else FedloraConfig()
+    if cfg.privacy.reproducible_noise:
+        raise ConfigError(
+            f"{args.config}: privacy.reproducible_noise is for simulations only (a config "
+            "of version 3 or older means it): devices refuse noise the coordinator could "
+            "predict; set it to false"
+        )
     name = args.name or time.strftime("run-%Y%m%d-%H%M%S")
     if not _NAME.match(name):
         raise ConfigError(
             f"run name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (a directory name)"
         )
     return cfg, name
-
-
-def start_run(
-    addr: CoordinatorAddress,
-    cfg: FedloraConfig | None,
-    name: str,
-    root_cert: Path | None,
-    insecure: bool,
-) -> int:
-    """Submit the run (``cfg`` None: resume the run ``name``); returns Flower's run id."""
-    import hashlib
-
-    from flwr.common.serde import fab_to_proto, user_config_to_proto
-    from flwr.proto.control_pb2 import StartRunRequest
-    from flwr.supercore.fab import Fab
-
-    fab_bytes = build_fab()
-    fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
-    overrides: dict[str, bool | float | int | str] = {"run-dir": name}
-    with control_client(addr.control, root_cert, insecure) as client:
-        if cfg is None:
-            # Devices read their config from the run config: the run's own, as first sent.
-            overrides["resume"] = "true"
-            overrides["fedlora-config-json"] = _started_with(client, name, addr)
-        else:
-            overrides["fedlora-config-json"] = json.dumps(cfg.to_dict())
-        try:
-            res = client.StartRun(
-                StartRunRequest(
-                    fab=fab_to_proto(fab), override_config=user_config_to_proto(overrides)
-                )
-            )
-        except Exception as exc:
-            raise FedloraError(
-                f"the coordinator at {addr.control} refused the run: {describe_control_error(exc)}"
-            ) from None
-    if not res.HasField("run_id"):
-        raise FedloraError(f"the coordinator at {addr.control} did not start the run")
-    return int(res.run_id)
-
-
-def _started_with(client: Any, name: str, addr: CoordinatorAddress) -> str:
-    """The ``fedlora-config-json`` run ``name`` was first started with, from the SuperLink's
-    run history (it outlives a coordinator restart: SQLite under ``DIR/state``)."""
-    from flwr.common.serde import user_config_from_proto
-    from flwr.proto.control_pb2 import ListRunsRequest
-
-    try:
-        runs = client.ListRuns(ListRunsRequest()).run_dict
-    except Exception as exc:
-        raise FedloraError(
-            f"cannot list the runs of the coordinator at {addr.control}: "
-            f"{describe_control_error(exc)}"
-        ) from None
-    for run_id in sorted(runs):
-        config = user_config_from_proto(runs[run_id].override_config)
-        text = config.get("fedlora-config-json")
-        if config.get("run-dir") == name and isinstance(text, str) and text:
-            return text
-    raise ConfigError(
-        f"the coordinator at {addr.control} has no run named {name!r} started by `fedlora run`: "
-        "check the name (its directory under DIR/runs/)"
-    )
-
-
-def run_status(
-    addr: CoordinatorAddress, run_id: int, root_cert: Path | None, insecure: bool
-) -> tuple[str, str, str]:
-    """(status, sub_status, details) of a run."""
-    from flwr.proto.control_pb2 import ListRunsRequest
-
-    with control_client(addr.control, root_cert, insecure) as client:
-        res = client.ListRuns(ListRunsRequest(run_id=run_id))
-    run = res.run_dict[run_id]
-    return run.status.status, run.status.sub_status, run.status.details
-
-
-def follow(
-    addr: CoordinatorAddress,
-    run_id: int,
-    root_cert: Path | None,
-    insecure: bool,
-    *,
-    poll_s: float = 1.0,
-    out: Any = None,
-    verbose: bool = False,
-) -> tuple[str, str]:
-    """Print the run's log as it arrives until it finishes; returns (sub_status, details)."""
-    from flwr.proto.control_pb2 import StreamLogsRequest
-
-    out = out or sys.stdout
-    after = 0.0
-    while True:
-        with control_client(addr.control, root_cert, insecure) as client:
-            try:
-                for res in client.StreamLogs(
-                    StreamLogsRequest(run_id=run_id, after_timestamp=after)
-                ):
-                    if res.log_output:
-                        out.write(_clean(res.log_output, verbose))
-                        out.flush()
-                    after = max(after, res.latest_timestamp)
-            except Exception:  # the stream ends when the run does, or drops: check below
-                pass
-        status, sub, details = run_status(addr, run_id, root_cert, insecure)
-        if status == FINISHED:
-            return sub, details
-        time.sleep(poll_s)
 
 
 #: Flower's log capture repeats each line with a date prefix; the copy is dropped.
@@ -210,24 +131,81 @@ def _clean(text: str, verbose: bool = False) -> str:
     return "".join(kept)
 
 
-def submit_run(args: argparse.Namespace) -> int:
+def _client(args: argparse.Namespace) -> tuple[CoordinatorAddress, RunServiceClient]:
     addr = CoordinatorAddress.parse(args.coordinator)
     root_cert = None if args.insecure or not args.root_cert else Path(args.root_cert)
     if not args.insecure and root_cert is None:
         raise ConfigError("--root-cert CA is required (the coordinator's DIR/tls/ca.crt)")
     if root_cert is not None and not root_cert.is_file():
         raise ConfigError(f"CA certificate {root_cert} does not exist")
+    if not args.key:
+        raise ConfigError(
+            "--key KEY is required: the operator key, the coordinator's DIR/tls/operator.key "
+            "(runs are started and stopped with it)"
+        )
+    key = Path(args.key)
+    if not key.is_file():
+        raise ConfigError(f"operator key {key} does not exist")
+    client = RunServiceClient(addr.service, root_cert, key)
+    client.wait_ready(CONNECT_TIMEOUT_S)
+    return addr, client
+
+
+def submit_run(args: argparse.Namespace) -> int:
     cfg, name = resolve_run_config(args)
-    run_id = start_run(addr, cfg, name, root_cert, args.insecure)
-    verb = "resumed" if cfg is None else "started"
-    print(f"fedlora run: {verb} run {name} as Flower run {run_id} on {addr.control}", flush=True)
-    if args.no_wait:
-        return 0
-    sub, details = follow(addr, run_id, root_cert, args.insecure, verbose=args.verbose)
-    if sub == COMPLETED:
+    addr, client = _client(args)
+    with client:
+        run_id = client.start(name, cfg) if cfg is not None else client.resume(name)
+        verb = "resumed" if cfg is None else "started"
+        print(
+            f"fedlora run: {verb} run {name} as Flower run {run_id} on {addr.service}", flush=True
+        )
+        if args.no_wait:
+            return 0
+        run = client.follow(run_id, sys.stdout, verbose=args.verbose)
+    if run.sub_status == COMPLETED:
         print(
             f"fedlora run: run {run_id} completed; artefacts in the coordinator's runs/{name}/",
             flush=True,
         )
         return 0
-    raise FedloraError(f"run {run_id} ({name}) ended {sub}: {details or 'no details'}")
+    raise FedloraError(
+        f"run {run_id} ({name}) ended {run.sub_status}: {run.details or 'no details'}"
+    )
+
+
+def list_runs(args: argparse.Namespace) -> int:
+    _, client = _client(args)
+    with client:
+        runs = client.list()
+    if args.json:
+        rows = [
+            {
+                "run_id": r.run_id,
+                "name": r.name,
+                "status": r.status,
+                "sub_status": r.sub_status,
+                "details": r.details,
+                "resumed": r.resumed,
+            }
+            for r in runs
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not runs:
+        print("no runs")
+        return 0
+    print(f"{'RUN ID':>20}  {'NAME':<24} STATUS")
+    for r in runs:
+        status = f"{r.status}:{r.sub_status}" if r.sub_status else r.status
+        extra = " (resumed)" if r.resumed else ""
+        print(f"{r.run_id:>20}  {r.name or '-':<24} {status}{extra}")
+    return 0
+
+
+def stop_run(args: argparse.Namespace) -> int:
+    _, client = _client(args)
+    with client:
+        stopped = client.stop(args.run_id)
+    print(f"fedlora runs: run {args.run_id} {'stopped' if stopped else 'had already finished'}")
+    return 0

@@ -121,6 +121,9 @@ class LocalDeployment:
         self.keys = root / "keys"
         self.data = root / "data"
         self.port = free_base_port()
+        #: ``fedlora coordinator --host``: "0.0.0.0" listens on every interface, as a
+        #: coordinator reached by devices on other machines does.
+        self.host = "127.0.0.1"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.counters: dict[int, list[ByteCounter]] = {}
         self.env = {
@@ -138,6 +141,10 @@ class LocalDeployment:
     @property
     def ca(self) -> Path:
         return self.dir / "tls" / "ca.crt"
+
+    @property
+    def operator_key(self) -> Path:
+        return self.dir / "tls" / "operator.key"
 
     def state(self, i: int) -> Path:
         return self.root / f"device-{i}-state"
@@ -189,7 +196,14 @@ class LocalDeployment:
         info = self.dir / "coordinator.json"
         info.unlink(missing_ok=True)
         self.spawn(
-            "coordinator", "coordinator", "--data-dir", str(self.dir), "--port", str(self.port)
+            "coordinator",
+            "coordinator",
+            "--data-dir",
+            str(self.dir),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
         )
         deadline = time.monotonic() + timeout_s
         while not info.exists():
@@ -239,14 +253,15 @@ class LocalDeployment:
         path = self.root / f"{name}.json"
         path.write_text(json.dumps(config))
         args = ["run", "--coordinator", self.addr, "--root-cert", str(self.ca)]
-        args += ["--config", str(path), "--name", name]
+        args += ["--key", str(self.operator_key), "--config", str(path), "--name", name]
         if not wait:
             args.append("--no-wait")
         return self.cli(*args, timeout=timeout)
 
     def resume(self, name: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         """``fedlora run --resume NAME``, waiting for the run to end."""
-        args = ["run", "--coordinator", self.addr, "--root-cert", str(self.ca), "--resume", name]
+        args = ["run", "--coordinator", self.addr, "--root-cert", str(self.ca)]
+        args += ["--key", str(self.operator_key), "--resume", name]
         return self.cli(*args, timeout=timeout)
 
     def run_dir(self, name: str) -> Path:
@@ -277,6 +292,19 @@ class LocalDeployment:
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def listening_tcp() -> set[tuple[str, int]]:
+    """``(IPv4 address, port)`` of every listening TCP socket on this machine (/proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] != "0A":  # TCP_LISTEN
+            continue
+        ip_hex, port_hex = fields[1].split(":")
+        ip = ".".join(str(b) for b in reversed(bytes.fromhex(ip_hex)))
+        found.add((ip, int(port_hex, 16)))
+    return found
 
 
 def processes_mentioning(text: str) -> list[str]:

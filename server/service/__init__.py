@@ -1,11 +1,14 @@
-"""The coordinator's own gRPC services: ModelService and PrivacyService, signed calls only.
+"""The coordinator's own gRPC services: ModelService, PrivacyService, RunService; signed calls only.
 
-``serve`` starts both on one port, with TLS from ``fedlora keys init`` and an
+``serve`` starts them on one port, with TLS from ``fedlora keys init`` and an
 interceptor that authenticates every call (:mod:`server.service.auth`) before a
 servicer sees it. Released models come from the runs' export manifests
 (:mod:`server.service.models`), spent budgets from the runs' privacy ledgers
 (:mod:`server.service.privacy`); both are re-read from ``DIR`` as it changes, so
 the coordinator needs no restart when a run finishes or a device is registered.
+Runs are started, resumed, stopped and followed through the RunService
+(:mod:`server.service.runs`, operator key only), which talks to the SuperLink's
+Control API on loopback.
 Devices call it with :class:`client.service_client.DeviceServiceClient`.
 """
 
@@ -21,10 +24,11 @@ import grpc
 
 from fedlora.errors import ConfigError
 from fedlora.keys import TlsFiles
-from fedlora.v1 import model_service_pb2_grpc, privacy_service_pb2_grpc
+from fedlora.v1 import model_service_pb2_grpc, privacy_service_pb2_grpc, run_service_pb2_grpc
 from server.service.auth import Authenticator, AuthInterceptor, Caller, Unauthenticated
 from server.service.models import CHUNK_BYTES, ModelServicer, ReleasedModels, passed_gate
 from server.service.privacy import DeviceBudget, FleetLedgers, PrivacyServicer
+from server.service.runs import RunServicer
 
 __all__ = [
     "CHUNK_BYTES",
@@ -36,6 +40,7 @@ __all__ = [
     "ModelServicer",
     "PrivacyServicer",
     "ReleasedModels",
+    "RunServicer",
     "ServiceServer",
     "Unauthenticated",
     "passed_gate",
@@ -88,9 +93,13 @@ def serve(
     *,
     model_servicer: Any = None,
     privacy_servicer: Any = None,
+    control: str | None = None,
     max_workers: int = 16,
 ) -> ServiceServer:
     """Start ModelService and PrivacyService on ``host:port`` (0: a free port) and return it.
+
+    With ``control`` (the SuperLink's Control API, ``127.0.0.1:PORT``) the RunService
+    is served too, talking to it with ``tls``' CA.
 
     With ``tls`` the server presents the CA-signed certificate; without, it serves
     plaintext (local trials only), but calls are still signed and checked either
@@ -110,6 +119,10 @@ def serve(
     privacy_service_pb2_grpc.add_PrivacyServiceServicer_to_server(
         privacy_servicer or PrivacyServicer(data), server
     )
+    if control is not None:
+        run_service_pb2_grpc.add_RunServiceServicer_to_server(
+            RunServicer(data, control, tls.ca if tls is not None else None), server
+        )
     address = f"{_host_for_address(host)}:{port}"
     try:
         if tls is not None:

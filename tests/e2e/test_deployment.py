@@ -3,9 +3,14 @@
 One coordinator (``fedlora coordinator``: a supervised SuperLink and fedlora's
 services) and three devices (``fedlora device``: a supervised SuperNode each,
 its own data file, key and ledger on "local disk") are started as real
-processes with real keys from ``fedlora keys``. Then, in order:
+processes with real keys from ``fedlora keys``; the coordinator listens on
+every interface (``--host 0.0.0.0``), as one reached from other machines does.
+Then, in order:
 
-1. ``fedlora run`` does a 2-round SecAgg+ run; the test retrains every device's
+0. an attacker holding only the CA certificate submits bundles with code
+   straight to the Control API and through the RunService: nothing of them runs
+   on the coordinator or any device;
+1. the operator's ``fedlora run`` does a 2-round SecAgg+ run; the test retrains every device's
    round in-process from what the device recorded (σ, q, steps in its own
    ledger), takes the plain weighted mean of those updates and checks the
    coordinator's global adapter equals it within SecAgg+'s quantization;
@@ -53,6 +58,7 @@ def _config(rounds: int, export: bool) -> dict:
 def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     dep = LocalDeployment(root, num_devices=DEVICES)
+    dep.host = "0.0.0.0"
     dep.prepare(extra_keys=("rogue",))
     try:
         dep.start()
@@ -126,6 +132,83 @@ def _recompute_round(dep: LocalDeployment, run_dir: Path, rnd: int, previous: li
         for k in range(len(previous))
     ]
     return [p + m for p, m in zip(previous, mean, strict=True)], weights
+
+
+def _wait_finished(dep: LocalDeployment, run_id: int, timeout_s: float = 120) -> object:
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    from server.control import control_client
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with control_client(f"127.0.0.1:{dep.port + 1}", dep.ca, insecure=False) as client:
+            run = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
+        if run.status.status == "finished" or time.monotonic() > deadline:
+            return run.status
+        time.sleep(0.5)
+
+
+def test_an_attacker_with_only_the_ca_runs_no_code_anywhere(deployment, tmp_path):
+    import grpc
+
+    from fedlora.testing.attacker import evil_fab, markers, submit_to_control_api
+    from fedlora.testing.deployment import listening_tcp
+    from fedlora.v1 import run_service_pb2 as pb
+    from fedlora.v1 import run_service_pb2_grpc
+    from server.submit import RunServiceClient
+
+    dep = deployment
+    marker_dir = tmp_path / "markers"
+    marker_dir.mkdir()
+    # The Control API (P+1) listens on loopback only, though the coordinator serves the
+    # Fleet API (P) and its own services (P+2) on every interface.
+    listening = listening_tcp()
+    assert {("0.0.0.0", dep.port), ("0.0.0.0", dep.port + 2)} <= listening
+    assert {ip for ip, port in listening if port == dep.port + 1} == {"127.0.0.1"}
+
+    # Straight to the Control API, from the coordinator's own loopback (more than a network
+    # attacker can reach): Flower accepts the run, fedlora's executor refuses its ServerApp.
+    for shadow in (False, True):
+        fab = evil_fab(marker_dir, shadow=shadow, reply_timeout_s=20)
+        run_id = submit_to_control_api(f"127.0.0.1:{dep.port + 1}", fab, dep.ca)
+        status = _wait_finished(dep, run_id)
+        assert (status.status, status.sub_status) == ("finished", "failed"), status
+        assert "app bundle" in status.details, status.details
+
+    # Through the RunService (which takes a config, never a bundle) without the operator key.
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{dep.port + 2}", grpc.ssl_channel_credentials(dep.ca.read_bytes())
+    )
+    with pytest.raises(grpc.RpcError) as unsigned:
+        run_service_pb2_grpc.RunServiceStub(channel).StartRun(
+            pb.StartRunRequest(name="evil", config_json="{}"), timeout=20
+        )
+    assert unsigned.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+    from fedlora.config import FedloraConfig
+    from fedlora.errors import FedloraError
+
+    forged = RunServiceClient(f"127.0.0.1:{dep.port + 2}", dep.ca, dep.keys / "rogue.key")
+    with forged, pytest.raises(FedloraError, match="signature"):
+        forged.start("evil", FedloraConfig())
+    device = RunServiceClient(
+        f"127.0.0.1:{dep.port + 2}", dep.ca, dep.keys / "device-0.key", caller="device-0"
+    )
+    with device, pytest.raises(FedloraError, match="operator key"):
+        device.start("evil", FedloraConfig())
+
+    # Nothing of either bundle was imported anywhere; the coordinator said why, once each.
+    assert markers(marker_dir) == []
+    log = (dep.dir / "logs" / "serverapp.log").read_text(errors="replace")
+    assert log.count("refused the run's app bundle") == 2, log[-3000:]
+    assert not (dep.dir / "runs" / "evil").exists()
+    for i in range(DEVICES):  # no device was ever asked to run anything
+        app_log = dep.state(i) / "clientapp.log"
+        assert not app_log.exists() or "refused" not in app_log.read_text(errors="replace")
+    # Only the operator's own actions reach the audit log (none so far: keys only).
+    from fedlora.auditlog import read_events
+
+    assert {e["action"] for e in read_events(dep.dir)} == {"key.register"}
 
 
 def test_tls_secagg_run_equals_plain_weighted_mean(deployment):
@@ -272,7 +355,7 @@ def test_coordinator_killed_mid_run_restarts_with_history_and_the_run_resumes(de
     # The coordinator's ledger after round 1, as saved; then SIGKILL the whole coordinator.
     saved = (run_dir / "privacy" / "ledger.json").read_bytes()
     dep.kill("coordinator", signal.SIGKILL)
-    assert not processes_mentioning(f"--fleet-api-address {dep.addr}"), "SuperLink survived"
+    assert not processes_mentioning(f"--fleet-api-address {dep.host}:{dep.port}"), "SuperLink survived"
     # The run's ServerApp (detached by Flower) notices its coordinator is gone and exits.
     deadline = time.monotonic() + 15
     while processes_mentioning(f"{RUNS_DIR_ENV}={dep.dir}") and time.monotonic() < deadline:

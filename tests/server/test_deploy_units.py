@@ -15,14 +15,15 @@ from server.control import CoordinatorAddress
 @pytest.mark.parametrize(
     ("text", "fleet", "control", "service"),
     [
-        ("coord", "coord:9092", "coord:9093", "coord:9094"),
-        ("coord:7000", "coord:7000", "coord:7001", "coord:7002"),
-        ("[::1]:7000", "[::1]:7000", "[::1]:7001", "[::1]:7002"),
-        ("::1", "[::1]:9092", "[::1]:9093", "[::1]:9094"),
-        ("10.0.0.5", "10.0.0.5:9092", "10.0.0.5:9093", "10.0.0.5:9094"),
+        ("coord", "coord:9092", "127.0.0.1:9093", "coord:9094"),
+        ("coord:7000", "coord:7000", "127.0.0.1:7001", "coord:7002"),
+        ("[::1]:7000", "[::1]:7000", "127.0.0.1:7001", "[::1]:7002"),
+        ("::1", "[::1]:9092", "127.0.0.1:9093", "[::1]:9094"),
+        ("10.0.0.5", "10.0.0.5:9092", "127.0.0.1:9093", "10.0.0.5:9094"),
     ],
 )
 def test_coordinator_address_derives_three_ports(text, fleet, control, service):
+    """The Control API (P+1) is always the coordinator's loopback: nothing else may reach it."""
     addr = CoordinatorAddress.parse(text)
     assert (addr.fleet, addr.control, addr.service) == (fleet, control, service)
 
@@ -34,8 +35,20 @@ def test_bad_coordinator_address_is_a_config_error(bad):
 
 
 def test_a_wildcard_listener_is_dialled_on_loopback():
-    assert CoordinatorAddress("0.0.0.0", 9092).local.control == "127.0.0.1:9093"
-    assert CoordinatorAddress("coord", 9092).local.control == "coord:9093"
+    assert CoordinatorAddress("0.0.0.0", 9092).local.fleet == "127.0.0.1:9092"
+    assert CoordinatorAddress("coord", 9092).local.service == "coord:9094"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.5", "coord.example.org", "::"])
+def test_superlink_binds_its_control_api_to_loopback_whatever_the_host(tmp_path, host):
+    from server.coordinator import CoordinatorLayout, superlink_command
+
+    cmd = superlink_command(CoordinatorLayout(tmp_path), CoordinatorAddress(host, 7000), None)
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--port") + 1] == "7001"
+    assert cmd[cmd.index("--fleet-api-address") + 1].endswith(":7000")
+    # fedlora, not Flower, starts the ServerApp tasks: after checking their bundle.
+    assert cmd[cmd.index("--isolation") + 1] == "process"
 
 
 def test_node_config_quotes_strings_for_flower():
@@ -49,7 +62,7 @@ def test_node_config_quotes_strings_for_flower():
 
 
 def test_run_bundle_carries_no_code_only_the_installed_apps():
-    from server.submit import build_fab
+    from server.control import build_fab
 
     with zipfile.ZipFile(BytesIO(build_fab())) as fab:
         names = fab.namelist()
