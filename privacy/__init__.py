@@ -1,4 +1,5 @@
-"""fedlora.privacy: events, ledger, accountants, noise calibration and the privacy report.
+"""fedlora.privacy: events, ledger, accountants, noise calibration, the randomness DP-SGD
+draws from (:mod:`privacy.noise`) and the privacy report.
 
 Imports no torch and no Flower, so the coordinator, the report tooling and the
 tests can use it alone. Typical use on a device, before each round::
@@ -26,6 +27,13 @@ from privacy.accountants import (
 from privacy.calibrate import calibrate_noise_multiplier, epsilon_after
 from privacy.events import MECHANISMS, POISSON_SUBSAMPLED_GAUSSIAN, DPSGDEvent
 from privacy.ledger import LEDGER_FORMAT, LEDGER_VERSION, PrivacyLedger
+from privacy.noise import (
+    SECURE_SOURCE,
+    SEEDED_SOURCE,
+    RandomSource,
+    SecureRandom,
+    SeededRandom,
+)
 from privacy.report import REPORT_FORMAT, REPORT_VERSION, build_report, write_report
 
 __all__ = [
@@ -37,11 +45,16 @@ __all__ = [
     "POISSON_SUBSAMPLED_GAUSSIAN",
     "REPORT_FORMAT",
     "REPORT_VERSION",
+    "SECURE_SOURCE",
+    "SEEDED_SOURCE",
     "Accountant",
     "DPSGDEvent",
     "PRVAccountant",
     "PrivacyLedger",
     "RDPAccountant",
+    "RandomSource",
+    "SecureRandom",
+    "SeededRandom",
     "build_report",
     "calibrate_noise_multiplier",
     "epsilon_after",

@@ -6,7 +6,7 @@ import privacy
 
 def test_privacy_imports_no_torch_and_no_flower():
     code = (
-        "import sys, privacy, privacy.report, privacy.calibrate; "
+        "import sys, privacy, privacy.report, privacy.calibrate, privacy.noise; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'flwr', 'opacus'}))"
     )
 
@@ -30,6 +30,9 @@ def test_public_names():
         "calibrate_noise_multiplier",
         "build_report",
         "write_report",
+        "RandomSource",
+        "SecureRandom",
+        "SeededRandom",
     ):
         assert name in privacy.__all__
         assert getattr(privacy, name) is not None
