@@ -22,7 +22,8 @@ from fedlora.errors import ConfigError
 CONFIG_FORMAT = "fedlora.config"
 #: 2: privacy.max_update_norm, and secagg.clipping_range 8 -> 64 (see ``_from_v1``).
 #: 3: fleet.profiles, fleet.fraction_per_round, data.server_eval_max (see ``_from_v2``).
-CONFIG_VERSION = 3
+#: 4: privacy.reproducible_noise; DP noise from the OS CSPRNG by default (see ``_from_v3``).
+CONFIG_VERSION = 4
 #: Keys ``fedlora simulate`` adds to ``RUN_DIR/config.json`` (what was loaded, package versions).
 RUN_METADATA_KEYS = ("resolved", "versions")
 
@@ -250,6 +251,9 @@ class PrivacySection:
     null the device calibrates σ so that its whole planned schedule fits the
     budget; with a fixed σ it trains until the next round would exceed the
     budget, then declines (and the coordinator stops sampling it).
+
+    Each device draws its DP noise and its Poisson batches from a CSPRNG seeded by its
+    operating system (:class:`privacy.noise.SecureRandom`), which nobody else knows.
     """
 
     enabled: bool = True
@@ -272,8 +276,20 @@ class PrivacySection:
     #: keeps every value inside SecAgg+'s quantization range, which would otherwise clip
     #: values silently. Clipping the DP-SGD output is post-processing: it costs no privacy.
     max_update_norm: float | None = 64.0
+    #: Research only. true: each *simulated* device draws its DP noise and Poisson batches
+    #: from a source seeded by (run seed, device, round) (:class:`privacy.noise.SeededRandom`),
+    #: so a simulation reproduces bit for bit. Anyone with the run's seed (config.json), the
+    #: coordinator included, can then regenerate every device's noise and subtract it from
+    #: the aggregate: ε does not hold against them, and the privacy report says so. A
+    #: deployed device refuses to train with it and ``fedlora run`` refuses to submit it.
+    #: false (default): the OS CSPRNG, unknown to everyone but the device.
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
+        _require(
+            isinstance(self.reproducible_noise, bool),
+            f"privacy.reproducible_noise must be true or false, got {self.reproducible_noise!r}",
+        )
         _require(
             self.epsilon > 0 and math.isfinite(self.epsilon),
             f"privacy.epsilon must be a positive number, got {self.epsilon}",
@@ -406,11 +422,13 @@ class FedloraConfig:
         fmt = data.pop("format", CONFIG_FORMAT)
         version = data.pop("version", CONFIG_VERSION)
         _require(fmt == CONFIG_FORMAT, f"not a fedlora config (format {fmt!r})")
-        _require(version in (1, 2, CONFIG_VERSION), f"unsupported config version {version}")
+        _require(version in (1, 2, 3, CONFIG_VERSION), f"unsupported config version {version}")
         if version == 1:
             data = _from_v1(data)
         if version in (1, 2):
             data = _from_v2(data)
+        if version in (1, 2, 3):
+            data = _from_v3(data)
         return _from_plain(cls, data, "")
 
     def replace(self, **sections: Any) -> FedloraConfig:
@@ -451,6 +469,20 @@ def _from_v2(data: dict[str, Any]) -> dict[str, Any]:
     values = data.get("data", {})
     if isinstance(values, dict) and "server_eval_max" not in values:
         return {**data, "data": {**values, "server_eval_max": None}}
+    return data
+
+
+def _from_v3(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-3 config as version 4 reads it, meaning what it meant then.
+
+    Before version 4 every device seeded its DP noise and Poisson batches from the run's
+    seed (simulated devices by their index, deployed ones by a hash of their id), so a
+    run of a version-3 config had reproducible noise: it reloads (and reruns, and is
+    reported) as ``privacy.reproducible_noise: true``.
+    """
+    values = data.get("privacy", {})
+    if isinstance(values, dict) and "reproducible_noise" not in values:
+        return {**data, "privacy": {**values, "reproducible_noise": True}}
     return data
 
 

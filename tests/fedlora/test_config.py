@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from fedlora.config import FedloraConfig, config_from_run_config, load_config
+from fedlora.config import (
+    CONFIG_VERSION,
+    FedloraConfig,
+    PrivacySection,
+    config_from_run_config,
+    load_config,
+)
 from fedlora.errors import ConfigError
 
 
@@ -45,6 +51,8 @@ def test_toml_config(tmp_path):
         ({"privacy": {"epsilon": -1.0}}, "epsilon must be a positive"),
         ({"privacy": {"delta": 1.5}}, "delta must be in"),
         ({"privacy": {"accountant": "gdp"}}, "prv or rdp"),
+        ({"privacy": {"reproducible_noise": "yes"}}, "reproducible_noise must be true or false"),
+        ({"privacy": {"reproducible_noise": 1}}, "reproducible_noise must be true or false"),
         ({"fleet": {"num_devices": 4, "devices_per_round": 10}}, "exceeds"),
         ({"data": {"partition": "random"}}, "natural, iid or dirichlet"),
         ({"training": []}, "must be an object"),
@@ -81,3 +89,53 @@ def test_a_run_config_json_reloads(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**cfg.to_dict(), "resolved": {"devices": 20}, "versions": {}}))
     assert load_config(path) == cfg
+
+
+def test_dp_noise_is_not_reproducible_unless_asked():
+    """Default: devices draw noise from their OS CSPRNG; the research option round-trips."""
+    assert FedloraConfig().privacy.reproducible_noise is False
+    assert FedloraConfig.from_dict({}).privacy.reproducible_noise is False
+    saved = FedloraConfig().replace(privacy={"reproducible_noise": True}).to_dict()
+    assert saved["version"] == CONFIG_VERSION == 4
+    assert saved["privacy"]["reproducible_noise"] is True
+    assert FedloraConfig.from_dict(json.loads(json.dumps(saved))).privacy.reproducible_noise
+    with pytest.raises(ConfigError, match="must be true or false, got 'no'"):
+        PrivacySection(reproducible_noise="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_an_older_config_loads_with_the_seeded_noise_it_ran_with(tmp_path, version):
+    """Before version 4 every device seeded its noise from the run's seed: an old
+    RUN_DIR/config.json reloads (and is reported) as reproducible, not as secure."""
+    old = {"format": "fedlora.config", "version": version, "seed": 3, "privacy": {}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+
+    cfg = load_config(path)
+
+    assert cfg.privacy.reproducible_noise is True
+    explicit = {**old, "privacy": {"reproducible_noise": False}}
+    assert FedloraConfig.from_dict(explicit).privacy.reproducible_noise is False
+    assert FedloraConfig.from_dict({"version": version}).privacy.reproducible_noise is True
+
+
+def test_fedlora_run_refuses_reproducible_noise_before_submitting(tmp_path):
+    """A deployed run's devices would refuse it anyway; `fedlora run` says so up front."""
+    import argparse
+
+    from server.submit import resolve_run_config
+
+    research = tmp_path / "research.json"
+    research.write_text(json.dumps({"privacy": {"reproducible_noise": True}}))
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"version": 3, "seed": 2}))
+    for path in (research, old):
+        with pytest.raises(ConfigError) as info:
+            resolve_run_config(argparse.Namespace(config=str(path), name="r1", resume=None))
+        msg = str(info.value)
+        assert "\n" not in msg and msg.startswith(f"{path}: privacy.reproducible_noise")
+        assert "set it to false" in msg
+    fine = tmp_path / "fine.json"
+    fine.write_text(json.dumps({"version": 3, "privacy": {"reproducible_noise": False}}))
+    cfg, name = resolve_run_config(argparse.Namespace(config=str(fine), name="r1", resume=None))
+    assert cfg is not None and not cfg.privacy.reproducible_noise and name == "r1"

@@ -37,7 +37,7 @@ def test_profiles_load_with_defaults_and_round_trip():
     assert (laptop.speed, laptop.availability, laptop.dropout) == (1.0, 1.0, 0.0)
     assert (laptop.budget_epsilon, laptop.data_scale) == (None, 1.0)
     saved = cfg.to_dict()
-    assert saved["version"] == CONFIG_VERSION == 3
+    assert saved["version"] == CONFIG_VERSION == 4
     assert FedloraConfig.from_dict(json.loads(json.dumps(saved))) == cfg
 
 
@@ -47,8 +47,11 @@ def test_without_profiles_the_fleet_is_as_before():
     assert cfg.fleet.profiles == () and cfg.fleet.fraction_per_round is None
     v2 = {**FedloraConfig().to_dict(), "version": 2}
     del v2["fleet"]["profiles"], v2["fleet"]["fraction_per_round"]
-    del v2["data"]["server_eval_max"]
-    assert FedloraConfig.from_dict(v2) == cfg.replace(data={"server_eval_max": None})
+    del v2["data"]["server_eval_max"], v2["privacy"]["reproducible_noise"]
+    # (and with the seeded DP noise of every config before version 4)
+    assert FedloraConfig.from_dict(v2) == cfg.replace(
+        data={"server_eval_max": None}, privacy={"reproducible_noise": True}
+    )
     assert fleetsim.profile_of(cfg.fleet, 0, "device-0001") is None
     assert fleetsim.is_online(cfg.fleet, 0, "device-0001", 3)
     assert fleetsim.drop_point(cfg.fleet, 0, "device-0001", 3, secagg=True) is None
