@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from fedlora.auditlog import append_event
+from fedlora.auditlog import append_event, read_events
 from fedlora.config import FedloraConfig
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.keys import key_fingerprint, load_public_key, operator_key_files
@@ -31,6 +32,8 @@ from fedlora.v1 import run_service_pb2 as pb
 from server.control import build_fab, control_client, describe_control_error
 from server.service.auth import Caller
 from server.service.status import abort
+
+log = logging.getLogger("fedlora.runs")
 
 #: A run name: its directory under DIR/runs/.
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -62,6 +65,42 @@ class RunServicer:
         except ConfigError:
             fingerprint = "unreadable"
         return f"{caller.id} (key {fingerprint})"
+
+    def _audit_ready(self, context: grpc.ServicerContext) -> None:
+        """Refuse to act when the audit log could not record it (fail closed)."""
+        try:
+            read_events(self.data_dir)
+        except (ConfigError, OSError) as err:
+            abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"coordinator: the audit log cannot record this, so nothing was done: {err}",
+            )
+
+    def _audit(
+        self, context: grpc.ServicerContext, action: str, actor: str, run_id: int, **details: Any
+    ) -> None:
+        """Record an action that happened; if that fails, undo a start and say so."""
+        try:
+            append_event(self.data_dir, action, actor, run_id=run_id, **details)
+        except (ConfigError, OSError) as err:
+            if action != "run.stop":
+                self._stop_quietly(run_id)
+            abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"coordinator: the audit log could not record {action} of run {run_id} "
+                f"({err}); the run was stopped",
+            )
+
+    def _stop_quietly(self, run_id: int) -> None:
+        from flwr.proto.control_pb2 import StopRunRequest
+
+        try:
+            with self._client() as client:
+                client.StopRun(StopRunRequest(run_id=run_id))
+        except Exception as exc:
+            log.error("could not stop unaudited run %s: %s", run_id, describe_control_error(exc))
 
     def _client(self) -> Any:
         return control_client(self.control, self.root_cert, insecure=self.root_cert is None)
@@ -172,13 +211,14 @@ class RunServicer:
                 "refuse it, since whoever holds the seed could remove their noise",
             )
         config_json = json.dumps(cfg.to_dict())
+        self._audit_ready(context)
         run_id = self._start(context, request.name, config_json, resume=False)
-        append_event(
-            self.data_dir,
+        self._audit(
+            context,
             "run.start",
             actor,
+            run_id,
             run=request.name,
-            run_id=run_id,
             config_sha256=hashlib.sha256(config_json.encode()).hexdigest(),
         )
         return pb.StartRunResponse(run_id=run_id, name=request.name)
@@ -190,13 +230,14 @@ class RunServicer:
         self._check_name(context, request.name)
         # Devices read their config from the run config: the run's own, as first sent.
         config_json = self._started_with(context, request.name)
+        self._audit_ready(context)
         run_id = self._start(context, request.name, config_json, resume=True)
-        append_event(
-            self.data_dir,
+        self._audit(
+            context,
             "run.resume",
             actor,
+            run_id,
             run=request.name,
-            run_id=run_id,
             config_sha256=hashlib.sha256(config_json.encode()).hexdigest(),
         )
         return pb.StartRunResponse(run_id=run_id, name=request.name)
@@ -215,6 +256,7 @@ class RunServicer:
         run = self._to_proto(request.run_id, runs[request.run_id])
         if run.status == FINISHED:
             return pb.StopRunResponse(stopped=False)
+        self._audit_ready(context)
         try:
             with self._client() as client:
                 res = client.StopRun(StopRunRequest(run_id=request.run_id))
@@ -224,7 +266,7 @@ class RunServicer:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the SuperLink did not stop run {request.run_id}: {describe_control_error(exc)}",
             )
-        append_event(self.data_dir, "run.stop", actor, run=run.name, run_id=int(request.run_id))
+        self._audit(context, "run.stop", actor, int(request.run_id), run=run.name)
         return pb.StopRunResponse(stopped=bool(res.success))
 
     def ListRuns(

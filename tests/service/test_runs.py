@@ -72,3 +72,21 @@ def test_no_run_service_without_a_superlink(server, coordinator):
     with _client(server, coordinator) as client, pytest.raises(ServiceCallError) as err:
         client.list()
     assert err.value.code.name == "UNIMPLEMENTED"
+
+
+def test_a_broken_audit_log_refuses_a_start_before_the_superlink_is_asked(run_server, coordinator):
+    """Fail closed: an action the audit log cannot record is not taken."""
+    from fedlora.auditlog import AUDIT_LOG
+
+    log = coordinator.data_dir / AUDIT_LOG
+    lines = log.read_text().splitlines(keepends=True)
+    assert len(lines) >= 2  # the fixture registered d1 and d2
+    log.write_text("".join(lines[1:]))  # the first line removed: the chain is broken
+    with _client(run_server, coordinator) as client:
+        with pytest.raises(ServiceCallError, match="audit log") as err:
+            client.start("ok", FedloraConfig())
+        assert err.value.code.name == "FAILED_PRECONDITION"
+        # ... where an intact log would have let it reach the (absent) SuperLink.
+        log.write_text("".join(lines))
+        with pytest.raises(ServiceCallError, match="SuperLink"):
+            client.start("ok", FedloraConfig())
