@@ -151,6 +151,10 @@ class RunServicer:
                 f"cannot list the SuperLink's runs: {describe_control_error(exc)}",
             )
 
+    def _listed(self, context: grpc.ServicerContext) -> list[pb.Run]:
+        runs = self._flower_runs(context)
+        return [self._to_proto(i, runs[i]) for i in sorted(runs)]
+
     @staticmethod
     def _to_proto(run_id: int, run: Any) -> pb.Run:
         from flwr.common.serde import user_config_from_proto
@@ -212,6 +216,17 @@ class RunServicer:
             )
         config_json = json.dumps(cfg.to_dict())
         self._audit_ready(context)
+        # A name is used once: a second start (a mistake, or a captured StartRun replayed
+        # after a coordinator restart emptied the replay memory) is refused here.
+        if (self.data_dir / "runs" / request.name).exists() or any(
+            r.name == request.name for r in self._listed(context)
+        ):
+            abort(
+                context,
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"a run named {request.name!r} exists on this coordinator: pick another name, "
+                f"or continue it with `fedlora run --resume {request.name}`",
+            )
         run_id = self._start(context, request.name, config_json, resume=False)
         self._audit(
             context,
@@ -273,8 +288,7 @@ class RunServicer:
         self, request: pb.ListRunsRequest, context: grpc.ServicerContext, caller: Caller
     ) -> pb.ListRunsResponse:
         self._operator(context, caller)
-        runs = self._flower_runs(context)
-        return pb.ListRunsResponse(runs=[self._to_proto(i, runs[i]) for i in sorted(runs)])
+        return pb.ListRunsResponse(runs=self._listed(context))
 
     def FollowRun(
         self, request: pb.FollowRunRequest, context: grpc.ServicerContext, caller: Caller

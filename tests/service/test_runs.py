@@ -90,3 +90,12 @@ def test_a_broken_audit_log_refuses_a_start_before_the_superlink_is_asked(run_se
         log.write_text("".join(lines))
         with pytest.raises(ServiceCallError, match="SuperLink"):
             client.start("ok", FedloraConfig())
+
+
+def test_a_run_name_is_used_once(run_server, coordinator):
+    """A second StartRun of a name (a replay after a restart emptied the nonce memory
+    included) is refused: it cannot start a run twice."""
+    with _client(run_server, coordinator) as client:
+        with pytest.raises(ServiceCallError, match="exists") as err:
+            client.start("run-a", FedloraConfig())  # the fixture's run-a directory
+        assert err.value.code.name == "ALREADY_EXISTS"
