@@ -62,8 +62,18 @@ def headline(report: dict[str, Any]) -> str:
     )
 
 
+def noise_source_text(report: dict[str, Any]) -> str | None:
+    """Where the DP noise came from, in words; None when the report does not say."""
+    source = report.get("noise_source")  # absent from reports written before the field
+    if source is None:
+        return None
+    if source["reproducible"]:
+        return f"noise seeded from the run's seed ({source['source']}, reproducible: see notes)"
+    return f"noise from each device's OS CSPRNG ({source['source']}, not reproducible)"
+
+
 def run_line(report: dict[str, Any]) -> str:
-    """Run status, rounds, noise mode and SecAgg+ in one line."""
+    """Run status, rounds, noise mode, noise source and SecAgg+ in one line."""
     run = report["run"] or {}
     parts = []
     if run.get("status"):
@@ -75,6 +85,9 @@ def run_line(report: dict[str, Any]) -> str:
             status += f", {planned} rounds planned"
         parts.append(f"run {status}")
     parts.append(f"noise multiplier {report['noise']}")
+    source = noise_source_text(report)
+    if source is not None:
+        parts.append(source)
     if run.get("secagg") is not None:
         parts.append("SecAgg+ " + ("on" if run["secagg"] else "off"))
     return " · ".join(parts)

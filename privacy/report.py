@@ -29,6 +29,7 @@ from privacy.accountants.base import History, check_delta
 from privacy.accountants.registry import DEFAULT_ACCOUNTANT, epsilon_for, get_accountant
 from privacy.events import DPSGDEvent
 from privacy.ledger import PrivacyLedger
+from privacy.noise import SECURE_SOURCE, SEEDED_SOURCE
 
 REPORT_FORMAT = "fedlora.privacy.report"
 REPORT_VERSION = 2
@@ -75,7 +76,20 @@ ASSUMPTIONS: tuple[str, ...] = (
     "guarantee does not rely on it: each update is already DP on its own.",
     "Training metrics and example counts travel to the coordinator in plaintext and are "
     "not covered by the DP guarantee.",
+    "The noise and the Poisson sampling are secret: epsilon holds only against those who "
+    "cannot regenerate the randomness a device drew them from (by default a CSPRNG seeded "
+    "by the device's operating system, whose key never leaves the device).",
 )
+
+REPRODUCIBLE_NOISE_WARNING = (
+    "This run's DP noise was reproducible (privacy.reproducible_noise, a research option): "
+    "every device drew its noise and its Poisson batches from a source seeded by the run's "
+    "seed, the device and the round. Anyone who has the run's seed (config.json), the "
+    "coordinator included, can regenerate that noise and subtract it from the updates: the "
+    "epsilon stated here does not hold against them, only against those who never see "
+    "the seed."
+)
+"""The note a report carries when ``noise_source.reproducible`` is true."""
 
 _NO_SECAGG = (
     "This run aggregated without SecAgg+: the coordinator saw every device's update. The "
@@ -96,7 +110,10 @@ class RunInfo:
     ``rounds_completed`` is the last round the run's metrics show; ``secagg`` whether
     SecAgg+ was on; ``unreconciled`` how many training requests the coordinator sent
     whose spend its ledger never learned (the device did not answer; its own ledger is
-    the authority); ``resumed_at`` the rounds at which the run was resumed after a crash.
+    the authority); ``resumed_at`` the rounds at which the run was resumed after a crash;
+    ``reproducible_noise`` the config's ``privacy.reproducible_noise`` (whether devices
+    drew their DP noise from a seeded source instead of the OS CSPRNG; it is reported as
+    the top-level ``noise_source``).
     """
 
     status: str | None = None
@@ -105,6 +122,7 @@ class RunInfo:
     secagg: bool | None = None
     unreconciled: int | None = None
     resumed_at: tuple[int, ...] = ()
+    reproducible_noise: bool | None = None
 
     def __post_init__(self) -> None:
         if self.status is not None and self.status not in _RUN_STATUSES:
@@ -117,8 +135,10 @@ class RunInfo:
                 raise ConfigError(f"RunInfo.{name} must be an int or None, got {value!r}")
             if value is not None and value < 0:
                 raise ConfigError(f"RunInfo.{name} must be >= 0, got {value!r}")
-        if self.secagg is not None and not isinstance(self.secagg, bool):
-            raise ConfigError(f"RunInfo.secagg must be a bool or None, got {self.secagg!r}")
+        for name in ("secagg", "reproducible_noise"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"RunInfo.{name} must be a bool or None, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -130,6 +150,14 @@ class RunInfo:
             "unreconciled": self.unreconciled,
             "resumed_at": list(self.resumed_at),
         }
+
+
+def noise_source(reproducible: bool | None) -> dict[str, Any] | None:
+    """The report's ``noise_source``: where devices drew DP noise and batches; None: not stated."""
+    if reproducible is None:
+        return None
+    source = SEEDED_SOURCE if reproducible else SECURE_SOURCE
+    return {"source": source, "reproducible": reproducible}
 
 
 def _check_budgets(budgets: object) -> dict[str, float]:
@@ -309,6 +337,8 @@ def _notes(
     run: RunInfo | None, delta: float, ledger_deltas: list[float], unnamed_idle: int
 ) -> list[str]:
     notes = []
+    if run is not None and run.reproducible_noise:
+        notes.append(REPRODUCIBLE_NOISE_WARNING)
     if run is not None and run.status == "running":
         done = "" if run.rounds_completed is None else f" after round {run.rounds_completed}"
         planned = "" if run.rounds_planned is None else f" of {run.rounds_planned}"
@@ -431,6 +461,7 @@ def build_report(
         "noise": noise,
         "exhaustion_rule": EXHAUSTION_RULES[noise],
         "run": None if run is None else run.to_dict(),
+        "noise_source": noise_source(None if run is None else run.reproducible_noise),
         "devices": devices,
         "fleet": _fleet(devices, unnamed_idle),
         "privacy_unit": PRIVACY_UNIT,

@@ -1,9 +1,9 @@
 """Read what a privacy report needs from a run directory, finished or in progress.
 
 The ledger (``privacy/ledger.json``) is the only source of ε; ``config.json``
-gives every device's budget, δ, the accountant and the noise mode;
-``run.json`` and ``metrics.jsonl`` only say how far the run got and are read
-tolerantly (a run in progress may have a partial last metrics line). Every
+gives every device's budget, δ, the accountant, the noise mode and whether the
+noise was reproducible; ``run.json`` and ``metrics.jsonl`` only say how far the
+run got and are read tolerantly (a run in progress may have a partial last metrics line). Every
 problem a user can cause is one :class:`~fedlora.errors.FedloraError` line.
 """
 
@@ -141,6 +141,7 @@ def load_run(path: str | Path) -> RunDir:
         secagg=config.secagg.enabled,
         unreconciled=unreconciled,
         resumed_at=_resumed_at(run_dir),
+        reproducible_noise=config.privacy.reproducible_noise,
     )
     return RunDir(run_dir, config, ledger, run, devices)
 

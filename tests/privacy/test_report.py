@@ -6,7 +6,7 @@ import pytest
 from fedlora.errors import ConfigError, PrivacyError
 from privacy.accountants import epsilon_for
 from privacy.ledger import PrivacyLedger
-from privacy.report import build_report, write_report
+from privacy.report import REPRODUCIBLE_NOISE_WARNING, RunInfo, build_report, write_report
 from tests.privacy._helpers import event
 
 DELTA = 1e-5
@@ -36,6 +36,7 @@ def test_layout(report):
     assert report["accountant"] == "rdp"
     assert report["delta"] == DELTA
     assert report["noise"] is None  # not stated: "exhausted" means spent, as in version 1
+    assert report["noise_source"] is None  # not stated either (no run information)
     assert report["privacy_unit"] == "one training sequence (record) of one device"
     assert [d["device"] for d in report["devices"]] == ["a", "b", "c", "idle"]
     assert set(report) == {
@@ -48,6 +49,7 @@ def test_layout(report):
         "noise",
         "exhaustion_rule",
         "run",
+        "noise_source",
         "devices",
         "fleet",
         "privacy_unit",
@@ -116,6 +118,7 @@ def test_assumptions_say_what_is_and_is_not_protected(report):
 
     for phrase in ("record-level", "poisson", "secagg+", "plaintext", "example counts"):
         assert phrase in text
+    assert "noise and the poisson sampling are secret" in text
 
 
 def test_default_accountant_is_prv(ledger):
@@ -194,3 +197,36 @@ def test_failed_write_keeps_the_old_report(tmp_path, report, monkeypatch):
 def test_non_json_report_is_refused(tmp_path):
     with pytest.raises(PrivacyError, match="not plain JSON"):
         write_report({"epsilon": float("nan")}, tmp_path / "r.json")
+
+
+# ---------------------------------------------------------------- noise source
+def test_noise_from_the_os_csprng_is_stated_without_a_warning(ledger):
+    run = RunInfo(status="complete", secagg=True, reproducible_noise=False)
+
+    report = build_report(ledger, {"a": 8.0, "b": 8.0, "c": 8.0}, DELTA, "rdp", run=run)
+
+    assert report["noise_source"] == {"source": "os-csprng-chacha20", "reproducible": False}
+    assert REPRODUCIBLE_NOISE_WARNING not in report["notes"]
+    assert "reproducible_noise" not in report["run"]  # said once, at the top level
+
+
+def test_reproducible_noise_is_stated_with_a_warning_in_words(ledger):
+    run = RunInfo(status="running", rounds_planned=5, rounds_completed=2, reproducible_noise=True)
+
+    report = build_report(ledger, {"a": 8.0, "b": 8.0, "c": 8.0}, DELTA, "rdp", run=run)
+
+    assert report["noise_source"] == {"source": "seeded-chacha20", "reproducible": True}
+    warning = report["notes"][0]  # first: it qualifies every number in the report
+    assert warning == REPRODUCIBLE_NOISE_WARNING
+    for words in (
+        "run's seed (config.json)",
+        "the coordinator included",
+        "epsilon stated here does not hold against them",
+    ):
+        assert words in warning
+    assert "in progress" in report["notes"][1]
+
+
+def test_the_noise_source_must_be_a_bool():
+    with pytest.raises(ConfigError, match=r"RunInfo\.reproducible_noise must be a bool"):
+        RunInfo(reproducible_noise="false")  # type: ignore[arg-type]

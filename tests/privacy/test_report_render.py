@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from privacy.ledger import PrivacyLedger
-from privacy.render import DEVICE_COLUMNS, device_table, render_markdown, render_table
+from privacy.render import DEVICE_COLUMNS, device_table, render_markdown, render_table, run_line
 from privacy.report import RunInfo, build_report
 from tests.privacy._helpers import event
 
@@ -99,3 +99,32 @@ def test_report_and_render_import_only_numpy_scipy_and_stdlib():
     )
 
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("render", [render_table, render_markdown])
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_renderings_say_where_the_noise_came_from(render, reproducible):
+    ledger = PrivacyLedger([event(device="dev-a", round=1, noise_multiplier=0.8, steps=20)])
+    run = RunInfo(status="complete", secagg=True, reproducible_noise=reproducible)
+    report = build_report(ledger, {"dev-a": 6.0}, DELTA, "rdp", run=run)
+
+    text = render(report)
+
+    if reproducible:
+        assert "noise seeded from the run's seed (seeded-chacha20, reproducible" in text
+        assert "does not hold against them" in text and "config.json" in text
+    else:
+        assert "noise from each device's OS CSPRNG (os-csprng-chacha20, not reproducible)" in text
+        assert "does not hold against them" not in text
+
+
+def test_a_report_without_the_field_renders_as_before(report):
+    """Reports written before noise_source existed (and ones that do not state it)."""
+    old = {k: v for k, v in report.items() if k != "noise_source"}
+
+    assert (
+        run_line(old)
+        == run_line(report)
+        == ("run in progress, 2 of 5 rounds · noise multiplier None · SecAgg+ on")
+    )
+    assert render_table(old) == render_table(report)
