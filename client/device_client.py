@@ -5,6 +5,12 @@ budget (declining if the round would take it past the budget) → trains on its
 own records with DP-SGD → records what it spent in its own ledger → returns
 the adapter *update* (local − global). With SecAgg+ on, ``secaggplus_mod``
 masks that update before it leaves the device.
+
+The DP noise and the Poisson batches come from a CSPRNG the device seeds from its
+operating system each round (:class:`privacy.noise.SecureRandom`): nothing the
+coordinator sends, the run's seed included, predicts them. Only a *simulated* device
+of a run with ``privacy.reproducible_noise`` seeds them from (run seed, device,
+round); a deployed device refuses such a run.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from client.train import LocalTrainingPlan, train_lora
 from fedlora import fleetsim, runtime
 from fedlora.config import DeviceProfile, FedloraConfig
 from fedlora.data.fleet import DeviceData
-from fedlora.errors import BudgetExhaustedError, DataError, UpdateError
+from fedlora.errors import BudgetExhaustedError, DataError, PrivacyError, UpdateError
 from fedlora.evaluation import mean_token_loss
 from privacy import DPSGDEvent, PrivacyLedger, calibrate_noise_multiplier, epsilon_for
+from privacy.noise import RandomSource, SecureRandom, SeededRandom
 
 
 def plan_noise(
@@ -95,6 +102,8 @@ class DeviceClient(NumPyClient):
         self.context = context
         node = context.node_config
         data_path = node.get("data-path")
+        #: A device with its own data (``fedlora device``), not one of a simulated fleet.
+        self.deployed = bool(data_path)
         if data_path:
             # A deployed device (``fedlora device``): its own records on its own disk.
             self.device = str(node.get("device-id") or Path(str(data_path)).stem)
@@ -168,6 +177,15 @@ class DeviceClient(NumPyClient):
         cfg = self.cfg
         server_round = int(config[ROUND_KEY])
         num_rounds = int(config[NUM_ROUNDS_KEY])
+        if cfg.privacy.reproducible_noise and self.deployed:
+            # The run config comes from the coordinator: it must not be able to make a
+            # device's noise predictable. Refused before anything is spent.
+            raise PrivacyError(
+                f"device {self.device} refuses round {server_round}: the run sets "
+                "privacy.reproducible_noise, which would let anyone with the run's seed (the "
+                "coordinator included) predict its DP noise; a deployed device draws it from "
+                "its OS CSPRNG only"
+            )
         bundle = runtime.model_bundle(cfg)
         set_adapter_arrays(bundle.model, parameters)
         ids, mask = runtime.encoded(cfg, f"device:{self.device}", self.data.train)
@@ -191,7 +209,13 @@ class DeviceClient(NumPyClient):
         sigma = plan_noise(
             cfg, ledger, self.device, server_round, num_rounds, q, self.budget_epsilon
         )
-        plan = LocalTrainingPlan(**{**plan_base.__dict__, "noise_multiplier": sigma})
+        plan = LocalTrainingPlan(
+            **{
+                **plan_base.__dict__,
+                "noise_multiplier": sigma,
+                "randomness": None if sigma is None else self.randomness(server_round),
+            }
+        )
 
         started = time.perf_counter()
         result = train_lora(bundle.model, ids, mask, plan)
@@ -246,6 +270,10 @@ class DeviceClient(NumPyClient):
             )
         return update, int(ids.shape[0]), metrics
 
+    def randomness(self, server_round: int) -> RandomSource:
+        """Where this device's DP noise and Poisson batches come from in ``server_round``."""
+        return round_randomness(self.cfg, self.index, server_round, deployed=self.deployed)
+
     def evaluate(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[float, int, dict[str, Any]]:
@@ -256,6 +284,21 @@ class DeviceClient(NumPyClient):
         ids, mask = runtime.encoded(self.cfg, f"heldout:{self.device}", self.data.heldout)
         loss = mean_token_loss(bundle.model, ids, mask)
         return loss, int(ids.shape[0]), {"device": self.device}
+
+
+def round_randomness(
+    cfg: FedloraConfig, device_index: int, server_round: int, *, deployed: bool
+) -> RandomSource:
+    """Where a device's DP noise and Poisson batches come from in one round.
+
+    A fresh OS-seeded CSPRNG, unless a *simulated* device runs with
+    ``privacy.reproducible_noise`` (research): then a source seeded from (run seed,
+    device, round), which anyone with the run's config can regenerate. A deployed
+    device never gets a seeded source (``DeviceClient.fit`` refuses such a run first).
+    """
+    if cfg.privacy.reproducible_noise and not deployed:
+        return SeededRandom(_seed(cfg.seed, device_index, server_round))
+    return SecureRandom()
 
 
 def clip_update_norm(
@@ -277,11 +320,13 @@ def clip_update_norm(
 
 
 def _device_index(device: str) -> int:
-    """A stable number for a deployed device (its training seed), from its id."""
+    """A stable number for a deployed device, from its id (seeds its training without DP)."""
     import hashlib
 
     return int.from_bytes(hashlib.sha256(device.encode()).digest()[:4], "big")
 
 
 def _seed(seed: int, device_index: int, server_round: int) -> int:
+    """The seed of a device's round: of its Poisson batches without DP, and of its DP noise
+    and batches in a simulation with ``privacy.reproducible_noise``."""
     return (seed * 1_000_003 + device_index * 10_007 + server_round) % (2**63)

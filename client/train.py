@@ -6,22 +6,37 @@ batches → report what was spent. The privacy unit is one record = one
 training sequence, so the loss is a per-sequence masked mean summed over the
 batch (HF's ``labels=`` loss averages tokens across the batch and couples
 samples, which breaks the per-sample sensitivity bound).
+
+With DP, the Poisson batches and the Gaussian noise both come from the plan's
+:class:`privacy.noise.RandomSource`, by default a fresh OS-seeded CSPRNG: whoever
+sees the update (or knows the run's seed) cannot tell which records were sampled
+nor subtract the noise.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
+
+from privacy.noise import RandomSource, SecureRandom
 
 
 @dataclass(frozen=True)
 class LocalTrainingPlan:
-    """What one device does in one round. ``noise_multiplier`` None means no DP."""
+    """What one device does in one round. ``noise_multiplier`` None means no DP.
+
+    ``randomness`` is where the Poisson batches and (with DP) the Gaussian noise come
+    from. None: with DP, a fresh :class:`~privacy.noise.SecureRandom` per call of
+    :func:`train_lora`; without DP, a torch generator seeded with ``seed`` (plain
+    training protects nothing, and stays reproducible). ``seed`` is used for nothing else.
+    """
 
     steps: int
     expected_batch_size: int
@@ -29,6 +44,7 @@ class LocalTrainingPlan:
     max_grad_norm: float
     noise_multiplier: float | None
     seed: int
+    randomness: RandomSource | None = field(default=None, compare=False, repr=False)
 
     def sample_rate(self, num_records: int) -> float:
         """Poisson sampling rate q = B / N, capped at 1."""
@@ -67,16 +83,50 @@ def per_sequence_loss(
 
 
 def poisson_batches(
-    num_records: int, sample_rate: float, steps: int, generator: torch.Generator
+    num_records: int,
+    sample_rate: float,
+    steps: int,
+    randomness: torch.Generator | RandomSource,
 ) -> list[torch.Tensor]:
     """Indices of ``steps`` Poisson-sampled batches: each record joins each batch w.p. q.
 
-    Batches may be empty; that is part of the mechanism the accountant analyses.
+    Batches may be empty; that is part of the mechanism the accountant analyses. The
+    draws come from ``randomness``: a :class:`~privacy.noise.RandomSource` (DP training)
+    or a seeded torch generator (plain training).
     """
+    if isinstance(randomness, torch.Generator):
+        return [
+            torch.nonzero(torch.rand(num_records, generator=randomness) < sample_rate).flatten()
+            for _ in range(steps)
+        ]
     return [
-        torch.nonzero(torch.rand(num_records, generator=generator) < sample_rate).flatten()
+        torch.from_numpy(np.flatnonzero(randomness.bernoulli(sample_rate, num_records)))
         for _ in range(steps)
     ]
+
+
+class InjectedNoiseDPOptimizer(DPOptimizer):
+    """Opacus' :class:`DPOptimizer` with its Gaussian noise drawn from a ``RandomSource``.
+
+    Only :meth:`add_noise` changes: every parameter's summed clipped gradient gets noise
+    of std σ·C, drawn by ``randomness.gaussian`` (in float64, cast to the gradient's
+    dtype) instead of ``torch.normal`` on Opacus' generator. Clipping, accumulation,
+    the scaling for ``loss_reduction``, step skipping and hooks are Opacus' own.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, randomness: RandomSource, **kwargs):
+        super().__init__(optimizer, **kwargs)
+        self.randomness = randomness
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            summed = p.summed_grad
+            _check_processed_flag(summed)
+            draws = self.randomness.gaussian(summed.numel(), std)
+            noise = torch.from_numpy(draws).to(dtype=summed.dtype).view(summed.shape)
+            p.grad = (summed + noise).view_as(p)
+            _mark_as_processed(summed)
 
 
 def train_lora(
@@ -88,13 +138,14 @@ def train_lora(
     """Train the model's trainable (LoRA) parameters in place for ``plan.steps`` steps.
 
     With a noise multiplier, every step clips each sequence's gradient to
-    ``max_grad_norm`` and adds Gaussian noise of std ``σ·C`` (Opacus
-    ``DPOptimizer``); an empty Poisson batch still takes a noise-only step.
-    Without one, it is plain SGD on the same batches (for non-private baselines).
+    ``max_grad_norm`` and adds Gaussian noise of std ``σ·C`` (Opacus'
+    ``DPOptimizer``, noise from :class:`InjectedNoiseDPOptimizer`); an empty Poisson
+    batch still takes a noise-only step.
+    Without one, it is plain SGD on Poisson batches (for non-private baselines).
+    The batches and the noise come from ``plan.randomness`` (see :class:`LocalTrainingPlan`).
     """
     num_records = int(input_ids.shape[0])
     q = plan.sample_rate(num_records)
-    generator = torch.Generator().manual_seed(plan.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters: attach a LoRA adapter first")
@@ -103,26 +154,31 @@ def train_lora(
     base_optimizer = torch.optim.SGD(params, lr=plan.learning_rate)
     net: nn.Module
     optimizer: torch.optim.Optimizer
+    randomness: torch.Generator | RandomSource
     if dp:
+        source = plan.randomness if plan.randomness is not None else SecureRandom()
+        randomness = source
         net = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        optimizer = DPOptimizer(
+        optimizer = InjectedNoiseDPOptimizer(
             base_optimizer,
+            randomness=source,
             noise_multiplier=float(plan.noise_multiplier),  # type: ignore[arg-type]
             max_grad_norm=plan.max_grad_norm,
             expected_batch_size=max(1, round(q * num_records)),
             # Per-sample grads are exact (GradSampleModule "sum"); "mean" here divides the
             # noisy sum of clipped grads by the *expected* batch size B = q·N, as DP-SGD does.
             loss_reduction="mean",
-            generator=torch.Generator().manual_seed(plan.seed + 1),
         )
     else:
         net, optimizer = model, base_optimizer
+        seeded = torch.Generator().manual_seed(plan.seed)
+        randomness = plan.randomness if plan.randomness is not None else seeded
 
     net.train()
     losses: list[float] = []
     empty = 0
     try:
-        for batch in poisson_batches(num_records, q, plan.steps, generator):
+        for batch in poisson_batches(num_records, q, plan.steps, randomness):
             optimizer.zero_grad(set_to_none=True)
             if batch.numel() == 0:
                 empty += 1

@@ -24,7 +24,9 @@ it (:data:`server.aggregate.REASONS`).
 
 :func:`retrain_update` recomputes a device's update of one round in the caller's
 process, from the σ its own ledger recorded and the same seed, as ``DeviceClient.fit``
-made it: the expected aggregate is then a plain weighted mean of those updates.
+made it: the expected aggregate is then a plain weighted mean of those updates. That
+takes a run with ``privacy.reproducible_noise`` (by default a device's noise comes from
+its own CSPRNG, which nobody can replay).
 """
 
 from __future__ import annotations
@@ -365,10 +367,16 @@ def retrain_update(
     """Device ``partition``'s update of round ``rnd`` from ``previous``, as it made it."""
     import torch
 
-    from client.device_client import _seed, clip_update_norm
+    from client.device_client import _seed, clip_update_norm, round_randomness
     from client.train import LocalTrainingPlan, train_lora
     from fedlora import runtime
     from fedlora.adapter import get_adapter_arrays, set_adapter_arrays
+    from fedlora.errors import ConfigError
+
+    if not cfg.privacy.reproducible_noise:
+        raise ConfigError(
+            "retrain_update replays a device's DP noise: run with privacy.reproducible_noise"
+        )
 
     torch.set_num_threads(1)  # as each simulated device trains
     bundle = runtime.model_bundle(cfg)
@@ -381,6 +389,7 @@ def retrain_update(
         max_grad_norm=cfg.privacy.max_grad_norm,
         noise_multiplier=sigma,
         seed=_seed(cfg.seed, partition, rnd),
+        randomness=round_randomness(cfg, partition, rnd, deployed=False),
     )
     set_adapter_arrays(bundle.model, previous)
     train_lora(bundle.model, ids, mask, plan)

@@ -1,4 +1,8 @@
-"""Local DP-SGD: the loss, Poisson batches, clipping, noise, and the empty-batch step."""
+"""Local DP-SGD: the loss, Poisson batches, clipping, noise, and the empty-batch step.
+
+With DP the batches and the noise come from the plan's RandomSource: a fresh OS-seeded
+CSPRNG unless a test passes a seeded one.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from client.train import LocalTrainingPlan, per_sequence_loss, poisson_batches, train_lora
+from client.train import (
+    InjectedNoiseDPOptimizer,
+    LocalTrainingPlan,
+    per_sequence_loss,
+    poisson_batches,
+    train_lora,
+)
+from privacy.noise import SecureRandom, SeededRandom
 from tests.conftest import tiny_lora_model
 
 
@@ -49,14 +60,23 @@ def test_per_sequence_loss_does_not_couple_sequences():
     assert changed.tolist() == [i == 3 for i in range(len(a))]
 
 
-def test_poisson_batches_have_expected_size_and_can_be_empty():
-    g = torch.Generator().manual_seed(0)
-    batches = poisson_batches(1000, 0.05, 200, g)
+@pytest.mark.parametrize(
+    "randomness", [lambda: torch.Generator().manual_seed(0), SecureRandom], ids=["torch", "csprng"]
+)
+def test_poisson_batches_have_expected_size_and_can_be_empty(randomness):
+    batches = poisson_batches(1000, 0.05, 200, randomness())
     sizes = np.array([len(b) for b in batches])
     assert abs(sizes.mean() - 50) < 3
-    g = torch.Generator().manual_seed(0)
-    tiny = poisson_batches(3, 0.1, 200, g)
+    assert all(b.dtype == torch.int64 and torch.all(b[1:] > b[:-1]) for b in batches)
+    tiny = poisson_batches(3, 0.1, 200, randomness())
     assert any(len(b) == 0 for b in tiny) and any(len(b) > 0 for b in tiny)
+
+
+def test_poisson_batches_from_a_source_are_its_bernoulli_draws():
+    got = poisson_batches(50, 0.3, 4, SeededRandom(9))
+    src = SeededRandom(9)
+    want = [np.flatnonzero(src.bernoulli(0.3, 50)).tolist() for _ in range(4)]
+    assert [b.tolist() for b in got] == want
 
 
 def test_empty_batch_takes_a_noise_only_step_of_the_right_scale():
@@ -73,12 +93,9 @@ def test_empty_batch_takes_a_noise_only_step_of_the_right_scale():
         noise_multiplier=sigma,
         seed=3,
     )
-    # sample_rate = B/N = 1/4; pick a seed whose single Poisson batch is empty
-    for seed in range(1000):
-        g = torch.Generator().manual_seed(seed)
-        if len(poisson_batches(8, 0.25, 1, g)[0]) == 0:
-            break
-    plan = LocalTrainingPlan(**{**plan.__dict__, "seed": seed})
+    # sample_rate = B/N = 1/4; pick a seeded source whose single Poisson batch is empty
+    seed = next(s for s in range(1000) if not SeededRandom(s).bernoulli(0.25, 8).any())
+    plan = LocalTrainingPlan(**{**plan.__dict__, "randomness": SeededRandom(seed)})
     result = train_lora(model, ids, mask, plan)
     assert result.empty_batches == 1 and math.isnan(result.mean_loss)
     delta = torch.cat([(a - b).flatten() for a, b in zip(_trainable(model), before, strict=True)])
@@ -159,3 +176,108 @@ def test_model_without_trainable_parameters_is_refused():
     )
     with pytest.raises(ValueError, match="no trainable parameters"):
         train_lora(model, ids, mask, plan)
+
+
+# ------------------------------------------------------------ where the noise comes from
+def _plan(sigma: float | None, randomness=None, **kw) -> LocalTrainingPlan:
+    base = {
+        "steps": 1,
+        "expected_batch_size": 8,
+        "learning_rate": 0.5,
+        "max_grad_norm": 0.7,
+        "noise_multiplier": sigma,
+        "seed": 0,
+        "randomness": randomness,
+    }
+    return LocalTrainingPlan(**{**base, **kw})
+
+
+def _train(plan: LocalTrainingPlan, n: int = 8) -> torch.Tensor:
+    """The adapter after training a fresh tiny model (same init, same data) with ``plan``."""
+    model = tiny_lora_model()
+    ids, mask = _data(n=n)
+    train_lora(model, ids, mask, plan)
+    return torch.cat([p.flatten() for p in _trainable(model)])
+
+
+def test_the_noise_added_is_the_sources_gaussian_of_std_sigma_c():
+    """q = 1 (B = N): every record in the one batch; the σ run minus a σ = 0 run on the same
+    batch is −lr·noise/B, and the noise is exactly what the source drew after the batch."""
+    sigma, plan = 1.5, _plan(1.5)
+    with_noise = _train(_plan(sigma, SeededRandom(21)))
+    without = _train(_plan(0.0, SeededRandom(21)))
+
+    src = SeededRandom(21)
+    src.bernoulli(1.0, 8)  # the batch
+    model = tiny_lora_model()
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    noise = np.concatenate([src.gaussian(k, sigma * plan.max_grad_norm) for k in sizes])
+    added = -(with_noise - without).double().numpy() * plan.expected_batch_size / plan.learning_rate
+    assert np.allclose(added, noise, rtol=1e-4, atol=1e-5)
+
+
+def test_secure_noise_has_std_sigma_c_and_mean_zero():
+    """Eight one-step runs with OS-seeded sources, each against a σ = 0 run on the same
+    (full) batch: 4,096 noise values whose std must be σ·C (standard error 1.1%)."""
+    sigma, clip = 2.0, 0.7
+    without = _train(_plan(0.0, SeededRandom(0)))  # q = 1: the batch is every record
+    added = torch.cat(
+        [-(_train(_plan(sigma, SecureRandom())) - without) * 8 / 0.5 for _ in range(8)]
+    ).double()
+    assert added.numel() == 8 * 512
+    assert abs(added.std().item() / (sigma * clip) - 1) < 0.06
+    assert abs(added.mean().item()) < 5 * sigma * clip / math.sqrt(added.numel())
+
+
+def test_two_secure_runs_differ_and_two_seeded_runs_are_identical():
+    a, b = _train(_plan(1.0, expected_batch_size=3)), _train(_plan(1.0, expected_batch_size=3))
+    assert not torch.equal(a, b)
+    assert (a - b).abs().max() > 1e-3  # the noise, not float rounding
+
+    c = _train(_plan(1.0, SeededRandom(4), expected_batch_size=3, steps=3))
+    d = _train(_plan(1.0, SeededRandom(4), expected_batch_size=3, steps=3))
+    assert torch.equal(c, d)
+
+
+def test_plain_training_keeps_its_seeded_torch_generator():
+    """No DP, no source: batches from torch.Generator(seed), as before; runs are identical."""
+    plan = _plan(None, expected_batch_size=3, steps=4, seed=5)
+    assert torch.equal(_train(plan), _train(plan))
+    model = tiny_lora_model()
+    ids, mask = _data(n=8)
+    got = train_lora(model, ids, mask, plan)
+    batches = poisson_batches(8, 3 / 8, 4, torch.Generator().manual_seed(5))
+    assert got.empty_batches == sum(1 for b in batches if b.numel() == 0)
+    assert not torch.equal(_train(plan), _train(_plan(None, expected_batch_size=3, steps=4)))
+
+
+def test_the_optimizer_keeps_opacus_clipping_and_scaling():
+    """σ = 0: the injected-noise optimizer steps exactly as Opacus' DPOptimizer; σ > 0: it
+    adds the source's draws to the summed clipped gradient before dividing by B."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+
+    def grads(make, sigma):
+        torch.manual_seed(0)
+        net = GradSampleModule(torch.nn.Linear(5, 3), loss_reduction="sum")
+        sgd = torch.optim.SGD(net.parameters(), lr=1.0)
+        opt = make(sgd, noise_multiplier=sigma, max_grad_norm=0.1, expected_batch_size=4)
+        (net(x) ** 2).sum().backward()
+        opt.pre_step()
+        out = [p.grad.clone() for p in net.parameters()]
+        net._close()
+        return out
+
+    def injected(seed):
+        return lambda sgd, **kw: InjectedNoiseDPOptimizer(sgd, randomness=SeededRandom(seed), **kw)
+
+    opacus = grads(DPOptimizer, 0.0)
+    ours = grads(injected(1), 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(opacus, ours, strict=True))
+    noisy = grads(injected(1), 3.0)
+    src = SeededRandom(1)
+    for clean, got in zip(opacus, noisy, strict=True):
+        noise = torch.from_numpy(src.gaussian(clean.numel(), 0.3)).float().view_as(clean)
+        assert torch.allclose(got, clean + noise / 4, atol=1e-6)

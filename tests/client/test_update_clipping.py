@@ -176,7 +176,12 @@ def tiny_device(monkeypatch):
 
         set_adapter_arrays(model, initial)
         cfg = FedloraConfig().replace(
-            privacy={"max_update_norm": max_update_norm, "noise_multiplier": 1.0},
+            # reproducible_noise: the two fits below compare one update, clipped and not.
+            privacy={
+                "max_update_norm": max_update_norm,
+                "noise_multiplier": 1.0,
+                "reproducible_noise": True,
+            },
             training={"local_steps": 3, "batch_size": 5, "learning_rate": learning_rate},
         )
         ctx = Context(

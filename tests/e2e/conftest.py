@@ -11,7 +11,8 @@ ROUNDS = 2
 
 
 def small_config(**overrides: object) -> FedloraConfig:
-    """6 devices, 4 per round, 2 rounds of 3 steps, fixed σ = 1 (deterministic for a seed)."""
+    """6 devices, 4 per round, 2 rounds of 3 steps, fixed σ = 1; noise from each device's
+    CSPRNG (add ``privacy={"reproducible_noise": True}`` for a run that a seed reproduces)."""
     cfg = FedloraConfig().replace(
         fleet={"num_devices": 6, "devices_per_round": 4, "min_devices": 3},
         training={"rounds": ROUNDS, "local_steps": 3, "batch_size": 8},
@@ -22,8 +23,13 @@ def small_config(**overrides: object) -> FedloraConfig:
 
 
 def plain_config() -> FedloraConfig:
-    """The small fleet without SecAgg+ or export: exactly reproducible."""
-    return small_config(secagg={"enabled": False}, export={"enabled": False})
+    """The small fleet without SecAgg+ or export, noise seeded from the run: exactly
+    reproducible."""
+    return small_config(
+        secagg={"enabled": False},
+        export={"enabled": False},
+        privacy={"reproducible_noise": True},
+    )
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,7 @@ def fault_config() -> FedloraConfig:
         training={"rounds": 2, "local_steps": 2, "batch_size": 8},
         secagg={"timeout_s": 60.0},
         export={"enabled": False},
+        privacy={"reproducible_noise": True},  # the updates are recomputed here
         seed=1,
     )
 

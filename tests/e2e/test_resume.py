@@ -1,13 +1,14 @@
 """End to end: a simulation SIGKILLed in the middle of a round, resumed with ``--resume``.
 
-Devices train deterministically for a seed, σ is fixed and aggregation is plain, so a
-resumed run must reproduce an uninterrupted run from the same config exactly: same
-devices sampled each round (the sampler's state is restored), same global adapter, same
-eval losses. Its ledger differs in one way only, and must: the devices that had trained
-in the round the kill cut spent that budget, so their events of the killed attempt are
-in the coordinator's ledger too (recovered from their own ledgers), beside the events of
-the round trained again. (SecAgg+'s quantization rounds stochastically, so it would not
-reproduce bit for bit; the deployment test resumes a SecAgg+ run over gRPC.)
+Devices seed their DP noise from the run (``privacy.reproducible_noise``), σ is fixed
+and aggregation is plain, so a resumed run must reproduce an uninterrupted run from the
+same config exactly: same devices sampled each round (the sampler's state is restored),
+same global adapter, same eval losses. Its ledger differs in one way only, and must: the
+devices that had trained in the round the kill cut spent that budget, so their events of
+the killed attempt are in the coordinator's ledger too (recovered from their own
+ledgers), beside the events of the round trained again. (SecAgg+'s quantization rounds
+stochastically, so it would not reproduce bit for bit; the deployment test resumes a
+SecAgg+ run over gRPC.)
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """End to end: the Flower simulation engine with real Opacus, peft and SecAgg+.
 
-One small fleet is run twice, with and without SecAgg+, from the same seed.
-Device training is deterministic for a seed, so the two runs differ only by
-SecAgg+'s quantization: the round-1 global adapters must agree to within it.
+One small fleet is run twice, with and without SecAgg+, from the same seed and with
+``privacy.reproducible_noise`` (research mode: devices seed their DP noise from the
+run), so the two runs differ only by SecAgg+'s quantization: the round-1 global
+adapters must agree to within it. The other runs here draw noise as a default run
+does, from each device's OS CSPRNG, and their reports say so.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def runs(tmp_path_factory, plain_run):
     from fedlora.simulate import simulate
 
     run_dir = tmp_path_factory.mktemp("runs") / "secagg"
-    cfg = small_config()
+    cfg = small_config(privacy={"reproducible_noise": True})  # as the plain run
     summary = simulate(cfg, run_dir, show_progress=False)
     runtime.clear()
     # The plain run is shared with the resume test (the same small fleet, same seed).
@@ -125,7 +127,7 @@ def test_export_manifest_describes_files_on_disk(runs):
 
 
 def test_secagg_aggregate_matches_plain_aggregation(runs):
-    """Same seed, same devices, same noise: SecAgg+ only adds quantization error."""
+    """Same seed, same devices, same (seeded) noise: SecAgg+ only adds quantization error."""
     from safetensors.numpy import load_file
 
     _, secagg_dir, _ = runs["secagg"]
@@ -210,6 +212,12 @@ def test_devices_stop_being_sampled_exactly_when_their_budget_would_be_exceeded(
     exhausted = {d for d in rates if 0 < expected_counts[d] == affordable[d]}
     assert {d["device"] for d in report["devices"] if d["exhausted"]} == exhausted
     assert report["fleet"]["num_exhausted"] == len(exhausted)
+    # A default run's noise came from each device's CSPRNG, and `fedlora report` says so.
+    from fedlora.reporting.rundir import load_run, report_for
+
+    again = report_for(load_run(tmp_path / "run"))
+    assert again["noise_source"] == {"source": "os-csprng-chacha20", "reproducible": False}
+    assert not any("reproducible" in n for n in again["notes"])
 
 
 def test_a_users_own_checkpoint_via_model_path(tmp_path):
