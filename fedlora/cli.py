@@ -222,6 +222,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             f"privacy: worst device ε = {p['max_epsilon']:.3f} (budget {p['budget_epsilon']:g}) "
             f"at δ = {p['delta']:g}, {p['accountant']} accountant"
         )
+        if p.get("reproducible_noise"):
+            console.print(
+                "[bold red]warning[/]: privacy.reproducible_noise was on (research option; a "
+                "version-3 config means it): the DP noise was seeded from the run's seed, so ε "
+                "does not hold against anyone who has config.json"
+            )
     for name, figures in summary.get("export", {}).items():
         extra = ""
         if "kl" in figures:

@@ -303,6 +303,7 @@ def _summary(
             "delta": report["delta"],
             "max_epsilon": report["fleet"]["max_epsilon"],
             "budget_epsilon": cfg.privacy.epsilon,
+            "reproducible_noise": cfg.privacy.reproducible_noise,
         }
         summary["artefacts"]["privacy_report"] = str(run_dir / "privacy" / "report.json")
     if cfg.export.enabled:

@@ -280,6 +280,7 @@ class Coordinator:
                     secagg=cfg.secagg.enabled,
                     unreconciled=self.budget.num_owed(),
                     resumed_at=tuple(self._resumed_at()),
+                    reproducible_noise=cfg.privacy.reproducible_noise,
                 ),
             )
             # report.json, report.html (self-contained, with plots) and the PNG plots

@@ -207,7 +207,7 @@ class RunServicer:
             cfg = FedloraConfig.from_dict(json.loads(request.config_json))
         except (ValueError, TypeError, FedloraError) as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"the run's config is invalid: {err}")
-        if getattr(cfg.privacy, "reproducible_noise", False):
+        if cfg.privacy.reproducible_noise:
             abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,

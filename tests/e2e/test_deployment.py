@@ -379,7 +379,9 @@ def test_coordinator_killed_mid_run_restarts_with_history_and_the_run_resumes(de
     # The coordinator's ledger after round 1, as saved; then SIGKILL the whole coordinator.
     saved = (run_dir / "privacy" / "ledger.json").read_bytes()
     dep.kill("coordinator", signal.SIGKILL)
-    assert not processes_mentioning(f"--fleet-api-address {dep.host}:{dep.port}"), "SuperLink survived"
+    assert not processes_mentioning(f"--fleet-api-address {dep.host}:{dep.port}"), (
+        "SuperLink survived"
+    )
     # The run's ServerApp (detached by Flower) notices its coordinator is gone and exits.
     deadline = time.monotonic() + 15
     while processes_mentioning(f"{RUNS_DIR_ENV}={dep.dir}") and time.monotonic() < deadline:

@@ -51,6 +51,10 @@ def test_run_directory_is_complete(runs):
         assert (run_dir / "checkpoints" / f"round-{i:04d}.safetensors").exists()
     for name in ("report.json", "report.html", "epsilon_by_round.png", "budget_remaining.png"):
         assert (run_dir / "privacy" / name).stat().st_size > 0, name
+    # This run seeded its noise (research option): the coordinator's report says so in words.
+    report = json.loads((run_dir / "privacy" / "report.json").read_text())
+    assert report["noise_source"] == {"source": "seeded-chacha20", "reproducible": True}
+    assert "config.json" in report["notes"][0] and summary["privacy"]["reproducible_noise"]
 
 
 def test_adapter_loads_with_peft_and_matches_the_last_checkpoint(runs):
@@ -212,12 +216,14 @@ def test_devices_stop_being_sampled_exactly_when_their_budget_would_be_exceeded(
     exhausted = {d for d in rates if 0 < expected_counts[d] == affordable[d]}
     assert {d["device"] for d in report["devices"] if d["exhausted"]} == exhausted
     assert report["fleet"]["num_exhausted"] == len(exhausted)
-    # A default run's noise came from each device's CSPRNG, and `fedlora report` says so.
+    # A default run's noise came from each device's CSPRNG: the coordinator's report and
+    # `fedlora report` both say so.
     from fedlora.reporting.rundir import load_run, report_for
 
     again = report_for(load_run(tmp_path / "run"))
-    assert again["noise_source"] == {"source": "os-csprng-chacha20", "reproducible": False}
-    assert not any("reproducible" in n for n in again["notes"])
+    for r in (report, again):
+        assert r["noise_source"] == {"source": "os-csprng-chacha20", "reproducible": False}
+        assert not any("reproducible" in n for n in r["notes"])
 
 
 def test_a_users_own_checkpoint_via_model_path(tmp_path):
