@@ -295,16 +295,33 @@ class LocalDeployment:
 
 
 def listening_tcp() -> set[tuple[str, int]]:
-    """``(IPv4 address, port)`` of every listening TCP socket on this machine (/proc/net/tcp)."""
+    """``(address, port)`` of every listening TCP socket on this machine.
+
+    Read from /proc/net/tcp and /proc/net/tcp6; an IPv6 address is written the
+    ``ipaddress`` way, so a dual-stack wildcard listener (what gRPC makes of
+    ``0.0.0.0:P``) shows as ``("::", P)``.
+    """
+    import ipaddress
+
     found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] != "0A":  # TCP_LISTEN
+    for table in ("tcp", "tcp6"):
+        path = Path("/proc/net") / table
+        if not path.exists():
             continue
-        ip_hex, port_hex = fields[1].split(":")
-        ip = ".".join(str(b) for b in reversed(bytes.fromhex(ip_hex)))
-        found.add((ip, int(port_hex, 16)))
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            ip_hex, port_hex = fields[1].split(":")
+            raw = bytes.fromhex(ip_hex)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add((str(ipaddress.ip_address(packed)), int(port_hex, 16)))
     return found
+
+
+#: How a listener on every interface shows in :func:`listening_tcp`.
+EVERY_INTERFACE = frozenset({"0.0.0.0", "::"})
 
 
 def processes_mentioning(text: str) -> list[str]:

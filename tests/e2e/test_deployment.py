@@ -170,7 +170,7 @@ def test_an_attacker_with_only_the_ca_runs_no_code_anywhere(deployment, tmp_path
     import grpc
 
     from fedlora.testing.attacker import evil_fab, markers, submit_to_control_api
-    from fedlora.testing.deployment import listening_tcp
+    from fedlora.testing.deployment import EVERY_INTERFACE, listening_tcp
     from fedlora.v1 import run_service_pb2 as pb
     from fedlora.v1 import run_service_pb2_grpc
     from server.submit import RunServiceClient
@@ -181,8 +181,9 @@ def test_an_attacker_with_only_the_ca_runs_no_code_anywhere(deployment, tmp_path
     # The Control API (P+1) listens on loopback only, though the coordinator serves the
     # Fleet API (P) and its own services (P+2) on every interface.
     listening = listening_tcp()
-    assert {("0.0.0.0", dep.port), ("0.0.0.0", dep.port + 2)} <= listening
-    assert {ip for ip, port in listening if port == dep.port + 1} == {"127.0.0.1"}
+    for port in (dep.port, dep.port + 2):
+        assert {ip for ip, p in listening if p == port} & EVERY_INTERFACE, (port, listening)
+    assert {ip for ip, p in listening if p == dep.port + 1} == {"127.0.0.1"}
 
     # Straight to the Control API, from the coordinator's own loopback (more than a network
     # attacker can reach): Flower accepts the run, fedlora's executor refuses its ServerApp.
@@ -245,7 +246,9 @@ def test_tls_secagg_run_aggregates_noise_the_runs_seed_cannot_predict(deployment
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
     assert all(r["num_devices"] == DEVICES for r in rows[1:])
-    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    # One round of two DP steps with fresh noise need not lower the loss (it did whenever the
+    # noise was seeded); it must stay finite and near the base model's.
+    assert abs(rows[-1]["eval_loss"] - rows[0]["eval_loss"]) < 0.5, rows
     assert (run_dir / "privacy" / "report.json").exists()
     assert (run_dir / "export" / "manifest.json").exists()
 
