@@ -1,6 +1,6 @@
 """What does DP-SGD cost per optimizer step? DP-SGD vs plain SGD on the same LoRA model.
 
-For each size it times ``client.train.train_lora`` twice on the same LoRA-wrapped
+For each size it times ``fedlora.client.train.train_lora`` twice on the same LoRA-wrapped
 model, records, batch size and sequence length:
 
 * ``dp``: DP-SGD (Opacus ``GradSampleModule`` per-sample gradients + ``DPOptimizer``
@@ -126,7 +126,7 @@ def large_model(seed: int) -> Any:
 
 
 def plan(batch: int, steps: int, dp: bool, seed: int) -> Any:
-    from client.train import LocalTrainingPlan
+    from fedlora.client.train import LocalTrainingPlan
 
     return LocalTrainingPlan(
         steps=steps,
@@ -140,7 +140,7 @@ def plan(batch: int, steps: int, dp: bool, seed: int) -> Any:
 
 def time_size(model: Any, batch: int, reps: int, steps: int, seed: int) -> dict[str, Any]:
     """Median s/step of DP and non-DP ``train_lora`` calls, alternated."""
-    from client.train import train_lora
+    from fedlora.client.train import train_lora
 
     vocab = int(model.get_input_embeddings().weight.shape[0])
     ids, mask = records(vocab, batch, seed)
@@ -184,7 +184,7 @@ def breakdown(model: Any, batch: int, reps: int, seed: int) -> dict[str, Any]:
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    from client.train import per_sequence_loss
+    from fedlora.client.train import per_sequence_loss
 
     vocab = int(model.get_input_embeddings().weight.shape[0])
     ids, mask = records(vocab, batch, seed)
@@ -271,7 +271,7 @@ def grad_sample_modes(model: Any, batch: int, reps: int, steps: int, seed: int) 
     from opacus.grad_sample.utils import prepare_module
     from opacus.optimizers import DPOptimizer
 
-    from client.train import per_sequence_loss
+    from fedlora.client.train import per_sequence_loss
 
     vocab = int(model.get_input_embeddings().weight.shape[0])
     ids, mask = records(vocab, batch, seed)
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "unit": "ratio (DP-SGD CPU s/step ÷ non-DP CPU s/step, one torch thread)",
         "figure_wall": headline["ratio"],
         "comparison": (
-            "client.train.train_lora with noise_multiplier="
+            "fedlora.client.train.train_lora with noise_multiplier="
             f"{NOISE_MULTIPLIER} (Opacus per-sample grads, clip C={MAX_GRAD_NORM}, Gaussian "
             "noise) vs noise_multiplier=None (plain SGD), same LoRA model, records, batch "
             f"and seq_len {SEQ_LEN}; figure at the default model, batch {HEADLINE_BATCH}"

@@ -9,7 +9,7 @@ the worker slots (one Ray actor per core, ``os.cpu_count()``).
 Local-training compute comes from the metrics rows' ``train_s_total`` when the
 run records it (``"compute_source": "metrics"``). Otherwise every (device, round)
 in the coordinator's privacy ledger is replayed here, after the run, in this one
-process with one torch thread: ``client.train.train_lora`` on that device's
+process with one torch thread: ``fedlora.client.train.train_lora`` on that device's
 records with the round's σ, q, steps and seed, timed alone (``"compute_source":
 "replay"``). A replay is unloaded by the other worker and by the coordinator, so
 it is the compute a perfect scheduler would have to run; it starts from the
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def ledger_trainings(run_dir: Path) -> list[Any]:
     """Every DP-SGD event the coordinator recorded: one per (device, round) that trained."""
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     return list(PrivacyLedger.load(run_dir / "privacy" / "ledger.json").events)
 
@@ -78,10 +78,10 @@ def replay(cfg_dict: dict[str, Any], events: list[Any]) -> Iterator[float]:
     """Seconds of ``train_lora`` for each event, replayed in this process, one thread."""
     import torch
 
-    from client.device_client import _seed
-    from client.train import LocalTrainingPlan, train_lora
     from fedlora import runtime
     from fedlora.adapter import set_adapter_arrays
+    from fedlora.client.device_client import _seed
+    from fedlora.client.train import LocalTrainingPlan, train_lora
     from fedlora.config import FedloraConfig
 
     torch.set_num_threads(1)

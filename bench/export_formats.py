@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.export import available_formats, get_format
-from fedlora.export.cli import run_inputs
 from fedlora.export.merge import load_fp32_model, merge_adapter
 from fedlora.export.quality import compare_logits
+from fedlora.export.rerun import run_inputs
 from fedlora.model import BaseModelSpec, default_model_path
 
 KQUANT_SPEC = BaseModelSpec(

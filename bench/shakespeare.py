@@ -122,7 +122,7 @@ def run_variant(cfg: Any, run_dir: Path, force: bool = False) -> dict[str, Any]:
 
 
 def _noise(run_dir: Path) -> dict[str, Any]:
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     ledger = PrivacyLedger.load(run_dir / "privacy" / "ledger.json")
     sigmas = [ev.noise_multiplier for ev in ledger.events]

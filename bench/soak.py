@@ -242,7 +242,7 @@ def ledger_check(run_dir: Path, delta: float) -> dict[str, Any]:
     """The coordinator's ledger and report against the devices' own ledgers, recounted."""
     import warnings
 
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     coordinator = PrivacyLedger.load(run_dir / "privacy" / "ledger.json")
     report = json.loads((run_dir / "privacy" / "report.json").read_text())

@@ -209,8 +209,8 @@ def central(cfg_dict: dict[str, Any], rounds: int) -> dict[str, Any]:
     """Non-DP LoRA on every private training record pooled, evaluated like the coordinator."""
     import torch
 
-    from client.train import LocalTrainingPlan, train_lora
     from fedlora import runtime
+    from fedlora.client.train import LocalTrainingPlan, train_lora
     from fedlora.config import FedloraConfig
     from fedlora.evaluation import mean_token_loss
 

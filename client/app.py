@@ -1,9 +1,9 @@
-"""The device's Flower ClientApp: ``client.app:app``.
+"""The device's Flower ClientApp: ``fedlora.client.app:app``.
 
 A deployed SuperNode starts a fresh ``flwr-clientapp`` process for every
 message, and SecAgg+ sends four per round, three of which only the
 ``secaggplus_mod`` handles. So this module imports nothing heavy: torch, the
-model and Opacus are loaded (in :mod:`client.device_client`) only when a
+model and Opacus are loaded (in :mod:`fedlora.client.device_client`) only when a
 message reaches the device's own code (training, evaluation, discovery).
 """
 
@@ -17,14 +17,10 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.mods import secagg_mod
+from fedlora.client.mods import secagg_mod
 
 if TYPE_CHECKING:
     from fedlora.config import FedloraConfig
-
-# Keys of the instructions the coordinator sends with every fit request.
-ROUND_KEY = "server-round"
-NUM_ROUNDS_KEY = "num-rounds"
 
 
 def make_client_app(
@@ -41,7 +37,7 @@ def make_client_app(
     ``device_root`` gives each simulated device a directory of its own
     (``device_root/<device>/ledger.json``) standing in for its local disk.
     ``outer_mods`` run outside SecAgg+ (``fedlora simulate`` puts the simulated fleet's
-    :func:`client.simulated.simulated_fleet_mod` there).
+    :func:`fedlora.client.simulated.simulated_fleet_mod` there).
     """
     required = cfg.secagg.enabled if cfg is not None else False
 
@@ -52,7 +48,7 @@ def make_client_app(
 
         watch_supervisor()  # under `fedlora device`: end with it, even on SIGKILL
 
-        from client.device_client import DeviceClient
+        from fedlora.client.device_client import DeviceClient
         from fedlora.config import config_from_run_config
 
         torch.set_num_threads(1)  # one core per simulated device; Ray gives each actor one

@@ -12,7 +12,7 @@ would take the device past its budget.
 The SuperNode runs with ``--isolation process``: this process is its task
 executor (:mod:`fedlora.appguard`) and starts each ClientApp task only after
 checking that the run's app bundle is fedlora's own (no code, the installed
-``client.app:app``). A coordinator, even a compromised one, cannot make a
+``fedlora.client.app:app``). A coordinator, even a compromised one, cannot make a
 device run code: a foreign bundle is refused before anything in it is written
 or imported, with one line in ``clientapp.log``, and the refusal goes back to
 the coordinator as the task's error reply.
@@ -31,7 +31,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from client.mods import REQUIRE_SECAGG_KEY
+from fedlora.addresses import CoordinatorAddress, flwr_home, free_port
+from fedlora.client.mods import REQUIRE_SECAGG_KEY
 from fedlora.errors import ConfigError, DataError, FedloraError
 from fedlora.watchdog import (
     SUPERVISOR_ENV,
@@ -40,7 +41,6 @@ from fedlora.watchdog import (
     flower_path,
     stop_process,
 )
-from server.control import CoordinatorAddress, flwr_home, free_port
 
 log = logging.getLogger("fedlora.device")
 
@@ -101,7 +101,7 @@ def _check_inputs(args: argparse.Namespace) -> tuple[Path | None, Path, Path | N
 
 def preflight(addr: CoordinatorAddress, ca: Path | None, device: str, key: Path) -> None:
     """Ask the coordinator's PrivacyService for this device's budget, signed with its key."""
-    from client.service_client import DeviceServiceClient
+    from fedlora.client.service_client import DeviceServiceClient
 
     client = DeviceServiceClient(addr.service, ca, device, key)
     try:

@@ -7,7 +7,7 @@ the adapter *update* (local − global). With SecAgg+ on, ``secaggplus_mod``
 masks that update before it leaves the device.
 
 The DP noise and the Poisson batches come from a CSPRNG the device seeds from its
-operating system each round (:class:`privacy.noise.SecureRandom`): nothing the
+operating system each round (:class:`fedlora.privacy.noise.SecureRandom`): nothing the
 coordinator sends, the run's seed included, predicts them. Only a *simulated* device
 of a run with ``privacy.reproducible_noise`` seeds them from (run seed, device,
 round); a deployed device refuses such a run.
@@ -24,17 +24,17 @@ import numpy as np
 from flwr.app import Context
 from flwr.client import NumPyClient
 
-from client.app import NUM_ROUNDS_KEY, ROUND_KEY
-from client.ledger import load_device_ledger, save_device_ledger
-from client.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, encode_events
-from client.train import LocalTrainingPlan, train_lora
 from fedlora import fleetsim, runtime
+from fedlora.client.ledger import load_device_ledger, save_device_ledger
+from fedlora.client.train import LocalTrainingPlan, train_lora
 from fedlora.config import DeviceProfile, FedloraConfig
 from fedlora.data.fleet import DeviceData
 from fedlora.errors import BudgetExhaustedError, DataError, PrivacyError, UpdateError
 from fedlora.evaluation import mean_token_loss
-from privacy import DPSGDEvent, PrivacyLedger, calibrate_noise_multiplier, epsilon_for
-from privacy.noise import RandomSource, SecureRandom, SeededRandom
+from fedlora.privacy import DPSGDEvent, PrivacyLedger, calibrate_noise_multiplier, epsilon_for
+from fedlora.privacy.noise import RandomSource, SecureRandom, SeededRandom
+from fedlora.privacy.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, encode_events
+from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
 
 
 def plan_noise(
@@ -148,9 +148,9 @@ class DeviceClient(NumPyClient):
     def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
         """What the coordinator may know before sampling: who this is and its budget.
 
-        Asked with :data:`client.spend.QUERY_KEY`, also what this device spent in the
+        Asked with :data:`fedlora.privacy.spend.QUERY_KEY`, also what this device spent in the
         current run, read from its own ledger: how the coordinator learns about a round
-        whose training reply it never got (see :mod:`server.reconcile`).
+        whose training reply it never got (see :mod:`fedlora.server.reconcile`).
         """
         props: dict[str, Any] = {"device": self.device, "num_records": self._num_train}
         if self.cfg.privacy.enabled:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
-from privacy import PrivacyLedger
+from fedlora.privacy import PrivacyLedger
 
 STATE_KEY = "fedlora.device"
 

@@ -2,7 +2,7 @@
 
 :func:`simulated_fleet_mod` is the outermost mod of a *simulated* device's ClientApp
 (``fedlora simulate`` installs it when ``fleet.profiles`` is set; the deployed
-``client.app:app`` never has it, and it stands aside on any node with its own data,
+``fedlora.client.app:app`` never has it, and it stands aside on any node with its own data,
 which is what a deployed device is). For a training message of round r it:
 
 - drops out where :func:`fedlora.fleetsim.drop_point` says, by raising before or after
@@ -13,7 +13,7 @@ which is what a deployed device is). For a training message of round r it:
   ``simulated_delay_s``.
 
 Availability is not decided here: an offline device is one the coordinator does not
-sample (:meth:`server.strategy.LoraFedAvg.configure_fit`).
+sample (:meth:`fedlora.server.strategy.LoraFedAvg.configure_fit`).
 """
 
 from __future__ import annotations

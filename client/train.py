@@ -8,7 +8,7 @@ batch (HF's ``labels=`` loss averages tokens across the batch and couples
 samples, which breaks the per-sample sensitivity bound).
 
 With DP, the Poisson batches and the Gaussian noise both come from the plan's
-:class:`privacy.noise.RandomSource`, by default a fresh OS-seeded CSPRNG: whoever
+:class:`fedlora.privacy.noise.RandomSource`, by default a fresh OS-seeded CSPRNG: whoever
 sees the update (or knows the run's seed) cannot tell which records were sampled
 nor subtract the noise.
 """
@@ -25,7 +25,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
-from privacy.noise import RandomSource, SecureRandom
+from fedlora.privacy.noise import RandomSource, SecureRandom
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class LocalTrainingPlan:
     """What one device does in one round. ``noise_multiplier`` None means no DP.
 
     ``randomness`` is where the Poisson batches and (with DP) the Gaussian noise come
-    from. None: with DP, a fresh :class:`~privacy.noise.SecureRandom` per call of
+    from. None: with DP, a fresh :class:`~fedlora.privacy.noise.SecureRandom` per call of
     :func:`train_lora`; without DP, a torch generator seeded with ``seed`` (plain
     training protects nothing, and stays reproducible). ``seed`` is used for nothing else.
     """
@@ -91,7 +91,7 @@ def poisson_batches(
     """Indices of ``steps`` Poisson-sampled batches: each record joins each batch w.p. q.
 
     Batches may be empty; that is part of the mechanism the accountant analyses. The
-    draws come from ``randomness``: a :class:`~privacy.noise.RandomSource` (DP training)
+    draws come from ``randomness``: a :class:`~fedlora.privacy.noise.RandomSource` (DP training)
     or a seeded torch generator (plain training).
     """
     if isinstance(randomness, torch.Generator):

@@ -7,7 +7,7 @@ component its ``pyproject.toml`` names, with the bundle's directory first on
 ``sys.path``. Whoever can start a run (the Control API; for a device, the
 coordinator) can therefore run code on the coordinator and on every device.
 
-fedlora's own bundle carries no code (:func:`server.submit.app_pyproject`): a
+fedlora's own bundle carries no code (:func:`fedlora.cli.run.app_pyproject`): a
 ``pyproject.toml`` that names the apps installed with fedlora. So fedlora runs
 the SuperLink and the SuperNodes with ``--isolation process`` and is itself the
 executor (:func:`serve_tasks`): it takes each task from the Runtime API and
@@ -47,7 +47,7 @@ from fedlora.errors import FedloraError
 log = logging.getLogger("fedlora.appguard")
 
 #: The components fedlora's bundle names: the apps installed with fedlora, nothing else.
-COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+COMPONENTS = {"serverapp": "fedlora.server.app:app", "clientapp": "fedlora.client.app:app"}
 PUBLISHER = "fedlora"
 #: What fedlora's bundle holds: its pyproject.toml and Flower's manifest of it.
 ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})

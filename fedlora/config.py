@@ -253,7 +253,7 @@ class PrivacySection:
     budget, then declines (and the coordinator stops sampling it).
 
     Each device draws its DP noise and its Poisson batches from a CSPRNG seeded by its
-    operating system (:class:`privacy.noise.SecureRandom`), which nobody else knows.
+    operating system (:class:`fedlora.privacy.noise.SecureRandom`), which nobody else knows.
     """
 
     enabled: bool = True
@@ -277,7 +277,8 @@ class PrivacySection:
     #: values silently. Clipping the DP-SGD output is post-processing: it costs no privacy.
     max_update_norm: float | None = 64.0
     #: Research only. true: each *simulated* device draws its DP noise and Poisson batches
-    #: from a source seeded by (run seed, device, round) (:class:`privacy.noise.SeededRandom`),
+    #: from a source seeded by (run seed, device, round)
+    #: (:class:`fedlora.privacy.noise.SeededRandom`),
     #: so a simulation reproduces bit for bit. Anyone with the run's seed (config.json), the
     #: coordinator included, can then regenerate every device's noise and subtract it from
     #: the aggregate: ε does not hold against them, and the privacy report says so. A

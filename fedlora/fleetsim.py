@@ -9,7 +9,7 @@ time, and a seed reproduces a run.
 This is simulation only. The coordinator applies availability only to devices that
 said at discovery that they are simulated with a profile (:data:`PROFILE_PROPERTY`),
 and the mod that makes a simulated device slow or drop out
-(:func:`client.simulated.simulated_fleet_mod`) is installed only by ``fedlora
+(:func:`fedlora.client.simulated.simulated_fleet_mod`) is installed only by ``fedlora
 simulate`` and does nothing on a node with its own data (a deployed device).
 
 Imports no torch and no Flower.

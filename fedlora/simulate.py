@@ -19,29 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedlora import __version__
 from fedlora.config import FedloraConfig
 from fedlora.errors import ConfigError, FedloraError
-
-RUN_FORMAT = "fedlora.run"
-
-
-def versions() -> dict[str, str]:
-    import flwr
-    import opacus
-    import peft
-    import torch
-    import transformers
-
-    return {
-        "fedlora": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "flwr": flwr.__version__,
-        "opacus": opacus.__version__,
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-    }
+from fedlora.runfiles import RUN_FORMAT, versions, write_json
 
 
 def prepare(cfg: FedloraConfig) -> dict[str, Any]:
@@ -56,7 +36,7 @@ def prepare(cfg: FedloraConfig) -> dict[str, Any]:
         )
     if cfg.export.enabled:
         from fedlora.export import available_formats
-        from server.app import export_formats
+        from fedlora.server.app import export_formats
 
         unknown = sorted(set(export_formats(cfg)) - set(available_formats()))
         if unknown:
@@ -80,13 +60,6 @@ def check_run_dir(run_dir: Path, force: bool) -> None:
             f"run directory {run_dir} already exists and is not empty: "
             "pick a new --out or pass --force to overwrite it"
         )
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def simulate(
@@ -129,9 +102,9 @@ def resume_simulation(
     The run's own ``config.json`` is used; the run must not be complete, and one still
     marked "running" must have lost its process (same host, pid gone). The round the
     crash cut is trained again; what devices spent in it stays in their ledgers and is
-    recovered into the coordinator's (:mod:`server.resume`).
+    recovered into the coordinator's (:mod:`fedlora.server.resume`).
     """
-    from server.app import resumable_run
+    from fedlora.server.app import resumable_run
 
     if not verbose:
         quiet_libraries()
@@ -245,10 +218,10 @@ def _run_engine(
 ) -> tuple[list[dict[str, Any]], Any]:
     from flwr.simulation import run_simulation
 
-    from client.app import make_client_app
-    from client.simulated import simulated_fleet_mod
+    from fedlora.client.app import make_client_app
+    from fedlora.client.simulated import simulated_fleet_mod
     from fedlora.progress import RunProgress
-    from server.app import make_server_app
+    from fedlora.server.app import make_server_app
 
     result: dict[str, Any] = {}
     with RunProgress(cfg, info, enabled=show_progress) as progress:

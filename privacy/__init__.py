@@ -1,10 +1,10 @@
 """fedlora.privacy: events, ledger, accountants, noise calibration, the randomness DP-SGD
-draws from (:mod:`privacy.noise`) and the privacy report.
+draws from (:mod:`fedlora.privacy.noise`) and the privacy report.
 
 Imports no torch and no Flower, so the coordinator, the report tooling and the
 tests can use it alone. Typical use on a device, before each round::
 
-    from privacy import DPSGDEvent, PrivacyLedger, epsilon_after
+    from fedlora.privacy import DPSGDEvent, PrivacyLedger, epsilon_after
 
     event = DPSGDEvent(device="d1", round=r, noise_multiplier=sigma,
                        sample_rate=q, steps=steps, delta=1e-5)
@@ -15,7 +15,7 @@ tests can use it alone. Typical use on a device, before each round::
     ledger.save(path)
 """
 
-from privacy.accountants import (
+from fedlora.privacy.accountants import (
     ACCOUNTANTS,
     DEFAULT_ACCOUNTANT,
     Accountant,
@@ -24,17 +24,17 @@ from privacy.accountants import (
     epsilon_for,
     get_accountant,
 )
-from privacy.calibrate import calibrate_noise_multiplier, epsilon_after
-from privacy.events import MECHANISMS, POISSON_SUBSAMPLED_GAUSSIAN, DPSGDEvent
-from privacy.ledger import LEDGER_FORMAT, LEDGER_VERSION, PrivacyLedger
-from privacy.noise import (
+from fedlora.privacy.calibrate import calibrate_noise_multiplier, epsilon_after
+from fedlora.privacy.events import MECHANISMS, POISSON_SUBSAMPLED_GAUSSIAN, DPSGDEvent
+from fedlora.privacy.ledger import LEDGER_FORMAT, LEDGER_VERSION, PrivacyLedger
+from fedlora.privacy.noise import (
     SECURE_SOURCE,
     SEEDED_SOURCE,
     RandomSource,
     SecureRandom,
     SeededRandom,
 )
-from privacy.report import REPORT_FORMAT, REPORT_VERSION, build_report, write_report
+from fedlora.privacy.report import REPORT_FORMAT, REPORT_VERSION, build_report, write_report
 
 __all__ = [
     "ACCOUNTANTS",

@@ -14,9 +14,9 @@ import math
 from collections.abc import Callable, Iterable
 
 from fedlora.errors import BudgetExhaustedError, PrivacyError
-from privacy.accountants.base import check_delta
-from privacy.accountants.registry import DEFAULT_ACCOUNTANT, epsilon_for, get_accountant
-from privacy.events import DPSGDEvent
+from fedlora.privacy.accountants.base import check_delta
+from fedlora.privacy.accountants.registry import DEFAULT_ACCOUNTANT, epsilon_for, get_accountant
+from fedlora.privacy.events import DPSGDEvent
 
 MIN_NOISE_MULTIPLIER = 0.01
 """The search never goes below this σ (no useful DP-SGD run uses less)."""

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.errors import PrivacyError
-from privacy._atomic import write_json_atomic
-from privacy.events import DPSGDEvent
+from fedlora.privacy.events import DPSGDEvent
+from fedlora.runfiles import write_json_atomic
 
 LEDGER_FORMAT = "fedlora.privacy.ledger"
 LEDGER_VERSION = 1

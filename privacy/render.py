@@ -1,4 +1,4 @@
-"""Text renderings of a privacy report (see :mod:`privacy.report`): a plain table and Markdown.
+"""Text renderings of a privacy report (:mod:`fedlora.privacy.report`): a plain table, Markdown.
 
 Both show the same figures as the JSON, rounded for reading (ε to 3 decimals),
 and always name the accountant and δ. Stdlib only; the HTML page with plots is

@@ -9,7 +9,7 @@ last one (same σ, q and steps) would take it to. The schema (version
 
 The report states its privacy unit and assumptions in plain words so a reader
 does not have to guess what "ε = 3" protects. Text renderings are in
-:mod:`privacy.render`; plots and HTML live outside ``privacy/`` (``fedlora.reporting``).
+:mod:`fedlora.privacy.render`; plots and HTML live outside ``privacy/`` (``fedlora.reporting``).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora.errors import ConfigError, PrivacyError
-from privacy._atomic import write_json_atomic
-from privacy.accountants.base import History, check_delta
-from privacy.accountants.registry import DEFAULT_ACCOUNTANT, epsilon_for, get_accountant
-from privacy.events import DPSGDEvent
-from privacy.ledger import PrivacyLedger
-from privacy.noise import SECURE_SOURCE, SEEDED_SOURCE
+from fedlora.privacy.accountants.base import History, check_delta
+from fedlora.privacy.accountants.registry import DEFAULT_ACCOUNTANT, epsilon_for, get_accountant
+from fedlora.privacy.events import DPSGDEvent
+from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.noise import SECURE_SOURCE, SEEDED_SOURCE
+from fedlora.runfiles import write_json_atomic
 
 REPORT_FORMAT = "fedlora.privacy.report"
 REPORT_VERSION = 2

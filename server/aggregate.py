@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedlora.errors import PrivacyError, UpdateError
-from privacy import DPSGDEvent, epsilon_for
+from fedlora.privacy import DPSGDEvent, epsilon_for
 
 #: Why an update is refused (the keys of a round's ``rejected_by_reason``).
 REASONS = (

@@ -24,21 +24,21 @@ from fedlora import runtime
 from fedlora.config import FedloraConfig, config_from_run_config
 from fedlora.errors import ConfigError
 from fedlora.evaluation import mean_token_loss
-from server.budget import FleetBudget
-from server.checkpoint import load_checkpoint, save_checkpoint
-from server.discovery import discover_devices
-from server.reconcile import LedgerReconciler
-from server.resume import (
+from fedlora.server.budget import FleetBudget
+from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.server.discovery import discover_devices
+from fedlora.server.reconcile import LedgerReconciler
+from fedlora.server.resume import (
     ResumableWorkflow,
     RunState,
     config_digest,
     file_digest,
     load_ledger_prefix,
 )
-from server.rounds import HaltHandler, ReportingSecAggPlus, RoundWorkflow
-from server.strategy import LoraFedAvg, RoundObserver
+from fedlora.server.rounds import HaltHandler, ReportingSecAggPlus, RoundWorkflow
+from fedlora.server.strategy import LoraFedAvg, RoundObserver
 
-log = logging.getLogger("fedlora.server")
+log = logging.getLogger("server")
 
 
 def make_evaluator(cfg: FedloraConfig) -> Any:
@@ -63,7 +63,7 @@ def secagg_workflow(
 
     SecAgg+ scales each update by num_examples / max_weight before quantizing, so the
     tightest bound is the most precise (and a larger weight would overflow the sum).
-    ``on_halt`` hears why a round stopped (:class:`server.rounds.ReportingSecAggPlus`).
+    ``on_halt`` hears why a round stopped (:class:`fedlora.server.rounds.ReportingSecAggPlus`).
     ``timeout`` bounds each of the four stages; the coordinator's :class:`RoundGrid`
     applies the same bound (and the round deadline) whatever the workflow asks.
     """
@@ -90,7 +90,7 @@ def export_formats(cfg: FedloraConfig) -> tuple[str, ...]:
 class Coordinator:
     """Everything one run of the ServerApp owns: strategy, budgets, run directory.
 
-    With ``resume`` (a verified :class:`server.resume.RunState`) it continues that run
+    With ``resume`` (a verified :class:`fedlora.server.resume.RunState`) it continues that run
     after its last committed round instead of starting one: ledger, global adapter,
     sampler, metrics and declines as they were.
     """
@@ -251,9 +251,9 @@ class Coordinator:
     def finish(self) -> None:
         """Write the run's artefacts: final adapter, ledger, privacy report, export."""
         from fedlora.adapter import save_adapter, set_adapter_arrays
+        from fedlora.privacy import build_report
+        from fedlora.privacy.report import RunInfo
         from fedlora.reporting.artefacts import write_artefacts
-        from privacy import build_report
-        from privacy.report import RunInfo
 
         cfg = self.cfg
         bundle = runtime.model_bundle(cfg)
@@ -310,7 +310,7 @@ def _deployed_run(
     """
     import time
 
-    from fedlora.simulate import RUN_FORMAT, versions, write_json
+    from fedlora.runfiles import RUN_FORMAT, versions, write_json
 
     if resume is None:
         if (out / "run.json").exists():
@@ -361,7 +361,7 @@ def resumable_run(out: Path, *, statuses: tuple[str, ...]) -> tuple[FedloraConfi
     "running" may be alive; a simulation checks its process itself). ConfigError
     otherwise, saying why.
     """
-    from server.resume import load_state
+    from fedlora.server.resume import load_state
 
     try:
         status = json.loads((out / "run.json").read_text(encoding="utf-8"))
@@ -470,7 +470,7 @@ def _keep_metrics(path: Path, last_round: int) -> list[dict[str, Any]]:
     Rows of a later round (the one cut by the crash, written before its commit) are
     moved to ``metrics-superseded.jsonl``: that round is trained again.
     """
-    from privacy._atomic import write_text_atomic
+    from fedlora.runfiles import write_text_atomic
 
     kept: list[dict[str, Any]] = []
     superseded: list[str] = []

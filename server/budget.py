@@ -8,7 +8,7 @@ ledger is the authority); the two ledgers are compared in tests.
 
 It also tracks what it is *owed*: every training request sent whose spend it has
 not learned yet. A reply, a decline or the device's own ledger report settles it
-(:mod:`server.reconcile`), so that a device that trained and then dropped out,
+(:mod:`fedlora.server.reconcile`), so that a device that trained and then dropped out,
 or answered after the deadline, is in this ledger all the same.
 """
 
@@ -22,9 +22,9 @@ from typing import Any
 
 from fedlora.config import PrivacySection
 from fedlora.errors import UpdateError
-from privacy import DPSGDEvent, PrivacyLedger, epsilon_for
+from fedlora.privacy import DPSGDEvent, PrivacyLedger, epsilon_for
 
-#: How a device's budget refusal reads (see ``client.device_client.plan_noise``).
+#: How a device's budget refusal reads (see ``fedlora.client.device_client.plan_noise``).
 DECLINE_PATTERN = re.compile(r"device (\S+) declines round (\d+)")
 
 
@@ -50,7 +50,7 @@ class FleetBudget:
         self.profiles: dict[str, str] = {}
         #: Node id → rounds it was sent a training request in whose privacy spend this
         #: ledger has not learned yet: not from its training reply, not from a decline,
-        #: not from its own ledger (:mod:`server.reconcile` asks for those).
+        #: not from its own ledger (:mod:`fedlora.server.reconcile` asks for those).
         self.owed: dict[int, set[int]] = {}
         self._eps_cache: dict[str, tuple[int, float]] = {}
         #: "Does one more round fit?" by what decides it (the spend's parameters, not whose

@@ -36,23 +36,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.addresses import (
+    CONTROL_HOST,
+    CoordinatorAddress,
+    flwr_home,
+    port_free,
+    wait_for_port,
+)
 from fedlora.errors import ConfigError, FedloraError
+from fedlora.server.app import RUNS_DIR_ENV
+from fedlora.server.control import control_client, describe_control_error
 from fedlora.watchdog import (
     SUPERVISOR_ENV,
     die_with_parent,
     flower_executable,
     flower_path,
     stop_process,
-)
-from server.app import RUNS_DIR_ENV
-from server.control import (
-    CONTROL_HOST,
-    CoordinatorAddress,
-    control_client,
-    describe_control_error,
-    flwr_home,
-    port_free,
-    wait_for_port,
 )
 
 log = logging.getLogger("fedlora.coordinator")
@@ -92,7 +91,7 @@ class CoordinatorLayout:
 
 def mark_interrupted(runs: Path) -> list[str]:
     """Runs whose run.json still says "running" when the coordinator starts: none is alive."""
-    from fedlora.simulate import write_json
+    from fedlora.runfiles import write_json
 
     cut: list[str] = []
     for path in sorted(runs.glob("*/run.json")):
@@ -289,7 +288,7 @@ def serve_coordinator(args: argparse.Namespace) -> int:
             sync = RegistrySync(data_dir, addr.control, tls.ca)
             sync.sync(force=True)
         from fedlora.appguard import start_executor
-        from server.service import serve
+        from fedlora.server.service import serve
 
         executor = start_executor("serverapp", addr.control, ca, output=app_log, env=env)
         service = serve(data_dir, addr.host, addr.port + 2, tls, control=addr.control)

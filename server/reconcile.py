@@ -5,13 +5,13 @@ and the coordinator learns the event from the plaintext metrics of the training
 reply. When that reply never arrives the two ledgers part: the device dropped out
 after it trained, its reply came after the round's deadline, or a SecAgg+ round
 failed (the replies the coordinator did get are recorded by
-:meth:`server.strategy.LoraFedAvg.round_failed`). The coordinator's ledger must still
+:meth:`fedlora.server.strategy.LoraFedAvg.round_failed`). The coordinator's ledger must still
 hold what every device spent, whether or not its update was used.
 
 Chosen design: **reconcile from the devices' ledgers**. The coordinator knows which
-training requests it sent (:attr:`server.budget.FleetBudget.owed`); for every one
+training requests it sent (:attr:`fedlora.server.budget.FleetBudget.owed`); for every one
 whose spend it did not learn, it asks that node with a legacy properties request
-(:data:`client.spend.QUERY_KEY`), which SecAgg+ leaves alone, and the device answers
+(:data:`fedlora.privacy.spend.QUERY_KEY`), which SecAgg+ leaves alone, and the device answers
 with its events of this run. The device's ledger is the authority, so an answer
 settles every owed round of that node: an event it reports is recorded (after the
 checks an event in a training reply gets), and a round it reports nothing for was
@@ -45,14 +45,14 @@ from flwr.common import GetPropertiesIns, Scalar
 from flwr.common.constant import MessageTypeLegacy
 from flwr.serverapp import Grid
 
-from client.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, decode_events
 from fedlora.config import FedloraConfig
 from fedlora.errors import FedloraError, PrivacyError
-from privacy import POISSON_SUBSAMPLED_GAUSSIAN, DPSGDEvent
-from server.aggregate import UpdateRejected, validate_event
-from server.budget import FleetBudget
+from fedlora.privacy import POISSON_SUBSAMPLED_GAUSSIAN, DPSGDEvent
+from fedlora.privacy.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, decode_events
+from fedlora.server.aggregate import UpdateRejected, validate_event
+from fedlora.server.budget import FleetBudget
 
-log = logging.getLogger("fedlora.server")
+log = logging.getLogger("server")
 
 #: The ``group_id`` of ledger queries (Flower's legacy workflows use the round number).
 QUERY_GROUP = "ledger"
@@ -92,7 +92,7 @@ class LedgerReconciler:
         """A resumed run's first step: what devices spent under the earlier run ids.
 
         Every node is asked for its events of ``runs`` (the Flower run ids of the
-        earlier segments, :mod:`server.resume`); an event this ledger lacks is
+        earlier segments, :mod:`fedlora.server.resume`); an event this ledger lacks is
         recorded after the checks a training reply's event gets, if its round is at
         most ``up_to_round`` (the round the crash cut: no earlier segment asked for a
         later one). Returns how many nodes were asked and answered, and how many
@@ -186,7 +186,7 @@ class LedgerReconciler:
 
         Returns how many events were recorded. An event is recorded only for a round
         the node owes, for the device the node is known as, for this run, and when it
-        passes :func:`server.aggregate.validate_event`; anything else is logged and left
+        passes :func:`fedlora.server.aggregate.validate_event`; anything else is logged and left
         out (a device cannot add rounds it was not asked to train). A node whose answer
         cannot be read settles nothing and is asked again.
         """

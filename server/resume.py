@@ -24,7 +24,7 @@ Privacy events are keyed by (device, Flower run id, round), and every resumed se
 gets a new Flower run id: the round cut by the crash is trained again under the new
 id, and what devices spent in it under the old id is *also* spent, so the coordinator
 asks every device for its events of the earlier segments before the first resumed
-round (:meth:`server.reconcile.LedgerReconciler.recover`). Nothing is lost and
+round (:meth:`fedlora.server.reconcile.LedgerReconciler.recover`). Nothing is lost and
 nothing is counted twice.
 """
 
@@ -48,9 +48,9 @@ from flwr.server.workflow.default_workflows import default_centralized_evaluatio
 from flwr.serverapp import Grid
 
 from fedlora.errors import ConfigError, PrivacyError
-from privacy import PrivacyLedger
-from privacy._atomic import write_json_atomic
-from privacy.ledger import events_digest
+from fedlora.privacy import PrivacyLedger
+from fedlora.privacy.ledger import events_digest
+from fedlora.runfiles import write_json_atomic
 
 STATE_FORMAT = "fedlora.run-state"
 STATE_VERSION = 1

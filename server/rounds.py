@@ -22,7 +22,7 @@ forking them:
   that did not answer in time or answered with an error, and which devices got the
   training request but did not answer by the deadline (``late``). It also tells the
   coordinator's ledger which training requests went out, so the spend of a device
-  whose reply never came is asked for later (:mod:`server.reconcile`).
+  whose reply never came is asked for later (:mod:`fedlora.server.reconcile`).
 
 :class:`RoundWorkflow` puts them together around either fit workflow.
 """
@@ -50,7 +50,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-log = logging.getLogger("fedlora.server")
+log = logging.getLogger("server")
 
 #: The config record a training request carries (``fitins_to_recorddict``), in both
 #: workflows: the plain training message, and SecAgg+'s masked-vector stage.
@@ -62,7 +62,7 @@ Workflow = Callable[[Grid, Context], None]
 
 
 class RoundOutcomes(Protocol):
-    """What :class:`RoundWorkflow` tells the strategy (``server.strategy.LoraFedAvg``)."""
+    """What :class:`RoundWorkflow` tells the strategy (``fedlora.server.strategy.LoraFedAvg``)."""
 
     def round_failed(
         self,

@@ -11,7 +11,7 @@ be taken out, so the round's aggregate is discarded instead, and so is an
 aggregate that no set of clipped updates could produce. Either way the next
 global adapter is ``global + mean update``, checkpointed each round, and
 evaluated on the coordinator's own held-out set. Rejections are logged and
-counted per reason (:data:`server.aggregate.REASONS`) in the round's metrics.
+counted per reason (:data:`fedlora.server.aggregate.REASONS`) in the round's metrics.
 
 A round can also end without an aggregate because devices dropped out: a SecAgg+
 round that kept fewer devices than its reconstruction threshold stops
@@ -20,7 +20,7 @@ as it was. Either way every training reply that arrived has its privacy event
 recorded, used or not. The round's row also counts the devices whose update missed
 the deadline (``late``), the devices lost per protocol stage (``dropouts``), and the
 training requests whose spend the ledger has yet to learn (``unreconciled``; see
-:mod:`server.rounds` and :mod:`server.reconcile`), and what the round cost: the
+:mod:`fedlora.server.rounds` and :mod:`fedlora.server.reconcile`), and what the round cost: the
 devices' training time against the round's (``train_s_*``, ``framework_s``) and the
 bytes sent each way (``bytes_*``).
 
@@ -57,11 +57,11 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from client.app import NUM_ROUNDS_KEY, ROUND_KEY
 from fedlora import fleetsim
 from fedlora.config import FedloraConfig
 from fedlora.errors import PrivacyError, UpdateError
-from server.aggregate import (
+from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
+from fedlora.server.aggregate import (
     UpdateRejected,
     apply_update,
     secagg_error_bound,
@@ -71,10 +71,10 @@ from server.aggregate import (
     validate_update,
     weighted_mean,
 )
-from server.budget import FleetBudget
-from server.checkpoint import save_checkpoint
+from fedlora.server.budget import FleetBudget
+from fedlora.server.checkpoint import save_checkpoint
 
-log = logging.getLogger("fedlora.server")
+log = logging.getLogger("server")
 
 #: Room for the .npy header in front of a serialized tensor (numpy writes 128 bytes or so).
 _NPY_HEADER_BYTES = 4096
@@ -153,7 +153,7 @@ class LoraFedAvg(Strategy):
         rows: list[dict[str, Any]],
         wall_s: float,
     ) -> None:
-        """Continue from a committed round (:mod:`server.resume`): its global adapter,
+        """Continue from a committed round (:mod:`fedlora.server.resume`): its global adapter,
         the sampler exactly where it was, the metrics rows so far and the wall clock."""
         shapes = [tuple(a.shape) for a in arrays]
         if shapes != self.shapes:
@@ -324,7 +324,7 @@ class LoraFedAvg(Strategy):
     @property
     def secagg_max_weight(self) -> float:
         """SecAgg+'s ``max_weight``: the largest record count a device reported at
-        discovery, as :func:`server.app.secagg_workflow` sets it."""
+        discovery, as :func:`fedlora.server.app.secagg_workflow` sets it."""
         return float(max(1, max(self.budget.num_records.values(), default=0)))
 
     def _check(self, server_round: int, node_id: int, res: FitRes, who: str) -> list[np.ndarray]:

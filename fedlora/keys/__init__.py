@@ -13,7 +13,7 @@ and each device holds its own EC P-384 key pair (``fedlora keys device``), the o
 its Flower SuperNode authenticates with and that signs its calls to fedlora's
 services. ``material`` reads and writes keys, ``pki`` makes the certificates,
 ``registry`` keeps the device list, ``signing`` signs and checks calls; the CLI
-is ``fedlora.keys_cli``. Keys have two fingerprints: :func:`key_fingerprint`
+is ``fedlora.cli.keys``. Keys have two fingerprints: :func:`key_fingerprint`
 (``sha256:<hex>`` of the DER public key, used in the audit log) and
 :func:`ssh_fingerprint` (``SHA256:<base64>``, as ``ssh-keygen -l`` prints it,
 used in the registry).

@@ -8,7 +8,7 @@ for one RPC being replayed against another; the timestamp bounds how long a
 captured one is good for; the nonce makes each signed call good for one call
 only: the coordinator remembers every (caller, nonce) it accepted for as long
 as the timestamp would still be accepted, and refuses a second use (see
-``server.service.auth``). TLS keeps calls from being captured at all; the nonce
+``fedlora.server.service.auth``). TLS keeps calls from being captured at all; the nonce
 covers a call that is captured anyway (a TLS-terminating proxy, a log of
 metadata). The key is the one the device already uses for Flower's SuperNode
 authentication, so a device has one secret, not two.

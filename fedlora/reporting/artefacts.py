@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.errors import PrivacyError
+from fedlora.privacy import write_report
 from fedlora.reporting.html import render_html
 from fedlora.reporting.plots import PLOTS, to_png
-from privacy import write_report
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"

@@ -14,8 +14,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from fedlora.reporting.plots import PLOTS, to_svg
-from privacy.render import (
+from fedlora.privacy.render import (
     DEVICE_COLUMNS,
     ROUND_COLUMNS,
     device_table,
@@ -24,6 +23,7 @@ from privacy.render import (
     round_table,
     run_line,
 )
+from fedlora.reporting.plots import PLOTS, to_svg
 
 CAPTIONS = {
     "epsilon_by_round": (

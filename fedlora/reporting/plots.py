@@ -9,7 +9,7 @@ and the process's backend is left alone; PNGs render through Agg.
 * :func:`budget_remaining`: each device's budget left, and what one more round
   like its last one would leave.
 
-Each takes a report dict (``privacy.report``) and returns a Figure; :func:`to_png`
+Each takes a report dict (``fedlora.privacy.report``) and returns a Figure; :func:`to_png`
 and :func:`to_svg` serialise it. Axes always name the accountant and δ.
 """
 

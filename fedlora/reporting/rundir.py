@@ -17,8 +17,8 @@ from typing import Any
 
 from fedlora.config import FedloraConfig
 from fedlora.errors import ConfigError, PrivacyError
-from privacy import PrivacyLedger, build_report
-from privacy.report import RunInfo
+from fedlora.privacy import PrivacyLedger, build_report
+from fedlora.privacy.report import RunInfo
 
 LEDGER = Path("privacy") / "ledger.json"
 

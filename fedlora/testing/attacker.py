@@ -86,8 +86,8 @@ def evil_fab(marker_dir: Path, *, shadow: bool = False, reply_timeout_s: float =
     """An attacker's bundle whose modules mark their import under ``marker_dir``.
 
     ``shadow=False``: it names its own modules (``evil_server:app``/``evil_client:app``).
-    ``shadow=True``: it names fedlora's components and carries ``server/app.py`` and
-    ``client/app.py`` to shadow the installed ones (Flower puts the bundle first on
+    ``shadow=True``: it names fedlora's components and carries ``fedlora/server/app.py``
+    and ``fedlora/client/app.py`` to shadow the installed ones (Flower puts the bundle first on
     ``sys.path``), under fedlora's publisher name.
     """
     from flwr.cli.build import build_fab_from_files
@@ -98,14 +98,14 @@ def evil_fab(marker_dir: Path, *, shadow: bool = False, reply_timeout_s: float =
         pyproject = _PYPROJECT.format(
             name="fedlora",
             publisher="fedlora",
-            server_ref="server.app:app",
-            client_ref="client.app:app",
+            server_ref="fedlora.server.app:app",
+            client_ref="fedlora.client.app:app",
         )
         files = {
-            "server/__init__.py": b"",
-            "server/app.py": server,
-            "client/__init__.py": b"",
-            "client/app.py": client,
+            "fedlora/server/__init__.py": b"",
+            "fedlora/server/app.py": server,
+            "fedlora/client/__init__.py": b"",
+            "fedlora/client/app.py": client,
         }
     else:
         pyproject = _PYPROJECT.format(
@@ -124,7 +124,7 @@ def submit_to_control_api(address: str, fab_bytes: bytes, root_cert: Path | None
     from flwr.proto.control_pb2 import StartRunRequest
     from flwr.supercore.fab import Fab
 
-    from server.control import control_client
+    from fedlora.server.control import control_client
 
     fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
     with control_client(address, root_cert, insecure=root_cert is None) as client:

@@ -20,7 +20,7 @@ plain ``fit`` only: under SecAgg+ the update is masked inside ``secaggplus_mod``
 beneath this mod, and nothing outside the device can alter it unseen) or its
 plaintext claims (``CLAIM_KINDS``, plain or SecAgg+'s masked-vector stage).
 :data:`MALFORMED` maps each kind to the reason the coordinator gives when it rejects
-it (:data:`server.aggregate.REASONS`).
+it (:data:`fedlora.server.aggregate.REASONS`).
 
 :func:`retrain_update` recomputes a device's update of one round in the caller's
 process, from the σ its own ledger recorded and the same seed, as ``DeviceClient.fit``
@@ -294,7 +294,7 @@ def faulty_client_app(
     faults: Sequence[Fault],
     log: str | Path | None = None,
 ) -> ClientApp:
-    from client.app import make_client_app
+    from fedlora.client.app import make_client_app
 
     return _ModdedClientApp(
         make_client_app(cfg, device_root=device_root), fault_mod(faults, log=log)
@@ -314,8 +314,8 @@ def run_with_faults(
     from flwr.simulation import run_simulation
 
     from fedlora import runtime
+    from fedlora.server.app import make_server_app
     from fedlora.simulate import quiet_libraries
-    from server.app import make_server_app
 
     quiet_libraries()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -345,7 +345,7 @@ def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 def device_ledgers(run_dir: Path) -> dict[str, Any]:
     """Device id → the ledger that simulated device kept on its own "disk"."""
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     return {
         p.parent.name: PrivacyLedger.load(p)
@@ -355,7 +355,7 @@ def device_ledgers(run_dir: Path) -> dict[str, Any]:
 
 def checkpoint(cfg: FedloraConfig, run_dir: Path, rnd: int) -> list[np.ndarray]:
     from fedlora import runtime
-    from server.checkpoint import load_checkpoint
+    from fedlora.server.checkpoint import load_checkpoint
 
     names = runtime.model_bundle(cfg).names
     return load_checkpoint(run_dir / "checkpoints" / f"round-{rnd:04d}.safetensors", names)
@@ -367,10 +367,10 @@ def retrain_update(
     """Device ``partition``'s update of round ``rnd`` from ``previous``, as it made it."""
     import torch
 
-    from client.device_client import _seed, clip_update_norm, round_randomness
-    from client.train import LocalTrainingPlan, train_lora
     from fedlora import runtime
     from fedlora.adapter import get_adapter_arrays, set_adapter_arrays
+    from fedlora.client.device_client import _seed, clip_update_norm, round_randomness
+    from fedlora.client.train import LocalTrainingPlan, train_lora
     from fedlora.errors import ConfigError
 
     if not cfg.privacy.reproducible_noise:
@@ -409,7 +409,7 @@ def expected_global(
     """previous + the weighted mean of ``partitions``' retrained round-``rnd`` updates,
     each with the σ its own ledger recorded; and their weights."""
     from fedlora import runtime
-    from server.aggregate import apply_update, weighted_mean
+    from fedlora.server.aggregate import apply_update, weighted_mean
 
     ledgers = device_ledgers(run_dir)
     fleet = runtime.fleet(cfg).devices

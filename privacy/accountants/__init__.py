@@ -1,9 +1,10 @@
-"""Privacy accountants: one per file behind :class:`~privacy.accountants.base.Accountant`."""
+"""Privacy accountants: one per file behind
+:class:`~fedlora.privacy.accountants.base.Accountant`."""
 
-from privacy.accountants.base import Accountant, check_delta
-from privacy.accountants.prv import PRVAccountant
-from privacy.accountants.rdp import RDPAccountant
-from privacy.accountants.registry import (
+from fedlora.privacy.accountants.base import Accountant, check_delta
+from fedlora.privacy.accountants.prv import PRVAccountant
+from fedlora.privacy.accountants.rdp import RDPAccountant
+from fedlora.privacy.accountants.registry import (
     ACCOUNTANTS,
     DEFAULT_ACCOUNTANT,
     epsilon_for,

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from fedlora.errors import PrivacyError
-from privacy.events import POISSON_SUBSAMPLED_GAUSSIAN, DPSGDEvent
+from fedlora.privacy.events import POISSON_SUBSAMPLED_GAUSSIAN, DPSGDEvent
 
 STATE_VERSION = 1
 

@@ -37,8 +37,8 @@ from prv_accountant.domain import Domain
 from scipy import fft, integrate, special
 
 from fedlora.errors import PrivacyError
-from privacy.accountants.base import Accountant, History, check_delta
-from privacy.accountants.rdp import rdp_epsilon
+from fedlora.privacy.accountants.base import Accountant, History, check_delta
+from fedlora.privacy.accountants.rdp import rdp_epsilon
 
 DEFAULT_EPS_ERROR = 0.01
 """Absolute slack on ε; the reported upper bound is at most ~2x this above the true ε."""

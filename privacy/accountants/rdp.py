@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special
 
-from privacy.accountants.base import Accountant, History
+from fedlora.privacy.accountants.base import Accountant, History
 
 FloatArray = npt.NDArray[np.float64]
 

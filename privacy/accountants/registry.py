@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fedlora.errors import ConfigError
-from privacy.accountants.base import Accountant
-from privacy.accountants.prv import PRVAccountant
-from privacy.accountants.rdp import RDPAccountant
-from privacy.events import DPSGDEvent
+from fedlora.privacy.accountants.base import Accountant
+from fedlora.privacy.accountants.prv import PRVAccountant
+from fedlora.privacy.accountants.rdp import RDPAccountant
+from fedlora.privacy.events import DPSGDEvent
 
 _REGISTRY: dict[str, type[Accountant]] = {
     PRVAccountant.name: PRVAccountant,

@@ -1,15 +1,15 @@
 """The coordinator's own gRPC services: ModelService, PrivacyService, RunService; signed calls only.
 
 ``serve`` starts them on one port, with TLS from ``fedlora keys init`` and an
-interceptor that authenticates every call (:mod:`server.service.auth`) before a
+interceptor that authenticates every call (:mod:`fedlora.server.service.auth`) before a
 servicer sees it. Released models come from the runs' export manifests
-(:mod:`server.service.models`), spent budgets from the runs' privacy ledgers
-(:mod:`server.service.privacy`); both are re-read from ``DIR`` as it changes, so
+(:mod:`fedlora.server.service.models`), spent budgets from the runs' privacy ledgers
+(:mod:`fedlora.server.service.privacy`); both are re-read from ``DIR`` as it changes, so
 the coordinator needs no restart when a run finishes or a device is registered.
 Runs are started, resumed, stopped and followed through the RunService
-(:mod:`server.service.runs`, operator key only), which talks to the SuperLink's
+(:mod:`fedlora.server.service.runs`, operator key only), which talks to the SuperLink's
 Control API on loopback.
-Devices call it with :class:`client.service_client.DeviceServiceClient`.
+Devices call it with :class:`fedlora.client.service_client.DeviceServiceClient`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import grpc
 
 from fedlora.errors import ConfigError
 from fedlora.keys import TlsFiles
+from fedlora.server.service.auth import Authenticator, AuthInterceptor, Caller, Unauthenticated
+from fedlora.server.service.models import CHUNK_BYTES, ModelServicer, ReleasedModels, passed_gate
+from fedlora.server.service.privacy import DeviceBudget, FleetLedgers, PrivacyServicer
+from fedlora.server.service.runs import RunServicer
 from fedlora.v1 import model_service_pb2_grpc, privacy_service_pb2_grpc, run_service_pb2_grpc
-from server.service.auth import Authenticator, AuthInterceptor, Caller, Unauthenticated
-from server.service.models import CHUNK_BYTES, ModelServicer, ReleasedModels, passed_gate
-from server.service.privacy import DeviceBudget, FleetLedgers, PrivacyServicer
-from server.service.runs import RunServicer
 
 __all__ = [
     "CHUNK_BYTES",

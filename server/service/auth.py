@@ -46,7 +46,7 @@ from fedlora.keys import (
     valid_nonce,
     verify_call,
 )
-from server.service.status import abort
+from fedlora.server.service.status import abort
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class Authenticator:
         if not caller or stamp is None or not signature:
             raise Unauthenticated(
                 "the call is not signed: devices call with fedlora's service client "
-                "(client.service_client) and the key from `fedlora keys device`"
+                "(fedlora.client.service_client) and the key from `fedlora keys device`"
             )
         if nonce is None:
             raise Unauthenticated(

@@ -25,9 +25,9 @@ import grpc
 from fedlora.errors import ConfigError, ExportError
 from fedlora.export.manifest import MANIFEST, read_manifest
 from fedlora.export.quality import QualityGate
+from fedlora.server.service.auth import Caller
+from fedlora.server.service.status import abort
 from fedlora.v1 import model_service_pb2 as pb
-from server.service.auth import Caller
-from server.service.status import abort
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from typing import Any
 import grpc
 
 from fedlora.errors import FedloraError, PrivacyError
+from fedlora.privacy import epsilon_for
 from fedlora.reporting.rundir import LEDGER, RunDir, load_run, report_for
+from fedlora.server.service.auth import Caller
+from fedlora.server.service.status import abort, abort_on
 from fedlora.v1 import privacy_service_pb2 as pb
-from privacy import epsilon_for
-from server.service.auth import Caller
-from server.service.status import abort, abort_on
 
 _RUN_NAME = re.compile(r"[^/\\]+")
 

@@ -2,11 +2,11 @@
 
 The SuperLink's Control API (what ``flwr run`` talks to) has no authentication,
 and Flower runs whatever app a run's bundle names. So the coordinator keeps it
-on loopback (:data:`server.control.CONTROL_HOST`) and this service is the only
+on loopback (:data:`fedlora.server.control.CONTROL_HOST`) and this service is the only
 way in from the network: every call is signed (the interceptor in
-:mod:`server.service.auth` has verified it before a method here runs) and
+:mod:`fedlora.server.service.auth` has verified it before a method here runs) and
 every method refuses callers other than the operator. The run's bundle is
-built here (:func:`server.control.build_fab`: the installed apps, no code), so
+built here (:func:`fedlora.server.control.build_fab`: the installed apps, no code), so
 a caller chooses a run's *config*, never its code. Each start, resume and stop
 is appended to ``DIR/audit.jsonl`` with the key that signed it.
 """
@@ -28,10 +28,10 @@ from fedlora.auditlog import append_event, read_events
 from fedlora.config import FedloraConfig
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.keys import key_fingerprint, load_public_key, operator_key_files
+from fedlora.server.control import build_fab, control_client, describe_control_error
+from fedlora.server.service.auth import Caller
+from fedlora.server.service.status import abort
 from fedlora.v1 import run_service_pb2 as pb
-from server.control import build_fab, control_client, describe_control_error
-from server.service.auth import Caller
-from server.service.status import abort
 
 log = logging.getLogger("fedlora.runs")
 

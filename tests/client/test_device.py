@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.device_client import plan_noise
-from client.ledger import load_device_ledger, save_device_ledger
+from fedlora.client.device_client import plan_noise
+from fedlora.client.ledger import load_device_ledger, save_device_ledger
 from fedlora.config import FedloraConfig
 from fedlora.errors import BudgetExhaustedError
-from privacy import DPSGDEvent, PrivacyLedger, epsilon_for
+from fedlora.privacy import DPSGDEvent, PrivacyLedger, epsilon_for
 
 
 def _context() -> Context:
@@ -82,8 +82,8 @@ def test_calibration_that_cannot_reach_the_budget_is_a_decline_the_coordinator_r
     """A ledger spanning runs can leave too little budget for any σ: the device declines."""
     from fedlora.config import FedloraConfig
     from fedlora.errors import BudgetExhaustedError
-    from privacy import DPSGDEvent, PrivacyLedger
-    from server.budget import DECLINE_PATTERN
+    from fedlora.privacy import DPSGDEvent, PrivacyLedger
+    from fedlora.server.budget import DECLINE_PATTERN
 
     cfg = FedloraConfig()
     ledger = PrivacyLedger(

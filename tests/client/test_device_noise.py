@@ -18,13 +18,13 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from client.app import NUM_ROUNDS_KEY, ROUND_KEY
-from client.device_client import DeviceClient
-from client.ledger import load_device_ledger
 from fedlora import runtime
+from fedlora.client.device_client import DeviceClient
+from fedlora.client.ledger import load_device_ledger
 from fedlora.config import FedloraConfig
 from fedlora.errors import PrivacyError
-from privacy import PrivacyLedger
+from fedlora.privacy import PrivacyLedger
+from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
 from tests.conftest import tiny_lora_model
 
 DEVICE = "phone-7"

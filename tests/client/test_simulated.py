@@ -11,8 +11,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from client.simulated import FIT_METRICS_RECORD, SimulatedDropout, simulated_fleet_mod
 from fedlora import fleetsim, runtime
+from fedlora.client.simulated import FIT_METRICS_RECORD, SimulatedDropout, simulated_fleet_mod
 from fedlora.config import FedloraConfig
 from tests.server.fakes import task_identity
 
@@ -108,7 +108,7 @@ def test_a_real_device_and_a_fleet_without_profiles_are_left_alone():
 
 
 def test_a_simulated_device_reports_its_profile_and_budget_without_reading_its_data():
-    from client.device_client import DeviceClient
+    from fedlora.client.device_client import DeviceClient
 
     runtime.clear()
     cfg = FedloraConfig().replace(

@@ -10,13 +10,13 @@ from flwr.app import Context, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.device_client import DeviceClient
-from client.ledger import save_device_ledger
-from client.spend import EVENTS_KEY, QUERY_KEY, decode_events, encode_events
 from fedlora import runtime
+from fedlora.client.device_client import DeviceClient
+from fedlora.client.ledger import save_device_ledger
 from fedlora.config import FedloraConfig
 from fedlora.errors import UpdateError
-from privacy import DPSGDEvent, PrivacyLedger
+from fedlora.privacy import DPSGDEvent, PrivacyLedger
+from fedlora.privacy.spend import EVENTS_KEY, QUERY_KEY, decode_events, encode_events
 
 
 def _event(rnd: int, run: str) -> DPSGDEvent:

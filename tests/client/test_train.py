@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from client.train import (
+from fedlora.client.train import (
     InjectedNoiseDPOptimizer,
     LocalTrainingPlan,
     per_sequence_loss,
     poisson_batches,
     train_lora,
 )
-from privacy.noise import SecureRandom, SeededRandom
+from fedlora.privacy.noise import SecureRandom, SeededRandom
 from tests.conftest import tiny_lora_model
 
 

@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from client.app import NUM_ROUNDS_KEY, ROUND_KEY
-from client.device_client import DeviceClient, clip_update_norm
 from fedlora import runtime
+from fedlora.client.device_client import DeviceClient, clip_update_norm
 from fedlora.config import CONFIG_VERSION, FedloraConfig, load_config
 from fedlora.errors import ConfigError, UpdateError
+from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
 from tests.conftest import tiny_lora_model
 
 
@@ -211,7 +211,7 @@ def test_fit_sends_the_clipped_update_and_reports_the_norm_before(tiny_device):
 
 
 def test_fit_refuses_to_send_a_diverged_update_but_records_what_it_spent(tiny_device):
-    from client.ledger import load_device_ledger
+    from fedlora.client.ledger import load_device_ledger
 
     with pytest.raises(UpdateError, match="diverged"):
         tiny_device(None, learning_rate=1e38)

@@ -1,7 +1,7 @@
 """The PKI scripts run for real: compose's `pki` one-shot and deploy/k8s/pki.sh.
 
 Both run under /bin/sh with fedlora's real ``keys`` parser and handlers. ``fedlora`` on
-PATH is a shim that loads only ``fedlora.keys_cli`` (the full CLI imports torch, three
+PATH is a shim that loads only ``fedlora.cli.keys`` (the full CLI imports torch, three
 seconds a call); ``kubectl`` is a stub that renders ``create secret|configmap --dry-run``
 as YAML and records what is applied, so the test sees exactly what would enter the cluster.
 """
@@ -25,7 +25,7 @@ FEDLORA_SHIM = f"""#!{sys.executable}
 import argparse, sys
 sys.path.insert(0, {str(df.REPO)!r})
 from fedlora.errors import FedloraError
-from fedlora.keys_cli import add_keys_parser
+from fedlora.cli.keys import add_keys_parser
 parser = argparse.ArgumentParser(prog="fedlora")
 add_keys_parser(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args()
@@ -180,7 +180,7 @@ def test_a_pki_made_device_key_is_one_fedlora_device_accepts(tmp_path: Path, bin
     """`fedlora device --key` must load what `fedlora keys device` wrote (compose, k8s)."""
     import argparse
 
-    from client.device import _check_inputs
+    from fedlora.client.device import _check_inputs
 
     sh("fedlora keys device --out keys --device-id device-0", tmp_path, bin_dir)
     sh("fedlora keys init --data-dir coord", tmp_path, bin_dir)

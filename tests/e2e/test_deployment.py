@@ -79,7 +79,7 @@ def deployment(tmp_path_factory):
 
 
 def _device_ledger(dep: LocalDeployment, i: int):
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     return PrivacyLedger.load(dep.state(i) / "ledger.json")
 
@@ -95,14 +95,14 @@ def _seed_predicted_round(
 
     import torch
 
-    from client.device_client import _device_index, _seed
-    from client.train import LocalTrainingPlan, train_lora
     from fedlora import runtime
     from fedlora.adapter import get_adapter_arrays, set_adapter_arrays
+    from fedlora.client.device_client import _device_index, _seed
+    from fedlora.client.train import LocalTrainingPlan, train_lora
     from fedlora.config import FedloraConfig
     from fedlora.data.fleet import local_device_data
     from fedlora.data.tokenize import encode_texts
-    from privacy import SeededRandom
+    from fedlora.privacy import SeededRandom
 
     cfg = FedloraConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     run_id = str(json.loads((run_dir / "run.json").read_text())["flower_run_id"])
@@ -155,7 +155,7 @@ def _seed_predicted_round(
 def _wait_finished(dep: LocalDeployment, run_id: int, timeout_s: float = 120) -> object:
     from flwr.proto.control_pb2 import ListRunsRequest
 
-    from server.control import control_client
+    from fedlora.server.control import control_client
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -169,11 +169,11 @@ def _wait_finished(dep: LocalDeployment, run_id: int, timeout_s: float = 120) ->
 def test_an_attacker_with_only_the_ca_runs_no_code_anywhere(deployment, tmp_path):
     import grpc
 
+    from fedlora.cli.run import RunServiceClient
     from fedlora.testing.attacker import evil_fab, markers, submit_to_control_api
     from fedlora.testing.deployment import EVERY_INTERFACE, listening_tcp
     from fedlora.v1 import run_service_pb2 as pb
     from fedlora.v1 import run_service_pb2_grpc
-    from server.submit import RunServiceClient
 
     dep = deployment
     marker_dir = tmp_path / "markers"
@@ -234,7 +234,7 @@ def test_tls_secagg_run_aggregates_noise_the_runs_seed_cannot_predict(deployment
     import math
 
     from fedlora import runtime
-    from server.checkpoint import load_checkpoint
+    from fedlora.server.checkpoint import load_checkpoint
 
     dep = deployment
     res = dep.run("first", _config(1, export=True))
@@ -281,7 +281,7 @@ def test_tls_secagg_run_aggregates_noise_the_runs_seed_cannot_predict(deployment
     assert abs(corr) < 0.05, f"the run's seed predicts the aggregate's noise (corr {corr:.3f})"
 
     # The coordinator's ledger is the union of what the devices recorded for this run.
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     coord = PrivacyLedger.load(run_dir / "privacy" / "ledger.json")
     run_id = str(status["flower_run_id"])
@@ -295,7 +295,7 @@ def test_tls_secagg_run_aggregates_noise_the_runs_seed_cannot_predict(deployment
 
 
 def test_device_downloads_released_model_and_rejects_a_tampered_transfer(deployment, tmp_path):
-    from client.service_client import DeviceServiceClient
+    from fedlora.client.service_client import DeviceServiceClient
     from fedlora.errors import FedloraError
     from fedlora.export.manifest import sha256_file
 
@@ -368,10 +368,10 @@ def _wait_for_round(run_dir: Path, rnd: int, timeout_s: float) -> None:
 def test_coordinator_killed_mid_run_restarts_with_history_and_the_run_resumes(deployment):
     from flwr.proto.control_pb2 import ListRunsRequest
 
+    from fedlora.privacy import PrivacyLedger
+    from fedlora.server.app import RUNS_DIR_ENV
+    from fedlora.server.control import control_client
     from fedlora.testing.deployment import processes_mentioning
-    from privacy import PrivacyLedger
-    from server.app import RUNS_DIR_ENV
-    from server.control import control_client
 
     dep = deployment
     first_report = (dep.dir / "runs" / "first" / "privacy" / "report.json").read_bytes()
@@ -464,7 +464,7 @@ def test_coordinator_killed_mid_run_restarts_with_history_and_the_run_resumes(de
     assert {e.round for e in final.events if e.run == resumed_run} == {2}
     # The report's totals are the devices' own: ε recomputed from each device's ledger
     # (this run's events under either id; the devices' ledgers also hold the first run).
-    from privacy import epsilon_for
+    from fedlora.privacy import epsilon_for
 
     report = json.loads((run_dir / "privacy" / "report.json").read_text())
     assert report["run"]["resumed_at"] == [2]

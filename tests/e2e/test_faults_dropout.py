@@ -76,7 +76,7 @@ def _initial(cfg):
 
 def assert_ledgers_agree(run_dir, coordinator):
     """The coordinator's saved ledger holds exactly the events of every device's own."""
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     saved = PrivacyLedger.load(run_dir / "privacy" / "ledger.json")
     own = device_ledgers(run_dir)

@@ -84,7 +84,7 @@ def test_the_round_is_the_mean_of_the_others(straggler_run):
 
 
 def test_the_stragglers_spend_is_in_the_coordinators_ledger(straggler_run):
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     cfg, run_dir, coordinator = straggler_run
     from fedlora import runtime

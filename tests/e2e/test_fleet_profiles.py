@@ -25,8 +25,8 @@ PROFILES = [
 
 def test_a_fleet_with_profiles_samples_online_devices_and_loses_the_drawn_ones(tmp_path):
     from fedlora import runtime
+    from fedlora.privacy import PrivacyLedger
     from fedlora.simulate import simulate
-    from privacy import PrivacyLedger
 
     cfg = FedloraConfig().replace(
         fleet={"num_devices": 8, "devices_per_round": 5, "min_devices": 3, "profiles": PROFILES},

@@ -78,7 +78,7 @@ def test_device_refuses_a_compromised_coordinators_code(tmp_path):
                 start_new_session=True,
             )
         )  # fmt: skip
-        from server.control import wait_for_port
+        from fedlora.addresses import wait_for_port
 
         wait_for_port("127.0.0.1", port + 1, 60)
         run_id = submit_to_control_api(

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 def _device_events(run_dir: Path) -> list:
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     return [
         e
@@ -76,8 +76,8 @@ def test_a_run_killed_mid_round_resumes_and_matches_an_uninterrupted_one(plain_r
     from safetensors.numpy import load_file
 
     from fedlora import runtime
+    from fedlora.privacy import PrivacyLedger, epsilon_for
     from fedlora.simulate import resume_simulation
-    from privacy import PrivacyLedger, epsilon_for
 
     config = tmp_path / "config.json"
     _cfg, reference, _summary = plain_run

@@ -75,7 +75,7 @@ def test_run_completes_with_one_device_per_role(run):
 
 
 def test_ledger_devices_are_speaking_roles(run):
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     _, run_dir, _, _ = run
     ledger = PrivacyLedger.load(run_dir / "privacy" / "ledger.json")
@@ -100,7 +100,7 @@ def test_eval_loss_is_finite_and_does_not_get_worse(run):
 
 
 def test_every_device_stays_within_its_budget(run):
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     cfg, run_dir, summary, _ = run
     report = json.loads((run_dir / "privacy" / "report.json").read_text())

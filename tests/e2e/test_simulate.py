@@ -78,7 +78,7 @@ def test_adapter_loads_with_peft_and_matches_the_last_checkpoint(runs):
 
 
 def test_ledger_and_report_agree_with_an_independent_recount(runs):
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     cfg, run_dir, summary = runs["secagg"]
     ledger = PrivacyLedger.load(run_dir / "privacy" / "ledger.json")
@@ -102,7 +102,7 @@ def test_ledger_and_report_agree_with_an_independent_recount(runs):
 
 def test_each_device_ledger_agrees_with_the_coordinator_ledger(runs):
     """Every device kept its own ledger on its 'local disk'; the coordinator's is their union."""
-    from privacy import PrivacyLedger
+    from fedlora.privacy import PrivacyLedger
 
     _, run_dir, _ = runs["secagg"]
     coordinator = PrivacyLedger.load(run_dir / "privacy" / "ledger.json")
@@ -160,8 +160,8 @@ def test_devices_stop_being_sampled_exactly_when_their_budget_would_be_exceeded(
     """Fixed σ and a small budget: the coordinator stops sampling each device at the round
     its next step would exceed its budget, computed here independently of the run."""
     from fedlora import runtime
+    from fedlora.privacy import DPSGDEvent, PrivacyLedger, epsilon_for
     from fedlora.simulate import simulate
-    from privacy import DPSGDEvent, PrivacyLedger, epsilon_for
 
     rounds, steps, batch, sigma, delta = 5, 3, 8, 1.0, 1e-5
     base = small_config(

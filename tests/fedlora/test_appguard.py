@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from fedlora.appguard import COMPONENTS, ForeignAppError, check_fab, task_command
-from server.control import app_pyproject, build_fab
+from fedlora.server.control import app_pyproject, build_fab
 
 
 def _fab(files: dict[str, bytes]) -> bytes:
@@ -42,8 +42,8 @@ def test_a_bundle_that_carries_code_is_refused_even_if_it_names_our_apps():
     "components",
     [
         {"clientapp": "evil:app"},
-        {"serverapp": "server.app:other"},
-        {"clientapp": "client.app:app2"},
+        {"serverapp": "fedlora.server.app:other"},
+        {"clientapp": "fedlora.client.app:app2"},
     ],
 )
 def test_a_bundle_naming_other_components_is_refused(components):

@@ -123,7 +123,7 @@ def test_fedlora_run_refuses_reproducible_noise_before_submitting(tmp_path):
     """A deployed run's devices would refuse it anyway; `fedlora run` says so up front."""
     import argparse
 
-    from server.submit import resolve_run_config
+    from fedlora.cli.run import resolve_run_config
 
     research = tmp_path / "research.json"
     research.write_text(json.dumps({"privacy": {"reproducible_noise": True}}))

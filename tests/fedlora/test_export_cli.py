@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from fedlora.cli.export import add_export_parser, cmd_export, resolve_cli_formats
 from fedlora.config import FedloraConfig
 from fedlora.errors import ConfigError, ExportError, ModelError
-from fedlora.export.cli import add_export_parser, cmd_export, resolve_cli_formats
 from fedlora.export.profiles import PROFILES, format_name, profile_formats
 from tests.fedlora.test_export_gguf_support import TinyGguf, tiny_gguf
 from tests.fedlora.test_export_support import single_thread  # noqa: F401  (autouse fixture)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from fedlora.cli.export import add_export_parser, cmd_export
 from fedlora.config import FedloraConfig
-from fedlora.export.cli import add_export_parser, cmd_export
 from fedlora.export.gguf import LlamaCppModel, describe_gguf, quantize_gguf, write_f32_gguf
 from fedlora.model import BaseModelSpec, default_model_path
 from tests.fedlora.test_export_support import (

@@ -19,8 +19,8 @@ import pytest
 
 from fedlora.cli import main
 from fedlora.config import FedloraConfig
-from privacy import DPSGDEvent, PrivacyLedger
-from privacy.ledger import events_digest
+from fedlora.privacy import DPSGDEvent, PrivacyLedger
+from fedlora.privacy.ledger import events_digest
 
 DELTA = 1e-5
 PNGS = ("epsilon_by_round.png", "epsilon_distribution.png", "budget_remaining.png")
@@ -387,7 +387,7 @@ def test_an_unwritable_output_directory(complete, tmp_path):
 
 def test_the_report_command_loads_no_training_stack():
     code = (
-        "import sys, fedlora.cli, fedlora.report_cli, fedlora.reporting.rundir, "
+        "import sys, fedlora.cli, fedlora.cli.report, fedlora.reporting.rundir, "
         "fedlora.reporting.artefacts; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'flwr', 'opacus'}))"
     )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+from fedlora.privacy.report import REPRODUCIBLE_NOISE_WARNING
 from fedlora.reporting.artefacts import write_artefacts
 from fedlora.reporting.rundir import load_run, report_for
-from privacy.report import REPRODUCIBLE_NOISE_WARNING
 from tests.fedlora.test_report_cli import make_ledger, make_run
 
 

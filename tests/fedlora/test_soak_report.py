@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from privacy import DPSGDEvent, PrivacyLedger, epsilon_for
+from fedlora.privacy import DPSGDEvent, PrivacyLedger, epsilon_for
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
 DELTA = 1e-5

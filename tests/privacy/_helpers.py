@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from privacy.events import DPSGDEvent
+from fedlora.privacy.events import DPSGDEvent
 
 
 def event(**overrides: Any) -> DPSGDEvent:

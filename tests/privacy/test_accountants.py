@@ -7,7 +7,7 @@ import pytest
 from scipy import optimize, special
 
 from fedlora.errors import ConfigError, PrivacyError
-from privacy.accountants import (
+from fedlora.privacy.accountants import (
     ACCOUNTANTS,
     Accountant,
     PRVAccountant,
@@ -15,7 +15,7 @@ from privacy.accountants import (
     epsilon_for,
     get_accountant,
 )
-from privacy.accountants.rdp import DEFAULT_ORDERS
+from fedlora.privacy.accountants.rdp import DEFAULT_ORDERS
 from tests.privacy._helpers import event, schedule
 
 

@@ -1,8 +1,8 @@
 import pytest
 
 from fedlora.errors import BudgetExhaustedError, ConfigError, PrivacyError
-from privacy.accountants import epsilon_for
-from privacy.calibrate import calibrate_noise_multiplier, epsilon_after
+from fedlora.privacy.accountants import epsilon_for
+from fedlora.privacy.calibrate import calibrate_noise_multiplier, epsilon_after
 from tests.privacy._helpers import event, schedule
 
 DELTA = 1e-5

@@ -15,8 +15,12 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp import rdp_privacy_accountant as dp_rdp
 
-from privacy.accountants import epsilon_for
-from privacy.accountants.rdp import DEFAULT_ORDERS, RDPAccountant, rdp_poisson_subsampled_gaussian
+from fedlora.privacy.accountants import epsilon_for
+from fedlora.privacy.accountants.rdp import (
+    DEFAULT_ORDERS,
+    RDPAccountant,
+    rdp_poisson_subsampled_gaussian,
+)
 from tests.privacy._helpers import schedule
 
 opacus_accountants = pytest.importorskip("opacus.accountants")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fedlora.errors import PrivacyError
-from privacy.events import DPSGDEvent
+from fedlora.privacy.events import DPSGDEvent
 from tests.privacy._helpers import event
 
 

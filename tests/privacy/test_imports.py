@@ -1,12 +1,13 @@
 import subprocess
 import sys
 
-import privacy
+from fedlora import privacy
 
 
 def test_privacy_imports_no_torch_and_no_flower():
     code = (
-        "import sys, privacy, privacy.report, privacy.calibrate, privacy.noise; "
+        "import sys, fedlora.privacy, fedlora.privacy.report, fedlora.privacy.calibrate, "
+        "fedlora.privacy.noise; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'flwr', 'opacus'}))"
     )
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from fedlora.errors import PrivacyError
-from privacy.ledger import LEDGER_FORMAT, PrivacyLedger, events_digest
+from fedlora.privacy.ledger import LEDGER_FORMAT, PrivacyLedger, events_digest
 from tests.privacy._helpers import event
 
 

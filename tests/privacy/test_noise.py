@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from fedlora.errors import PrivacyError
-from privacy import noise
-from privacy.noise import (
+from fedlora.privacy import noise
+from fedlora.privacy.noise import (
     KEY_BYTES,
     SECURE_SOURCE,
     SEEDED_SOURCE,

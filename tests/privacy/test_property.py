@@ -5,10 +5,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedlora.errors import BudgetExhaustedError
-from privacy.accountants import epsilon_for
-from privacy.calibrate import calibrate_noise_multiplier, epsilon_after
-from privacy.events import DPSGDEvent
-from privacy.ledger import PrivacyLedger
+from fedlora.privacy.accountants import epsilon_for
+from fedlora.privacy.calibrate import calibrate_noise_multiplier, epsilon_after
+from fedlora.privacy.events import DPSGDEvent
+from fedlora.privacy.ledger import PrivacyLedger
 
 DELTA = 1e-5
 SETTINGS = settings(

@@ -8,7 +8,12 @@ import pytest
 from prv_accountant import PoissonSubsampledGaussianMechanism
 from scipy import integrate, stats
 
-from privacy.accountants.prv import _even_fast_len, _truncated_mean, prv_epsilon_bounds, survival
+from fedlora.privacy.accountants.prv import (
+    _even_fast_len,
+    _truncated_mean,
+    prv_epsilon_bounds,
+    survival,
+)
 
 
 @pytest.mark.parametrize(("q", "sigma"), [(0.1, 1.0), (0.01, 0.7), (0.5, 3.0), (1.0, 1.0)])

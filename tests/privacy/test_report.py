@@ -4,9 +4,9 @@ import os
 import pytest
 
 from fedlora.errors import ConfigError, PrivacyError
-from privacy.accountants import epsilon_for
-from privacy.ledger import PrivacyLedger
-from privacy.report import REPRODUCIBLE_NOISE_WARNING, RunInfo, build_report, write_report
+from fedlora.privacy.accountants import epsilon_for
+from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.report import REPRODUCIBLE_NOISE_WARNING, RunInfo, build_report, write_report
 from tests.privacy._helpers import event
 
 DELTA = 1e-5

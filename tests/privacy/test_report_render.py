@@ -6,9 +6,15 @@ import sys
 
 import pytest
 
-from privacy.ledger import PrivacyLedger
-from privacy.render import DEVICE_COLUMNS, device_table, render_markdown, render_table, run_line
-from privacy.report import RunInfo, build_report
+from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.render import (
+    DEVICE_COLUMNS,
+    device_table,
+    render_markdown,
+    render_table,
+    run_line,
+)
+from fedlora.privacy.report import RunInfo, build_report
 from tests.privacy._helpers import event
 
 DELTA = 1e-5

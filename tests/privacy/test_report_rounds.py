@@ -8,10 +8,10 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 
 from fedlora.errors import ConfigError
-from privacy import report as report_module
-from privacy.accountants import epsilon_for
-from privacy.ledger import PrivacyLedger
-from privacy.report import RunInfo, build_report, epsilons_of
+from fedlora.privacy import report as report_module
+from fedlora.privacy.accountants import epsilon_for
+from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.report import RunInfo, build_report, epsilons_of
 from tests.privacy._helpers import event
 
 DELTA = 1e-5

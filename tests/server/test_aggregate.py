@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedlora.errors import UpdateError
-from server.aggregate import apply_update, validate_update, weighted_mean
+from fedlora.server.aggregate import apply_update, validate_update, weighted_mean
 
 
 def test_weighted_mean_matches_hand_computed_values():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fedlora.config import PrivacySection
-from privacy import DPSGDEvent, epsilon_for
-from server.budget import FleetBudget
+from fedlora.privacy import DPSGDEvent, epsilon_for
+from fedlora.server.budget import FleetBudget
 
 
 def _budget(**privacy) -> FleetBudget:

@@ -8,8 +8,8 @@ from io import BytesIO
 
 import pytest
 
+from fedlora.addresses import CoordinatorAddress
 from fedlora.errors import ConfigError
-from server.control import CoordinatorAddress
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_a_wildcard_listener_is_dialled_on_loopback():
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.5", "coord.example.org", "::"])
 def test_superlink_binds_its_control_api_to_loopback_whatever_the_host(tmp_path, host):
-    from server.coordinator import CoordinatorLayout, superlink_command
+    from fedlora.server.coordinator import CoordinatorLayout, superlink_command
 
     cmd = superlink_command(CoordinatorLayout(tmp_path), CoordinatorAddress(host, 7000), None)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
@@ -54,7 +54,7 @@ def test_superlink_binds_its_control_api_to_loopback_whatever_the_host(tmp_path,
 def test_node_config_quotes_strings_for_flower():
     from flwr.common.config import parse_config_args
 
-    from client.device import node_config
+    from fedlora.client.device import node_config
 
     text = node_config({"data-path": "/data/my file.jsonl", "device-id": "d-1", "budget": 2.5})
     parsed = parse_config_args([text])
@@ -62,21 +62,21 @@ def test_node_config_quotes_strings_for_flower():
 
 
 def test_run_bundle_carries_no_code_only_the_installed_apps():
-    from server.control import build_fab
+    from fedlora.server.control import build_fab
 
     with zipfile.ZipFile(BytesIO(build_fab())) as fab:
         names = fab.namelist()
         pyproject = fab.read("pyproject.toml").decode()
     assert not [n for n in names if n.endswith(".py")], names
-    assert 'serverapp = "server.app:app"' in pyproject
-    assert 'clientapp = "client.app:app"' in pyproject
+    assert 'serverapp = "fedlora.server.app:app"' in pyproject
+    assert 'clientapp = "fedlora.client.app:app"' in pyproject
     assert "fedlora-config-json" in pyproject
 
 
 def test_run_name_must_be_a_directory_name(tmp_path):
     import argparse
 
-    from server.submit import resolve_run_config
+    from fedlora.cli.run import resolve_run_config
 
     for bad in ("../x", "a/b", "", ".hidden", "x" * 65):
         args = argparse.Namespace(config=None, name=bad or "/")
@@ -87,7 +87,7 @@ def test_run_name_must_be_a_directory_name(tmp_path):
 
 
 def test_restart_marks_running_runs_interrupted_and_leaves_finished_ones(tmp_path):
-    from server.coordinator import mark_interrupted
+    from fedlora.server.coordinator import mark_interrupted
 
     for name, status in (("a", "running"), ("b", "complete"), ("c", "failed")):
         (tmp_path / name).mkdir()
@@ -101,7 +101,7 @@ def test_restart_marks_running_runs_interrupted_and_leaves_finished_ones(tmp_pat
 def test_deployed_run_dir_stays_inside_the_coordinators_runs(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from server.app import RUNS_DIR_ENV, resolve_run_dir
+    from fedlora.server.app import RUNS_DIR_ENV, resolve_run_dir
 
     monkeypatch.setenv(RUNS_DIR_ENV, str(tmp_path))
     ctx = SimpleNamespace(run_config={"run-dir": "first"}, run_id=7)

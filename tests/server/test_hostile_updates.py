@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from fedlora.errors import UpdateError
-from privacy import DPSGDEvent
-from server.aggregate import (
+from fedlora.privacy import DPSGDEvent
+from fedlora.server.aggregate import (
     NORM_RTOL,
     REASONS,
     UpdateRejected,

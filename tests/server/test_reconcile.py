@@ -11,11 +11,11 @@ from flwr.common.constant import MessageTypeLegacy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, encode_events
 from fedlora.config import FedloraConfig
-from privacy import DPSGDEvent
-from server.budget import FleetBudget
-from server.reconcile import LedgerReconciler
+from fedlora.privacy import DPSGDEvent
+from fedlora.privacy.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, encode_events
+from fedlora.server.budget import FleetBudget
+from fedlora.server.reconcile import LedgerReconciler
 from tests.server.fakes import FakeGrid, error, properties_reply, task_identity
 
 __all__ = ["task_identity"]

@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 
 from fedlora.errors import ConfigError
-from privacy import DPSGDEvent, PrivacyLedger
-from server.app import _keep_metrics, resumable_run
-from server.checkpoint import save_checkpoint
-from server.resume import RunState, config_digest, file_digest, load_ledger_prefix, load_state
+from fedlora.privacy import DPSGDEvent, PrivacyLedger
+from fedlora.server.app import _keep_metrics, resumable_run
+from fedlora.server.checkpoint import save_checkpoint
+from fedlora.server.resume import (
+    RunState,
+    config_digest,
+    file_digest,
+    load_ledger_prefix,
+    load_state,
+)
 
 SETTINGS = {"format": "fedlora.config", "version": 3, "seed": 4, "training": {"rounds": 3}}
 

@@ -29,8 +29,8 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 
 from fedlora.config import FedloraConfig
 from fedlora.errors import ConfigError
-from server.budget import FleetBudget
-from server.rounds import (
+from fedlora.server.budget import FleetBudget
+from fedlora.server.rounds import (
     RoundGrid,
     RoundWorkflow,
     halt_reason,
@@ -38,7 +38,7 @@ from server.rounds import (
     message_bytes,
     stage_of,
 )
-from server.strategy import LoraFedAvg
+from fedlora.server.strategy import LoraFedAvg
 from tests.server.fakes import FakeGrid, error, fit_reply, ok, task_identity
 
 __all__ = ["task_identity"]  # the fixture, used by name

@@ -14,8 +14,8 @@ from flwr.server.client_manager import ClientManager
 
 from fedlora import fleetsim
 from fedlora.config import FedloraConfig
-from server.budget import FleetBudget
-from server.strategy import LoraFedAvg
+from fedlora.server.budget import FleetBudget
+from fedlora.server.strategy import LoraFedAvg
 
 PROFILES = [
     {"name": "flaky", "share": 0.5, "availability": 0.3},

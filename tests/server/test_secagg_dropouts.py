@@ -30,8 +30,8 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from server.aggregate import weighted_mean
-from server.rounds import ReportingSecAggPlus, RoundGrid, stage_of
+from fedlora.server.aggregate import weighted_mean
+from fedlora.server.rounds import ReportingSecAggPlus, RoundGrid, stage_of
 from tests.server.fakes import FakeGrid, error, task_identity
 
 __all__ = ["task_identity"]

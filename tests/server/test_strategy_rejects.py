@@ -21,9 +21,9 @@ from flwr.common import (
 from flwr.server.client_proxy import ClientProxy
 
 from fedlora.config import FedloraConfig
-from server.aggregate import weighted_mean
-from server.budget import FleetBudget
-from server.strategy import LoraFedAvg
+from fedlora.server.aggregate import weighted_mean
+from fedlora.server.budget import FleetBudget
+from fedlora.server.strategy import LoraFedAvg
 
 SHAPES = [(4, 3), (3,)]
 RUN = "7"

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from client.service_client import DeviceServiceClient
+from fedlora.client.service_client import DeviceServiceClient
 from fedlora.keys import DeviceRegistry, generate_device_key, init_pki, tls_files
-from server.service import ServiceServer, serve
+from fedlora.server.service import ServiceServer, serve
 from tests.service.helpers import event, touch_later, write_export, write_run
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedlora.config import FedloraConfig
 from fedlora.export.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, file_entries, write_manifest
-from privacy import DPSGDEvent, PrivacyLedger
+from fedlora.privacy import DPSGDEvent, PrivacyLedger
 
 GATE = {"max_kl": 0.05, "min_top1_agreement": 0.9}
 

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from fedlora.keys import MAX_CLOCK_SKEW_S, load_private_key, sign_call
-from server.service.auth import Authenticator, Caller, TooManyCalls, Unauthenticated
+from fedlora.server.service.auth import Authenticator, Caller, TooManyCalls, Unauthenticated
 from tests.service.conftest import Coordinator
 
 METHOD = "/fedlora.v1.ModelService/ListModels"

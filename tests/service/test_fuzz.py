@@ -29,7 +29,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from client.service_client import Budget, RemoteModel, _check_relative
+from fedlora.cli.service import _local_path
+from fedlora.client.service_client import Budget, RemoteModel, _check_relative
 from fedlora.errors import ConfigError, ExportError
 from fedlora.export.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, write_manifest
 from fedlora.keys import (
@@ -43,10 +44,15 @@ from fedlora.keys import (
     load_private_key,
     sign_call,
 )
-from fedlora.service_cli import _local_path
+from fedlora.server.service import (
+    Authenticator,
+    Caller,
+    ModelServicer,
+    PrivacyServicer,
+    Unauthenticated,
+)
 from fedlora.v1 import model_service_pb2 as model_pb
 from fedlora.v1 import privacy_service_pb2 as privacy_pb
-from server.service import Authenticator, Caller, ModelServicer, PrivacyServicer, Unauthenticated
 from tests.service.helpers import GATE, event, write_export, write_run
 
 SECRET = b"TOP-SECRET-NOT-A-MODEL-FILE"

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from client.service_client import ServiceCallError
 from fedlora.auditlog import read_events
+from fedlora.cli.run import RunServiceClient
+from fedlora.client.service_client import ServiceCallError
 from fedlora.config import FedloraConfig
-from server.submit import RunServiceClient
 from tests.service.conftest import running
 
 #: No SuperLink listens here: a call that got past the checks would fail as UNAVAILABLE.

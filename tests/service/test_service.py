@@ -12,7 +12,12 @@ from typing import Any
 import grpc
 import pytest
 
-from client.service_client import DOWNLOAD_MODEL, LIST_MODELS, DeviceServiceClient, ServiceCallError
+from fedlora.client.service_client import (
+    DOWNLOAD_MODEL,
+    LIST_MODELS,
+    DeviceServiceClient,
+    ServiceCallError,
+)
 from fedlora.errors import ConfigError, ExportError
 from fedlora.keys import (
     METADATA_DEVICE,
@@ -24,10 +29,10 @@ from fedlora.keys import (
     load_private_key,
     sign_call,
 )
+from fedlora.privacy import PrivacyLedger, epsilon_for
+from fedlora.server.service import CHUNK_BYTES, Caller, ModelServicer
 from fedlora.v1 import model_service_pb2 as pb
 from fedlora.v1 import model_service_pb2_grpc
-from privacy import PrivacyLedger, epsilon_for
-from server.service import CHUNK_BYTES, Caller, ModelServicer
 from tests.service.conftest import Coordinator, running
 
 INT8 = ("run-a/int8", "int8/model.bin")

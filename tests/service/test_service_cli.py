@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from fedlora.cli import main
+from fedlora.cli.service import STAGING
+from fedlora.privacy import PrivacyLedger, epsilon_for
 from fedlora.reporting.rundir import load_run, report_for
-from fedlora.service_cli import STAGING
-from privacy import PrivacyLedger, epsilon_for
-from server.service import CHUNK_BYTES, Caller, ModelServicer, ServiceServer
+from fedlora.server.service import CHUNK_BYTES, Caller, ModelServicer, ServiceServer
 from tests.service.conftest import Coordinator, running
 
 
@@ -135,7 +135,7 @@ def test_list_json_has_every_file_with_its_full_digest(
 
 
 def test_list_over_plaintext_with_insecure(coordinator: Coordinator, capsys: Any) -> None:
-    from server.service import serve
+    from fedlora.server.service import serve
 
     srv = serve(coordinator.data_dir, "127.0.0.1", 0, None)
     try:

@@ -1,4 +1,8 @@
-"""Atomic JSON writes: a reader sees the old file or the new one, never half of one."""
+"""What every run directory's writers share: atomic writes, the run format, package versions.
+
+Atomic writes: a reader sees the old file or the new one, never half of one (the
+privacy ledger, ``run.json``, ``state.json`` and the metrics all go through here).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,11 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from fedlora import __version__
+
+#: ``run.json``'s format tag.
+RUN_FORMAT = "fedlora.run"
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -48,3 +57,29 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, atomically (NaN allowed: summaries may hold one)."""
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def versions() -> dict[str, str]:
+    """The versions of what a run ran on (recorded in ``config.json`` and ``run.json``)."""
+    import platform
+
+    import flwr
+    import opacus
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "fedlora": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
+        "opacus": opacus.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+    }

@@ -106,7 +106,7 @@ def render(report: dict[str, Any], fmt: str) -> str:
         from fedlora.reporting.html import render_html
 
         return render_html(report)
-    from privacy.render import render_markdown, render_table
+    from fedlora.privacy.render import render_markdown, render_table
 
     return render_markdown(report) if fmt == "md" else render_table(report)
 

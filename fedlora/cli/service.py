@@ -11,7 +11,7 @@ ModelService and PrivacyService on port P+2 of ``--coordinator HOST[:P]``::
 
 Every call is signed with ``--key`` as ``--device-id`` (default: the key file's
 name without suffix, so ``operator.key`` signs as the operator) through
-:class:`client.service_client.DeviceServiceClient`. Errors are
+:class:`fedlora.client.service_client.DeviceServiceClient`. Errors are
 :class:`~fedlora.errors.FedloraError`\\ s, printed by ``fedlora.cli`` as one line.
 """
 
@@ -32,7 +32,7 @@ from fedlora.errors import ConfigError, ExportError
 from fedlora.export.manifest import sha256_file
 
 if TYPE_CHECKING:
-    from client.service_client import DeviceServiceClient, RemoteFile, RemoteModel
+    from fedlora.client.service_client import DeviceServiceClient, RemoteFile, RemoteModel
 
 DEFAULT_TIMEOUT_S = 20.0
 STAGING = ".fedlora-pull"  # under --out: verified files wait here until the whole set is in
@@ -226,7 +226,7 @@ def _missing_action(parser: argparse.ArgumentParser) -> int:
 # ------------------------------------------------------------------ connecting
 def service_target(coordinator: str) -> str:
     """``HOST:P+2`` for ``HOST[:P]``, IPv6 literals in brackets as gRPC wants them."""
-    from server.control import CoordinatorAddress
+    from fedlora.addresses import CoordinatorAddress
 
     addr = CoordinatorAddress.parse(coordinator)
     host = f"[{addr.host}]" if ":" in addr.host else addr.host
@@ -236,7 +236,7 @@ def service_target(coordinator: str) -> str:
 @contextlib.contextmanager
 def connect(args: argparse.Namespace) -> Iterator[DeviceServiceClient]:
     """A connected, signing client for the command's connection arguments, closed on exit."""
-    from client.service_client import DeviceServiceClient
+    from fedlora.client.service_client import DeviceServiceClient
 
     key, device_id = _identity(args)
     ca = None if args.insecure else Path(args.root_cert)
@@ -324,7 +324,7 @@ def _intact(path: Path, entry: RemoteFile) -> bool:
 
 def _local_path(root: Path, file_path: str) -> Path:
     """Where a listed file goes under ``root``: the client's one rule for safe paths."""
-    from client.service_client import _check_relative
+    from fedlora.client.service_client import _check_relative
 
     try:
         rel = _check_relative(file_path)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-DEFAULT_PORT = 9092
+from fedlora.addresses import DEFAULT_PORT
 
 
 def add_deploy_parsers(sub: Any) -> None:
@@ -200,31 +200,31 @@ def _add_operator_connection(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from server.coordinator import serve_coordinator
+    from fedlora.server.coordinator import serve_coordinator
 
     return serve_coordinator(args)
 
 
 def cmd_device(args: argparse.Namespace) -> int:
-    from client.device import serve_device
+    from fedlora.client.device import serve_device
 
     return serve_device(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from server.submit import submit_run
+    from fedlora.cli.run import submit_run
 
     return submit_run(args)
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
-    from server.submit import list_runs
+    from fedlora.cli.run import list_runs
 
     return list_runs(args)
 
 
 def cmd_runs_stop(args: argparse.Namespace) -> int:
-    from server.submit import stop_run
+    from fedlora.cli.run import stop_run
 
     return stop_run(args)
 

@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet", action="store_true", help="no progress display")
     sim.add_argument("--verbose", action="store_true", help="Flower/Ray logs and tracebacks")
 
-    from fedlora.report_cli import EPILOG as REPORT_EPILOG
-    from fedlora.report_cli import add_report_arguments
+    from fedlora.cli.report import EPILOG as REPORT_EPILOG
+    from fedlora.cli.report import add_report_arguments
 
     report = sub.add_parser(
         "report",
@@ -128,17 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_report_arguments(report)
 
-    from fedlora.export.cli import add_export_parser
+    from fedlora.cli.export import add_export_parser
 
     add_export_parser(sub)
 
-    from fedlora.deploy_cli import add_deploy_parsers
+    from fedlora.cli.deploy import add_deploy_parsers
 
     add_deploy_parsers(sub)
-    from fedlora.keys_cli import add_keys_parser
+    from fedlora.cli.keys import add_keys_parser
 
     add_keys_parser(sub)
-    from fedlora.service_cli import add_service_parsers
+    from fedlora.cli.service import add_service_parsers
 
     add_service_parsers(sub)
     return parser
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.show_version:
-        from fedlora.simulate import versions
+        from fedlora.runfiles import versions
 
         print(json.dumps(versions(), indent=2))
         return 0
@@ -258,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "simulate":
             return cmd_simulate(args)
         if args.command == "export":
-            from fedlora.export.cli import cmd_export
+            from fedlora.cli.export import cmd_export
 
             return cmd_export(args)
         if args.command == "report":
-            from fedlora.report_cli import cmd_report
+            from fedlora.cli.report import cmd_report
 
             return cmd_report(args)
         raise ConfigError(f"unknown command {args.command}")
@@ -274,7 +274,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedlora: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

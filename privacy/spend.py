@@ -10,8 +10,8 @@ what the device's own ledger holds (σ, q, steps, δ per round), which its train
 replies disclose anyway; the update itself is never in this message.
 
 The encoding and decoding live together here, used by the device
-(:meth:`client.device_client.DeviceClient.get_properties`) and by the coordinator
-(:mod:`server.reconcile`). This module imports no torch and no Flower.
+(:meth:`fedlora.client.device_client.DeviceClient.get_properties`) and by the coordinator
+(:mod:`fedlora.server.reconcile`). This module imports no torch and no Flower.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 
 from fedlora.errors import PrivacyError, UpdateError
-from privacy import DPSGDEvent
+from fedlora.privacy import DPSGDEvent
 
 #: Properties-request config key: "report your DP-SGD events of this run".
 QUERY_KEY = "fedlora-ledger"

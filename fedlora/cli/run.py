@@ -20,13 +20,13 @@ from typing import Any
 
 import grpc
 
-from client.service_client import DeviceServiceClient, _method
+from fedlora.addresses import CoordinatorAddress
+from fedlora.client.service_client import DeviceServiceClient, _method
 from fedlora.config import FedloraConfig, load_config
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.keys import OPERATOR_ID
 from fedlora.v1 import run_service_pb2 as pb
 from fedlora.v1 import run_service_pb2_grpc
-from server.control import CoordinatorAddress
 
 #: What a finished run's status looks like.
 FINISHED = "finished"
