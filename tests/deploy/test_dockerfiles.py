@@ -109,7 +109,15 @@ def test_the_build_context_holds_what_pip_install_needs_and_no_more(image: str) 
     patterns = df.dockerignore_patterns(parsed.path.with_name(parsed.path.name + ".dockerignore"))
     pyproject = tomllib.loads((df.REPO / "pyproject.toml").read_text())
     packages = {
-        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+        p.split(".")[0].rstrip("*")
+        for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    # fedlora/server, fedlora/client, fedlora/privacy link to the top-level folders: the
+    # folders themselves must be in the context for the links to resolve in the build
+    packages |= {
+        link.resolve().relative_to(df.REPO).as_posix()
+        for link in (df.REPO / "fedlora").iterdir()
+        if link.is_symlink()
     }
     copied = set()
     for ins in parsed.all("COPY", parsed.stages[0]):
