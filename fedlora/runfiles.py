@@ -32,11 +32,25 @@ def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
 
 def write_text_atomic(text: str, path: str | os.PathLike[str]) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically (as :func:`write_json_atomic`)."""
+    write_bytes_atomic(text.encode("utf-8"), path)
+
+
+def write_bytes_atomic(
+    data: bytes, path: str | os.PathLike[str], *, mode: int | None = None
+) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file in the same directory.
+
+    ``mode`` sets the file's permissions before any byte is written (key files are
+    0600 from the start). The directory is fsynced after the rename; on any error
+    the temporary file is removed and ``path`` is left as it was.
+    """
     target = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            tmp.write(text)
+        with os.fdopen(fd, "wb") as tmp:
+            if mode is not None:
+                os.fchmod(tmp.fileno(), mode)
+            tmp.write(data)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, target)

@@ -11,11 +11,9 @@ OpenSSH line, what ``flwr supernode register`` loads. Private keys are written
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedlora.errors import ConfigError
+from fedlora.runfiles import write_bytes_atomic
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NIST_CURVES = (ec.SECP192R1, ec.SECP224R1, ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
@@ -42,18 +41,7 @@ def check_device_id(device_id: str) -> str:
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` with permissions ``mode``, via a temp file in the same dir."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(data, path, mode=mode)
 
 
 def refuse_existing(paths: Sequence[Path], force: bool, what: str) -> None:

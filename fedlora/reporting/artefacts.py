@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +10,10 @@ from fedlora.errors import PrivacyError
 from fedlora.privacy import write_report
 from fedlora.reporting.html import render_html
 from fedlora.reporting.plots import PLOTS, to_png
+from fedlora.runfiles import write_bytes_atomic
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
-
-
-def _write_bytes_atomic(data: bytes, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_artefacts(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
@@ -40,10 +27,10 @@ def write_artefacts(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> 
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_report(report, written[0])
-        _write_bytes_atomic(render_html(report, figures).encode("utf-8"), written[1])
+        write_bytes_atomic(render_html(report, figures).encode("utf-8"), written[1])
         for name, fig in figures.items():
             path = out / f"{name}.png"
-            _write_bytes_atomic(to_png(fig), path)
+            write_bytes_atomic(to_png(fig), path)
             written.append(path)
     except OSError as err:
         raise PrivacyError(
