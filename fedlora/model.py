@@ -119,7 +119,7 @@ def default_model_path(
     so a crash never leaves a half-built model and concurrent callers build it
     once (the others wait and use it).
     """
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_root()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     final = root / spec.cache_key()
     if _is_complete(final):
         return final
@@ -129,7 +129,7 @@ def default_model_path(
         raise ModelError(
             f"cannot create model cache {root}: {err.strerror}; set FEDLORA_CACHE"
         ) from None
-    with _exclusive(root / f".{final.name}.lock"):
+    with exclusive_lock(root / f".{final.name}.lock"):
         if _is_complete(final):
             return final
         log.info("building the default base model in %s (once, about a minute)", final)
@@ -153,7 +153,8 @@ def _move_into_place(built: Path, final: Path) -> None:
             raise
 
 
-def _default_cache_root() -> Path:
+def cache_root() -> Path:
+    """``$FEDLORA_CACHE/models`` or ``~/.cache/fedlora/models``: where base models are cached."""
     env = os.environ.get("FEDLORA_CACHE")
     base = Path(env).expanduser() if env else Path.home() / ".cache" / "fedlora"
     return base / "models"
@@ -164,7 +165,8 @@ def _is_complete(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if need be) while inside."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): build-then-rename alone keeps the cache whole
@@ -202,7 +204,7 @@ def _build(spec: BaseModelSpec, out: Path) -> None:
     }
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    _portable_tokenizer_class(out / "tokenizer_config.json")
+    portable_tokenizer_class(out / "tokenizer_config.json")
     info["build_seconds"] = round(time.perf_counter() - started, 1)
     (out / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
@@ -235,12 +237,15 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int) -> A
     )
 
 
-def _portable_tokenizer_class(config_file: Path) -> None:
+def portable_tokenizer_class(config_file: Path) -> None:
     """Name the class every transformers release knows (5.x writes its new alias)."""
     config = json.loads(config_file.read_text(encoding="utf-8"))
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+_portable_tokenizer_class = portable_tokenizer_class  # the name bench/utility.py imports
 
 
 def pretrained_llama(
