@@ -40,9 +40,13 @@ class ModelBundle:
 
 
 def resolve_model_path(cfg: FedloraConfig) -> Path:
-    """The checkpoint to fine-tune: the user's ``model.path`` or the embedded default."""
+    """The checkpoint to fine-tune: the user's ``model.path``, a catalog entry's converted
+    checkpoint (``model.path`` = its name, converted on first use), or the embedded default."""
+    from fedlora.catalog import catalog_entry, catalog_model_path
     from fedlora.model import default_model_path
 
+    if cfg.model.path and catalog_entry(cfg.model.path) is not None:
+        return catalog_model_path(cfg.model.path)
     if cfg.model.path:
         return Path(cfg.model.path)
     return default_model_path()

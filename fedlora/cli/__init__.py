@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--model",
-        metavar="PATH",
-        help="local Hugging Face causal-LM checkpoint (default: the embedded model)",
+        metavar="PATH|NAME",
+        help="local Hugging Face causal-LM checkpoint, or a catalog name (`fedlora models "
+        "catalog`: e.g. smollm2-135m-instruct, converted once into $FEDLORA_CACHE); a GGUF "
+        "file goes through `fedlora models import-gguf` first (default: the embedded model)",
     )
     sim.add_argument(
         "--epsilon",
@@ -168,7 +170,7 @@ def resolve_simulate_config(args: argparse.Namespace) -> Any:
     # Paths given on the command line are made absolute, so RUN_DIR/config.json reruns anywhere.
     put("data", "path", str(Path(args.data).resolve()) if args.data else None)
     put("data", "partition", args.partition)
-    put("model", "path", str(Path(args.model).resolve()) if args.model else None)
+    put("model", "path", _model_arg(args.model))
     put("privacy", "epsilon", args.epsilon)
     put("privacy", "delta", args.delta)
     if args.no_dp:
@@ -181,6 +183,15 @@ def resolve_simulate_config(args: argparse.Namespace) -> Any:
     if args.seed is not None:
         overrides["seed"] = args.seed
     return cfg.replace(**overrides)
+
+
+def _model_arg(value: str | None) -> str | None:
+    """``--model``: a catalog name as given (the run records it), a path made absolute."""
+    from fedlora.catalog import catalog_entry
+
+    if value is None or catalog_entry(value) is not None:
+        return value
+    return str(Path(value).resolve())
 
 
 #: ``simulate`` flags that change the config: a resumed run keeps its own.

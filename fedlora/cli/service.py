@@ -1,5 +1,8 @@
 """``fedlora models list|pull``, ``fedlora budget``, ``fedlora fleet-report``.
 
+(``fedlora models import-gguf|catalog``, which work locally, are in
+:mod:`fedlora.cli.model_import`.)
+
 What a device (or the operator) asks a coordinator's fedlora services, the
 ModelService and PrivacyService on port P+2 of ``--coordinator HOST[:P]``::
 
@@ -127,10 +130,13 @@ def add_service_parsers(sub: Any) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     models = sub.add_parser(
         "models",
-        help="list and download the models a coordinator has released",
+        help="models a coordinator released (list, pull); real models for --model "
+        "(import-gguf, catalog)",
         description=(
             "The coordinator releases an exported artefact (RUN/NAME, e.g. run-a/int8) once it "
-            "passed its quality gate. `list` shows them; `pull` downloads one to a device."
+            "passed its quality gate. `list` shows them; `pull` downloads one to a device. "
+            "`import-gguf` turns a GGUF file into a checkpoint directory for --model; "
+            "`catalog` lists the named models --model accepts."
         ),
         epilog=MODELS_EPILOG,
         formatter_class=raw,
@@ -178,6 +184,10 @@ def add_service_parsers(sub: Any) -> None:
     )
     _add_connection(pull)
     pull.set_defaults(func=cmd_models_pull)
+
+    from fedlora.cli.model_import import add_local_model_parsers
+
+    add_local_model_parsers(actions)
 
     budget = sub.add_parser(
         "budget",
