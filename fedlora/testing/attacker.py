@@ -102,6 +102,8 @@ def evil_fab(marker_dir: Path, *, shadow: bool = False, reply_timeout_s: float =
             client_ref="fedlora.client.app:app",
         )
         files = {
+            # a regular package: it comes first on sys.path, so it shadows the real one
+            "fedlora/__init__.py": b"",
             "fedlora/server/__init__.py": b"",
             "fedlora/server/app.py": server,
             "fedlora/client/__init__.py": b"",

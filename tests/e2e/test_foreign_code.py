@@ -3,7 +3,7 @@
 The "coordinator" here is the attacker's: a plain Flower SuperLink (no fedlora,
 no guard) running a bundle of the attacker's own. A real ``fedlora device``
 connects to it. The bundle names fedlora's own components and carries
-``client/app.py`` and ``server/app.py`` that would shadow the installed ones;
+``fedlora/client/app.py`` and ``fedlora/server/app.py`` that would shadow the installed ones;
 importing either writes a marker file. The attacker's ServerApp runs (it is
 the attacker's machine) and queries the device; the device must refuse the
 bundle before anything in it is written or imported, say so in one log line,
