@@ -3,6 +3,7 @@ import pytest
 from fedlora.errors import BudgetExhaustedError, ConfigError, PrivacyError
 from fedlora.privacy.accountants import epsilon_for
 from fedlora.privacy.calibrate import calibrate_noise_multiplier, epsilon_after
+from fedlora.privacy.events import DPSGDEvent
 from tests.privacy._helpers import event, schedule
 
 DELTA = 1e-5
@@ -123,3 +124,47 @@ def test_epsilon_after_adds_the_event():
     assert epsilon_after(history, nxt, DELTA) == epsilon_for([*history, nxt], DELTA)
     assert epsilon_after(history, nxt, DELTA) > epsilon_for(history, DELTA)
     assert epsilon_after((), nxt, DELTA, "rdp") == epsilon_for([nxt], DELTA, "rdp")
+
+
+def test_memoised_calibration_is_the_fresh_answer_and_skips_the_search(monkeypatch):
+    """A second device with the same question (history in another order and under other
+    names included) gets the very σ a fresh search gives, without a single accountant call."""
+    import time
+
+    from fedlora.privacy import calibrate as cal
+    from fedlora.privacy.accountants import registry
+
+    history = [
+        DPSGDEvent(device="a", round=1, noise_multiplier=1.3, sample_rate=0.05, steps=10,
+                   delta=1e-5),
+        DPSGDEvent(device="a", round=2, noise_multiplier=1.1, sample_rate=0.05, steps=10,
+                   delta=1e-5),
+    ]  # fmt: skip
+    args = (8.0, 1e-5, 0.05, 10, 3)
+    cal._calibrate.cache_clear()
+    started = time.perf_counter()
+    first = cal.calibrate_noise_multiplier(*args, history=history)
+    fresh_s = time.perf_counter() - started
+
+    calls = []
+    real = registry.epsilon_for
+    monkeypatch.setattr(cal, "epsilon_for", lambda *a, **k: calls.append(1) or real(*a, **k))
+    other = [
+        DPSGDEvent(device="b", round=7, noise_multiplier=e.noise_multiplier,
+                   sample_rate=e.sample_rate, steps=e.steps, delta=e.delta)
+        for e in reversed(history)
+    ]  # fmt: skip
+    started = time.perf_counter()
+    again = cal.calibrate_noise_multiplier(*args, history=other)
+    cached_s = time.perf_counter() - started
+    assert again == first and calls == []
+    assert cached_s < fresh_s / 10
+
+    # ... and equals a search that never saw the cache (to the bit, so well within 1e-6).
+    cal._calibrate.cache_clear()
+    assert cal.calibrate_noise_multiplier(*args, history=history) == first
+    assert calls, "a fresh search consults the accountant"
+    # A different history is a different question.
+    changed = [*history[:1], DPSGDEvent(device="a", round=2, noise_multiplier=0.9,
+                                        sample_rate=0.05, steps=10, delta=1e-5)]  # fmt: skip
+    assert cal.calibrate_noise_multiplier(*args, history=changed) > first
