@@ -5,7 +5,8 @@
   F32 GGUF with the full tokenizer: vocab, merges, token types, special ids and
   whether BOS is prepended. ``q_proj`` / ``k_proj`` are permuted from the Hugging
   Face rotate-half layout to ggml's interleaved rotary layout; a file written
-  without it loads and runs but is wrong, which the quality gate catches.
+  without it loads and runs but is wrong, which the conversion check catches
+  (:data:`CONVERSION`, :mod:`fedlora.export.reference`).
 * :func:`quantize_gguf` quantizes it with ``llama_cpp.llama_model_quantize``
   (the ``gguf`` package cannot write K-quants). llama.cpp quantizes a tensor to
   a block type only if its row length is a multiple of the block (32 for Q8_0 /
@@ -13,6 +14,10 @@
   manifest records the tensor types actually in the file (:func:`describe_gguf`).
 * :class:`LlamaCppModel` runs a GGUF in llama.cpp behind the transformers call
   signature, so :func:`fedlora.export.quality.compare_logits` measures it.
+* :data:`CONVERSION` is the F32 conversion as the quantized formats' gate checks
+  it (F32 KV cache, tokenization compared with the model's tokenizer), and
+  :func:`reference_gguf` is llama.cpp's own quantization of that checked file,
+  the reference a quantized artefact is gated against.
 
 The GGUF formats are registered in :mod:`fedlora.export.formats` as
 ``gguf-f32``, ``gguf-f16``, ``gguf-q8_0`` and ``gguf-q4_k_m``.
@@ -33,6 +38,8 @@ import numpy as np
 import torch
 
 from fedlora.errors import ExportError, ModelError
+from fedlora.export.quality import QualityGate
+from fedlora.export.reference import Conversion
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 F32_FILE = "model-f32.gguf"
@@ -178,14 +185,8 @@ def _hf_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_f32_gguf(
-    merged_dir: str | Path, out_file: str | Path, *, permute_qk: bool = True
-) -> Path:
-    """Convert a llama-family checkpoint to an F32 GGUF with its tokenizer; returns ``out_file``.
-
-    ``permute_qk=False`` writes q/k in the HF layout: a wrong file, for tests that
-    the quality check catches it.
-    """
+def write_f32_gguf(merged_dir: str | Path, out_file: str | Path) -> Path:
+    """Convert a llama-family checkpoint to an F32 GGUF with its tokenizer; returns ``out_file``."""
     import gguf
 
     src, out = Path(merged_dir), Path(out_file)
@@ -221,9 +222,9 @@ def write_f32_gguf(
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise ModelError(f"GGUF export: no llama.cpp tensor for {name} in {src}")
-        if permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute_rotary(data, n_head)
-        elif permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
             data = permute_rotary(data, n_kv)
         writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float32))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,18 +319,36 @@ class LlamaCppModel:
     positions are zero and meaningless.
     """
 
-    def __init__(self, path: str | Path, *, n_ctx: int | None = None, threads: int = 1) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        n_ctx: int | None = None,
+        threads: int = 1,
+        f32_cache: bool = False,
+    ) -> None:
+        """``f32_cache``: keep K and V in F32 (llama.cpp's default is F16), so an F32 file
+        runs with no loss of llama.cpp's own; the conversion check uses it."""
         llama_cpp = _llama_cpp()
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"no GGUF file at {self.path}")
+        cache = (
+            {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
+            if f32_cache
+            else {}
+        )
         self.llm = llama_cpp.Llama(
             model_path=str(self.path),
             n_ctx=n_ctx or 0,
             n_batch=512,
             logits_all=True,
             n_threads=threads,
+            # Prompts are evaluated as batches, on n_threads_batch (llama-cpp-python's default:
+            # every CPU). On a shared machine its spinning threads make a tiny model 100x slower.
+            n_threads_batch=threads,
             verbose=False,
+            **cache,
         )
         self.config = SimpleNamespace(vocab_size=self.llm.n_vocab())
         self.training = False
@@ -387,3 +406,50 @@ def write_gguf(merged_dir: Path, out_dir: Path, quant: str) -> Path:
 
 def load_gguf(artefact_dir: Path) -> LlamaCppModel:
     return LlamaCppModel(gguf_file(artefact_dir), threads=max(1, torch.get_num_threads()))
+
+
+# ------------------------------------------------------------------ the quantized formats' gate
+
+
+def reference_gguf(f32_file: Path, out_dir: Path, quant: str) -> Path:
+    """llama.cpp's own ``quant`` of a checked F32 GGUF, default parameters; returns ``out_dir``."""
+    quantize_gguf(f32_file, Path(out_dir) / f"model-{quant}.gguf", quant)
+    return Path(out_dir)
+
+
+def tokenization_check(
+    merged_dir: Path, model: LlamaCppModel, ids: torch.Tensor, mask: torch.Tensor
+) -> dict[str, Any]:
+    """Held-out texts (the held-out ids decoded) tokenized by llama.cpp and by the model's
+    own tokenizer: ``{"texts", "identical", "first_mismatch"?}``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir), local_files_only=True)
+    texts = dict.fromkeys(
+        str(tokenizer.decode([int(t) for t in row[m.bool()]], skip_special_tokens=True))
+        for row, m in zip(ids, mask, strict=True)
+    )
+    texts.pop("", None)
+    identical, first = 0, None
+    for text in texts:
+        if model.tokenize(text) == list(tokenizer(text)["input_ids"]):
+            identical += 1
+        elif first is None:
+            first = text[:80]
+    result: dict[str, Any] = {"texts": len(texts), "identical": identical}
+    if first is not None:
+        result["first_mismatch"] = first
+    return result
+
+
+CONVERSION = Conversion(
+    name="gguf-f32",
+    file_name=F32_FILE,
+    write=write_f32_gguf,
+    load=lambda file: LlamaCppModel(file, threads=max(1, torch.get_num_threads()), f32_cache=True),
+    gate=QualityGate(max_kl=1e-5, min_top1_agreement=0.99),
+    runtime="llama.cpp, F32 weights, F32 KV cache",
+    tokenization=tokenization_check,
+)
+"""fedlora's HF → GGUF conversion, as every GGUF artefact's gate checks it (see
+:mod:`fedlora.export.reference`): only float rounding may separate it from the merged model."""

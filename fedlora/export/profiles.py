@@ -7,16 +7,17 @@ for it; the registry name (:mod:`fedlora.export.formats`) is what
 ============  ==========  ============  ==================================================
 profile       format      quantization  why
 ============  ==========  ============  ==================================================
-phone-low     gguf        q4_k_m        ≤ 4 GB RAM: smallest file llama.cpp runs well;
-                                        gate KL ≤ 1e-2, top-1 ≥ 0.90
-phone-high    gguf        q8_0          flagship phones: near-lossless (KL ≤ 1e-3,
-                                        top-1 ≥ 0.98) at about half of F16
+phone-low     gguf        q4_k_m        ≤ 4 GB RAM: smallest file llama.cpp runs well
+phone-high    gguf        q8_0          flagship phones: llama.cpp's near-lossless type,
+                                        about half of F16
 laptop        gguf        f16           memory to spare: F16 weights, quality first
 ============  ==========  ============  ==================================================
 
 ``safetensors`` + ``int8`` is the weight-only int8 artefact run by PyTorch
 (:mod:`fedlora.export.int8`); ``safetensors`` + ``fp32`` is the merged model
 alone, which every export contains anyway. ``executorch`` is not implemented.
+Quantization names are unique across file formats, so a quantization alone names
+its format (:func:`format_of`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,16 @@ def format_name(file_format: str, quantization: str | None = None) -> str | None
             f"unknown quantization {quantization!r} for {file_format}: choose from {list(choices)}"
         )
     return choices[quant]
+
+
+def format_of(quantization: str) -> str:
+    """The file format a quantization belongs to (``q8_0`` → ``gguf``)."""
+    quant = quantization.lower()
+    for file_format, choices in QUANTIZATIONS.items():
+        if quant in choices:
+            return file_format
+    known = sorted({q for choices in QUANTIZATIONS.values() for q in choices})
+    raise ConfigError(f"unknown quantization {quantization!r}: choose from {known}")
 
 
 def profile_formats(profile: str) -> tuple[str, ...]:

@@ -92,11 +92,19 @@ def run_inputs(
 
 
 def export_run_dir(
-    run_dir: str | Path, formats: Sequence[str] | None = None, model: str | Path | None = None
+    run_dir: str | Path,
+    formats: Sequence[str] | None = None,
+    model: str | Path | None = None,
+    *,
+    replace: bool = False,
 ) -> dict[str, Any]:
-    """Export ``RUN_DIR/adapter`` into ``RUN_DIR/export``; ``formats=None`` is the run's config."""
+    """Add ``formats`` of ``RUN_DIR/adapter`` to ``RUN_DIR/export``; ``formats=None`` is the
+    run's config. Artefacts already there stay; one of ``formats`` already there is refused
+    unless ``replace``."""
     from fedlora.export.pipeline import export_run
 
     cfg, base, adapter, ids, mask = run_inputs(run_dir, model)
     names = tuple(cfg.export.formats) if formats is None else tuple(formats)
-    return export_run(base, adapter, Path(run_dir) / "export", ids, mask, formats=names)
+    return export_run(
+        base, adapter, Path(run_dir) / "export", ids, mask, formats=names, replace=replace
+    )

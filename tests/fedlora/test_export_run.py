@@ -1,4 +1,4 @@
-"""export_run end to end: the manifest, the gate, and all-or-nothing replacement."""
+"""export_run end to end: the manifest, the gate, accumulation, and all-or-nothing replacement."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from fedlora.export import (
     QualityGate,
     export_run,
     int8,
-    read_manifest,
     register_format,
     unregister_format,
     verify_export,
@@ -114,28 +113,122 @@ def test_impossibly_tight_gate_fails_with_numbers_and_leaves_nothing(tiny, tmp_p
     assert _leftovers(tmp_path) == []
 
 
-def test_failed_export_keeps_the_previous_valid_one(tiny, tmp_path: Path) -> None:
-    export = tmp_path / "export"
-    first = _run(tiny, export)
-
-    with pytest.raises(ExportError, match="quality gate"):
-        _run(tiny, export, gate={"int8": {"max_kl": 0.0}})
-
-    assert read_manifest(export) == first
-    assert verify_export(export) == first
-    assert _leftovers(tmp_path) == []
+def _snapshot(export: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(export).as_posix(): p.read_bytes() for p in export.rglob("*") if p.is_file()
+    }
 
 
-def test_successful_export_replaces_the_previous_one(tiny, tmp_path: Path) -> None:
+def test_failed_export_leaves_the_previous_export_byte_identical(tiny, tmp_path: Path) -> None:
     export = tmp_path / "export"
     _run(tiny, export)
+    before = _snapshot(export)
+
+    with pytest.raises(ExportError, match="quality gate"):
+        _run(tiny, export, replace=True, gate={"int8": {"max_kl": 0.0}})
+
+    assert _snapshot(export) == before  # the manifest and every file, byte for byte
+    assert _leftovers(tmp_path) == []
+
+
+def test_exporting_an_artefact_again_needs_replace(tiny, tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    _run(tiny, export)
+    before = _snapshot(export)
+
+    with pytest.raises(ExportError, match=r"already holds int8: replace it with --replace"):
+        _run(tiny, export)
+
+    assert _snapshot(export) == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_replace_swaps_one_artefact_and_keeps_the_rest(tiny, tmp_path, fp16_format) -> None:
+    export = tmp_path / "export"
+    first = _run(tiny, export, formats=("int8", "fp16"))
     (export / "int8" / "stale.txt").write_text("from an older export")
 
-    second = _run(tiny, export, formats=())
+    second = _run(tiny, export, formats=("int8",), replace=True)
 
-    assert [a["name"] for a in second["artefacts"]] == [MERGED]
-    assert not (export / "int8").exists()
+    merged, int8_entry, fp16 = second["artefacts"]
+    assert [a["name"] for a in second["artefacts"]] == [MERGED, "int8", "fp16"]
+    assert (merged, fp16) == (first["artefacts"][0], first["artefacts"][2])  # kept as they were
+    assert int8_entry["path"] == "int8.2"  # new files at a path the old manifest never named
+    assert int8_entry["exported_at"] >= first["artefacts"][1]["exported_at"]
+    assert not (export / "int8").exists()  # the replaced artefact's directory is gone
+    assert verify_export(export) == second
     assert _leftovers(tmp_path) == []
+
+    third = _run(tiny, export, formats=("int8",), replace=True)
+
+    assert {a["name"]: a["path"] for a in third["artefacts"]}["int8"] == "int8"
+    assert not (export / "int8.2").exists()
+    assert verify_export(export) == third
+
+
+def test_a_manifest_never_names_a_missing_file(tiny, tmp_path, monkeypatch) -> None:
+    """What the ModelService relies on: at the commit (the manifest's rename) the files of
+    both the old and the new manifest are on disk; old ones go only afterwards."""
+    from fedlora.export import exportdir
+
+    export = tmp_path / "export"
+    _run(tiny, export)
+    commits = []
+    write = exportdir.write_manifest
+
+    def checked_write(root: Path, manifest: dict) -> Path:
+        old = json.loads((root / "manifest.json").read_text())
+        for listed in (old, manifest):
+            for artefact in listed["artefacts"]:
+                for f in artefact["files"]:
+                    assert (root / f["path"]).stat().st_size == f["bytes"], f["path"]
+        commits.append(manifest)
+        return write(root, manifest)
+
+    monkeypatch.setattr(exportdir, "write_manifest", checked_write)
+
+    _run(tiny, export, replace=True)
+
+    assert len(commits) == 1
+    assert verify_export(export) == commits[0]
+
+
+def test_a_directory_left_by_a_killed_export_is_reused(tiny, tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    _run(tiny, export)
+    (export / "int8.2").mkdir()  # moved in, then killed before the manifest was replaced
+    (export / "int8.2" / "model.safetensors").write_text("half")
+
+    manifest = _run(tiny, export, replace=True)
+
+    assert {a["name"]: a["path"] for a in manifest["artefacts"]}["int8"] == "int8.2"
+    assert verify_export(export) == manifest
+    assert sorted(p.name for p in export.iterdir()) == ["int8.2", "manifest.json", "merged"]
+
+
+def test_artefacts_of_another_adapter_are_not_mixed_in(tiny, tmp_path: Path) -> None:
+    from tests.fedlora.test_export_support import save_adapter
+
+    export = tmp_path / "export"
+    _run(tiny, export, formats=())
+    before = _snapshot(export)
+    other = save_adapter(load_fp32_model(tiny.base), tmp_path / "other-adapter", seed=7)
+
+    with pytest.raises(ExportError, match="holds the artefacts of another adapter"):
+        export_run(tiny.base, other, export, tiny.input_ids, tiny.attention_mask)
+
+    assert _snapshot(export) == before
+
+
+def test_one_export_at_a_time(tiny, tmp_path: Path) -> None:
+    from fedlora.export.exportdir import export_lock
+
+    export = tmp_path / "export"
+
+    with export_lock(export), pytest.raises(ExportError, match="another export into"):
+        _run(tiny, export)
+
+    assert not export.exists()
 
 
 def test_a_wrong_quantizer_is_caught_by_the_gate(tiny, tmp_path, monkeypatch) -> None:
@@ -225,9 +318,28 @@ def test_a_registered_format_is_exported_gated_and_listed(tiny, tmp_path, fp16_f
     fp16 = manifest["artefacts"][2]
     assert [a["name"] for a in manifest["artefacts"]] == [MERGED, "int8", "fp16"]
     assert fp16["quantization"] == "fp16" and fp16["gate"]["max_kl"] == 1e-4
+    assert fp16["gate"]["kind"] == "absolute"
     assert 0 < fp16["quality"]["kl"] < manifest["artefacts"][1]["quality"]["kl"]
     assert (tmp_path / "export" / "fp16" / "model.safetensors").is_file()
     assert verify_export(tmp_path / "export") == manifest
+
+
+def test_exports_accumulate(tiny, tmp_path, fp16_format) -> None:
+    export = tmp_path / "export"
+    first = _run(tiny, export)
+    merged_bytes = (export / "merged" / "model.safetensors").read_bytes()
+
+    second = _run(tiny, export, formats=("fp16",))
+
+    assert [a["name"] for a in second["artefacts"]] == [MERGED, "int8", "fp16"]
+    assert second["artefacts"][:2] == first["artefacts"]  # earlier entries kept verbatim
+    assert (export / "merged" / "model.safetensors").read_bytes() == merged_bytes  # reused
+    assert second["artefacts"][2]["quality"]["reference_perplexity"] == pytest.approx(
+        first["artefacts"][1]["quality"]["reference_perplexity"]
+    )
+    assert verify_export(export) == second
+    assert _run(tiny, export, formats=()) == second  # nothing to add: nothing written
+    assert _leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("name", [MERGED, "merged", "../up", "Int8"])
