@@ -56,13 +56,29 @@ def test_profiles_map_each_device_class_to_one_registered_format() -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], None),  # the run's configured formats
+        (["--profile", "phone-low", "--profile", "phone-high"], ("gguf-q4_k_m", "gguf-q8_0")),
+        (["--quant", "q8_0", "--quant", "int8"], ("gguf-q8_0", "int8")),  # quant names its format
+        (["--format", "gguf", "--quant", "q4_k_m", "--quant", "f16"], ("gguf-q4_k_m", "gguf-f16")),
+        (["--format", "gguf"], ("gguf-q8_0",)),
+        (["--profile", "phone-high", "--quant", "q8_0", "--quant", "int8"], ("gguf-q8_0", "int8")),
+        (["--format", "safetensors", "--quant", "fp32"], ()),  # the merged model alone
+    ],
+)
+def test_repeated_profiles_and_quants_add_up(argv: list[str], expected) -> None:
+    assert resolve_cli_formats(_args("run", *argv)) == expected
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--format", "gguf", "--quant", "q3_x"], "unknown quantization 'q3_x' for gguf"),
         (["--format", "executorch"], "ExecuTorch export is not implemented"),
         (["--profile", "watch"], "unknown profile 'watch'"),
-        (["--profile", "laptop", "--format", "gguf"], "either --profile or --format"),
-        (["--quant", "q8_0"], "--quant needs --format"),
+        (["--format", "gguf", "--quant", "int8"], "unknown quantization 'int8' for gguf"),
+        (["--quant", "q3_x"], "unknown quantization 'q3_x': choose from"),
     ],
 )
 def test_bad_choices_are_one_config_error_line(argv: list[str], message: str) -> None:
@@ -118,3 +134,43 @@ def test_export_writes_the_profile_and_refuses_a_same_shaped_other_base_later(
     with pytest.raises(ModelError, match=r"not the one the adapter .* was exported with"):
         cmd_export(_args(str(run), "--format", "gguf", "--model", str(impostor)))
     assert (run / "export" / "manifest.json").read_bytes() == before
+
+
+def test_profiles_exported_one_after_another_are_released_side_by_side(
+    tiny: TinyGguf, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _run_dir(tmp_path, tiny)
+    manifest_file = run / "export" / "manifest.json"
+    assert cmd_export(_args(str(run), "--profile", "phone-low")) == 0
+    first = json.loads(manifest_file.read_text())
+
+    assert cmd_export(_args(str(run), "--profile", "phone-high", "--quant", "int8")) == 0
+
+    second = json.loads(manifest_file.read_text())
+    names = [a["name"] for a in second["artefacts"]]
+    assert names == ["merged-fp32", "gguf-q4_k_m", "gguf-q8_0", "int8"]
+    assert second["artefacts"][:2] == first["artefacts"]  # phone-low kept, entry and files
+    out = capsys.readouterr().out
+    assert "kept: gguf-q4_k_m" in out and "gguf-q8_0:" in out
+    assert "gate: llama.cpp's own Q8_0 (the same file)" in out
+    assert "tokenization identical on" in out
+
+    # Again without --replace: refused, nothing touched; with it: only Q8_0 is new.
+    before = manifest_file.read_bytes()
+    with pytest.raises(ExportError, match="already holds gguf-q8_0: replace it with --replace"):
+        cmd_export(_args(str(run), "--profile", "phone-high"))
+    assert manifest_file.read_bytes() == before
+
+    assert cmd_export(_args(str(run), "--profile", "phone-high", "--replace")) == 0
+
+    third = json.loads(manifest_file.read_text())
+    by_name = {a["name"]: a for a in third["artefacts"]}
+    assert by_name["gguf-q8_0"]["path"] == "gguf-q8_0.2"
+    assert (
+        by_name["gguf-q8_0"]["files"][0]["sha256"] == second["artefacts"][2]["files"][0]["sha256"]
+    )
+    assert [by_name[n] for n in ("gguf-q4_k_m", "int8")] == [
+        second["artefacts"][1],
+        second["artefacts"][3],
+    ]
+    assert not (run / "export" / "gguf-q8_0").exists()
