@@ -6,7 +6,9 @@ exists) → write ``config.json`` and ``run.json`` (status "running") → run
 Flower's simulation engine with the coordinator (ServerApp) and the device
 clients (ClientApp) → the coordinator writes the adapter, ledger, report and
 export → ``run.json`` becomes "complete". A run that dies leaves ``run.json``
-saying "failed" with the reason, never a directory that looks finished.
+saying "failed" with the reason, never a directory that looks finished. An export
+that fails after training leaves the run "complete" with ``export`` "failed" and the
+reason, and :class:`ExportAfterTrainingError` (exit code 9) says so.
 """
 
 from __future__ import annotations
@@ -20,8 +22,27 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import FedloraConfig
-from fedlora.errors import ConfigError, FedloraError
+from fedlora.errors import ConfigError, ExportError, FedloraError
 from fedlora.runfiles import RUN_FORMAT, versions, write_json
+
+
+class ExportAfterTrainingError(ExportError):
+    """Training completed and its artefacts are written, but the export after it failed.
+
+    ``run.json`` says ``complete`` and, under ``export``, ``failed`` with the reason; the
+    CLI exits with its own code, so a script can tell "export again" (cheap) from "train
+    again". ``summary`` is the completed run's summary.
+    """
+
+    exit_code = 9
+
+    def __init__(self, run_dir: Path, error: str, summary: dict[str, Any]) -> None:
+        super().__init__(
+            f"training completed (adapter, ledger and privacy report are in {run_dir}; run.json "
+            f"says complete), but the export failed: {error}; fix that and run "
+            f"`fedlora export {run_dir}`"
+        )
+        self.summary = summary
 
 
 def prepare(cfg: FedloraConfig) -> dict[str, Any]:
@@ -148,8 +169,13 @@ def _run_and_record(
             flower_run_id=coordinator.strategy.run_id, recovered=coordinator.recovery
         )
     summary = _summary(cfg, run_dir, rows, coordinator, time.perf_counter() - t0)
+    export = getattr(coordinator, "export_status", None)
+    if export is not None:
+        status["export"] = export
     status.update(status="complete", finished=time.time(), summary=summary)
     write_json(run_dir / "run.json", status)
+    if export is not None and export.get("status") == "failed":
+        raise ExportAfterTrainingError(run_dir, str(export.get("error")), summary)
     return summary
 
 
@@ -279,12 +305,11 @@ def _summary(
             "reproducible_noise": cfg.privacy.reproducible_noise,
         }
         summary["artefacts"]["privacy_report"] = str(run_dir / "privacy" / "report.json")
-    if cfg.export.enabled:
+    manifest = getattr(coordinator, "export_manifest", None)
+    if cfg.export.enabled and manifest:
         summary["artefacts"]["export"] = str(run_dir / "export")
-        manifest = getattr(coordinator, "export_manifest", None)
-        if manifest:
-            summary["export"] = {
-                a["name"]: {"bytes": a["total_bytes"], **a.get("quality", {})}
-                for a in manifest["artefacts"]
-            }
+        summary["export"] = {
+            a["name"]: {"bytes": a["total_bytes"], **a.get("quality", {})}
+            for a in manifest["artefacts"]
+        }
     return summary

@@ -285,18 +285,51 @@ class Coordinator:
             )
             # report.json, report.html (self-contained, with plots) and the PNG plots
             write_artefacts(report, self.run_dir / "privacy")
-        if cfg.export.enabled:
-            from fedlora.export import export_run
+        self.export_manifest, self.export_status = export_after_training(cfg, self.run_dir)
 
-            ids, mask = runtime.encoded(cfg, "server-eval", runtime.fleet(cfg).server_eval)
-            self.export_manifest = export_run(
-                runtime.resolve_model_path(cfg),
-                self.run_dir / "adapter",
-                self.run_dir / "export",
-                ids,
-                mask,
-                formats=export_formats(cfg),
-            )
+
+def export_after_training(
+    cfg: FedloraConfig, run_dir: Path
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The run's export, once its adapter, ledger and report are written: ``(manifest,
+    status)``, where ``status`` is what ``run.json`` records under ``export``.
+
+    A failed export does not fail the run: training is complete and the adapter and
+    ledger are good, so the error is returned (``{"status": "failed", "error": ...}``)
+    for ``run.json``, and ``fedlora export RUN_DIR`` retries it. The configured formats
+    replace their own earlier artefacts (a resumed run exports again); others are kept.
+    """
+    if not cfg.export.enabled:
+        return None, {"status": "disabled"}
+    from fedlora.errors import FedloraError
+    from fedlora.export import export_run
+
+    try:
+        ids, mask = runtime.encoded(cfg, "server-eval", runtime.fleet(cfg).server_eval)
+        manifest = export_run(
+            runtime.resolve_model_path(cfg),
+            run_dir / "adapter",
+            run_dir / "export",
+            ids,
+            mask,
+            formats=export_formats(cfg),
+            replace=True,
+        )
+    except Exception as exc:  # recorded in run.json; training stays complete
+        log.error(
+            "training completed, but the export failed: %s",
+            exc,
+            exc_info=not isinstance(exc, FedloraError),
+        )
+        return None, {
+            "status": "failed",
+            "error": f"{type(exc).__name__}: {exc}",
+            "retry": f"fedlora export {run_dir}",
+        }
+    return manifest, {
+        "status": "complete",
+        "artefacts": [a["name"] for a in manifest["artefacts"]],
+    }
 
 
 def _deployed_run(
@@ -304,7 +337,8 @@ def _deployed_run(
 ) -> None:
     """A run started by ``fedlora run`` (or ``flwr run``): config and run.json beside it.
 
-    ``run.json`` goes "running" → "complete" or "failed" (with the error); a
+    ``run.json`` goes "running" → "complete" or "failed" (with the error), and says under
+    ``export`` whether the export after training completed or failed (and why); a
     coordinator restarted after a crash marks runs it finds "running" as
     "interrupted", and ``fedlora run --resume NAME`` continues one (``resume``).
     """
@@ -340,6 +374,7 @@ def _deployed_run(
     if resume is not None:
         status["resumed"][-1]["recovered"] = coordinator.recovery
     rows = coordinator.strategy.rows
+    status["export"] = coordinator.export_status  # a failed export leaves training complete
     status.update(
         status="complete",
         finished=time.time(),

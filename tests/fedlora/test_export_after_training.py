@@ -1,0 +1,68 @@
+"""A run whose export fails after training: recorded as trained, with the failed export.
+
+One real simulation (2 devices, 1 round, 1 step, on the tiny test LLaMA) asks for a
+GGUF its word-level tokenizer cannot have: training completes, the export is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlora.cli import main
+from fedlora.config import FedloraConfig
+from tests.fedlora.test_export_support import Tiny, tiny_setup
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    return tiny_setup(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_a_failed_export_leaves_the_training_run_complete(
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "export": {"formats": ["gguf-q8_0"]},  # needs a BPE tokenizer; tiny's is not
+                "fleet": {"min_devices": 2},
+                "secagg": {"enabled": False},
+            }
+        )
+    )
+    run = tmp_path / "run"
+    argv = ["simulate", "--out", str(run), "--model", str(tiny.base), "--config", str(config)]
+    argv += ["--devices", "2", "--devices-per-round", "2", "--rounds", "1", "--local-steps", "1"]
+
+    code = main([*argv, "--quiet"])
+
+    status = json.loads((run / "run.json").read_text())
+    assert code == 9  # not a failed run (1-8): training is done, only the export is to redo
+    assert status["status"] == "complete"
+    assert status["export"]["status"] == "failed"
+    assert "GGUF export supports BPE tokenizers" in status["export"]["error"]
+    assert status["export"]["retry"] == f"fedlora export {run}"
+    assert status["summary"]["rounds"] == 1 and "export" not in status["summary"]["artefacts"]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fedlora: error: training completed (adapter, ledger and privacy")
+    assert "the export failed: ModelError: GGUF export supports BPE tokenizers" in err
+    assert not (run / "export").exists()
+    # The adapter and ledger are good: the export the run can have is one command away.
+    assert (run / "privacy" / "ledger.json").is_file()
+    assert main(["export", str(run), "--quant", "int8"]) == 0
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    assert [a["name"] for a in manifest["artefacts"]] == ["merged-fp32", "int8"]
+
+
+def test_no_export_is_recorded_as_disabled(tmp_path: Path) -> None:
+    from fedlora.server.app import export_after_training
+
+    cfg = FedloraConfig().replace(export={"enabled": False})
+
+    assert export_after_training(cfg, tmp_path) == (None, {"status": "disabled"})
+    assert list(tmp_path.iterdir()) == []
