@@ -350,6 +350,11 @@ def load_base_model(path: str | Path) -> tuple[Any, Any]:
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model path {path} does not exist; pass a Hugging Face model directory")
+    if path.is_file() and _starts_with(path, b"GGUF"):
+        raise ModelError(
+            f"{path} is a GGUF file: convert it once with `fedlora models import-gguf {path} "
+            "--out DIR` and pass --model DIR"
+        )
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelError(
             f"{path} is not a Hugging Face model directory (no config.json); "
@@ -383,6 +388,14 @@ def load_base_model(path: str | Path) -> tuple[Any, Any]:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def _check_causal_lm(path: Path, config: Any) -> None:

@@ -237,3 +237,8 @@ def test_a_failed_conversion_leaves_no_directory_and_keeps_the_old_one(
     assert not fresh.exists()
     assert json.loads((existing / "config.json").read_text()) == {"old": True}
     assert sorted(os.listdir(tmp_path)) == ["existing"]
+
+
+def test_a_gguf_file_given_as_model_says_how_to_convert_it(tiny: TinyCheckpoints) -> None:
+    with pytest.raises(ModelError, match=r"is a GGUF file: convert it once with `fedlora models "):
+        load_base_model(tiny.q8_0)
