@@ -118,13 +118,14 @@ register_format(
 # GGUF for llama.cpp. Every GGUF artefact is made from fedlora's F32 conversion, which
 # is checked exactly first (gguf.CONVERSION). F32 / F16 lose nothing to llama.cpp's
 # quantization: absolute gates against the merged model. Q8_0 / Q4_K_M are gated against
-# llama.cpp's own quantization of the checked conversion; their gates here are backstops,
-# loose enough for llama.cpp's loss on SmolLM2-135M (Q8_0: KL 8.9e-3, top-1 0.948).
+# llama.cpp's own quantization of the checked conversion; their gates here are backstops
+# against a llama.cpp that wrecks a model, loose enough for what it loses on the smallest
+# real model (SmolLM2-135M: Q8_0 KL 8.1e-3, top-1 0.936; Q4_K_M 8.4e-2, 0.835).
 for _quant, _gate, _reference in (
     ("f32", QualityGate(max_kl=1e-5, min_top1_agreement=0.99), False),
     ("f16", QualityGate(max_kl=1e-4, min_top1_agreement=0.99), False),
-    ("q8_0", QualityGate(max_kl=5e-2, min_top1_agreement=0.90), True),
-    ("q4_k_m", QualityGate(max_kl=2.5e-1, min_top1_agreement=0.75), True),
+    ("q8_0", QualityGate(max_kl=5e-2, min_top1_agreement=0.85), True),
+    ("q4_k_m", QualityGate(max_kl=3e-1, min_top1_agreement=0.70), True),
 ):
     register_format(
         ExportFormat(
