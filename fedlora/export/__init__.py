@@ -5,7 +5,10 @@ The front door is :func:`export_run`; the parts are usable alone:
 * :mod:`~fedlora.export.merge` — adapter + base → merged fp32 checkpoint;
 * :mod:`~fedlora.export.int8` — weight-only int8 artefact and its PyTorch runtime;
 * :mod:`~fedlora.export.quality` — KL / top-1 / perplexity against a reference, and the gate;
+* :mod:`~fedlora.export.reference` — quantized GGUF: the conversion checked exactly, the
+  quantization gated against llama.cpp's own;
 * :mod:`~fedlora.export.formats` — the registry the pipeline writes formats from;
+* :mod:`~fedlora.export.exportdir` — adding artefacts to an export without disturbing it;
 * :mod:`~fedlora.export.manifest` — ``manifest.json``, written last, and its verification.
 """
 
