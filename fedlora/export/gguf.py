@@ -47,6 +47,8 @@ F32_FILE = "model-f32.gguf"
 QUANT_FTYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}
 _FTYPE_NAMES = {0: "F32", 1: "F16", 7: "Q8_0", 15: "Q4_K_M"}
 K_QUANT_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"})
+MAX_CONTEXT = 4096
+"""Context a GGUF is measured in: the longest held-out sequence a config allows (data.seq_len)."""
 
 
 def _install_hint(package: str) -> ExportError:
@@ -327,8 +329,11 @@ class LlamaCppModel:
         threads: int = 1,
         f32_cache: bool = False,
     ) -> None:
-        """``f32_cache``: keep K and V in F32 (llama.cpp's default is F16), so an F32 file
-        runs with no loss of llama.cpp's own; the conversion check uses it."""
+        """``n_ctx``: context length, at most :data:`MAX_CONTEXT` by default (llama.cpp's
+        default, the model's training context, is 128 K tokens for Llama-3.2: a KV cache of
+        GBs and an n_ctx x vocab logits buffer). ``f32_cache``: keep K and V in F32
+        (llama.cpp's default is F16), so an F32 file runs with no loss of llama.cpp's own;
+        the conversion check uses it."""
         llama_cpp = _llama_cpp()
         self.path = Path(path)
         if not self.path.is_file():
@@ -340,7 +345,7 @@ class LlamaCppModel:
         )
         self.llm = llama_cpp.Llama(
             model_path=str(self.path),
-            n_ctx=n_ctx or 0,
+            n_ctx=n_ctx or MAX_CONTEXT,
             n_batch=512,
             logits_all=True,
             n_threads=threads,
@@ -371,6 +376,11 @@ class LlamaCppModel:
             n = int(mask.sum())
             if not bool(mask[:n].all()):
                 raise ExportError("llama.cpp comparison needs right-padded held-out sequences")
+            if n > self.llm.n_ctx():
+                raise ExportError(
+                    f"a held-out sequence of {n} tokens does not fit llama.cpp's context of "
+                    f"{self.llm.n_ctx()}: use shorter held-out sequences (data.seq_len)"
+                )
             if n:
                 out[row, :n] = torch.from_numpy(self.logits([int(t) for t in ids[:n]]))
         return SimpleNamespace(logits=out)
