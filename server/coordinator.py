@@ -354,6 +354,9 @@ def _print_banner(addr: CoordinatorAddress, data_dir: Path, secure: bool, sync: 
         lines += [
             "WARNING: --insecure: no TLS, no device authentication. Local trials only.",
             f"  fedlora device --coordinator {addr.fleet} --data PATH --key KEY --insecure",
+            "runs still need the operator key (`fedlora keys init --data-dir DIR` makes it):",
+            f"  fedlora run --coordinator {addr.fleet} --insecure "
+            f"--key {data_dir}/tls/operator.key --config FILE --name NAME",
         ]
     print("\n".join(lines), flush=True)
 
