@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fedlora.addresses import CoordinatorAddress, flwr_home, free_port
+from fedlora.addresses import CoordinatorAddress, coordinator_ca, flwr_home, free_port
 from fedlora.client.mods import REQUIRE_SECAGG_KEY
 from fedlora.errors import ConfigError, DataError, FedloraError
 from fedlora.watchdog import (
@@ -83,16 +83,7 @@ def _check_inputs(args: argparse.Namespace) -> tuple[Path | None, Path, Path | N
     records = read_records(data)  # DataError with the line that is wrong
     if len(records) < 2:
         raise DataError(f"{data} holds {len(records)} record(s); a device needs at least 2")
-    ca = None
-    if not args.insecure:
-        if not args.root_cert:
-            raise ConfigError(
-                "--root-cert CA is required (the coordinator's DIR/tls/ca.crt); "
-                "--insecure only for local trials"
-            )
-        ca = Path(args.root_cert)
-        if not ca.is_file():
-            raise ConfigError(f"CA certificate {ca} does not exist")
+    ca = coordinator_ca(args.root_cert, args.insecure)
     device_id = args.device_id or (key.stem if key is not None else data.stem)
     if args.budget_epsilon is not None and not args.budget_epsilon > 0:
         raise ConfigError(f"--budget-epsilon must be > 0, got {args.budget_epsilon}")

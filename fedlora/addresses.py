@@ -113,3 +113,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def coordinator_ca(root_cert: str | None, insecure: bool) -> Path | None:
+    """The coordinator's CA certificate from ``--root-cert`` (None with ``--insecure``).
+
+    :class:`ConfigError` in one line when it is missing or not a file.
+    """
+    if insecure:
+        return None
+    if not root_cert:
+        raise ConfigError(
+            "--root-cert CA is required (the coordinator's DIR/tls/ca.crt); "
+            "--insecure only for local trials"
+        )
+    ca = Path(root_cert)
+    if not ca.is_file():
+        raise ConfigError(f"CA certificate {ca} does not exist")
+    return ca

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from fedlora.addresses import CoordinatorAddress
+from fedlora.addresses import CoordinatorAddress, coordinator_ca
 from fedlora.client.service_client import DeviceServiceClient, _method
 from fedlora.config import FedloraConfig, load_config
 from fedlora.errors import ConfigError, FedloraError
@@ -133,11 +133,7 @@ def _clean(text: str, verbose: bool = False) -> str:
 
 def _client(args: argparse.Namespace) -> tuple[CoordinatorAddress, RunServiceClient]:
     addr = CoordinatorAddress.parse(args.coordinator)
-    root_cert = None if args.insecure or not args.root_cert else Path(args.root_cert)
-    if not args.insecure and root_cert is None:
-        raise ConfigError("--root-cert CA is required (the coordinator's DIR/tls/ca.crt)")
-    if root_cert is not None and not root_cert.is_file():
-        raise ConfigError(f"CA certificate {root_cert} does not exist")
+    root_cert = coordinator_ca(args.root_cert, args.insecure)
     if not args.key:
         raise ConfigError(
             "--key KEY is required: the operator key, the coordinator's DIR/tls/operator.key "
