@@ -63,6 +63,11 @@ def prepare(cfg: FedloraConfig) -> dict[str, Any]:
         if unknown:
             known = ", ".join(available_formats())
             raise ConfigError(f"unknown export format {unknown[0]!r}: choose from {known}")
+        if any(name.startswith("gguf") for name in export_formats(cfg)):
+            from fedlora.export.gguf import check_exportable
+
+            # before training: an unsupported model is refused before it costs a run
+            check_exportable(runtime.resolve_model_path(cfg))
     bundle = runtime.model_bundle(cfg)
     return {
         "devices": len(fleet.devices),

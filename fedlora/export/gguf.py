@@ -85,6 +85,25 @@ def read_llama_config(model_dir: Path) -> dict[str, Any]:
     return cfg
 
 
+def check_exportable(model_dir: Path) -> None:
+    """Refuse (:class:`ModelError`, one line) a checkpoint this GGUF writer cannot convert.
+
+    The same checks as the conversion makes (architecture, RoPE, biases, sliding
+    window, tokenizer kind and pre-tokenizer), without writing anything: what
+    ``fedlora simulate`` runs before training, so an unsupported model is refused
+    before it costs a run instead of after.
+    """
+    read_llama_config(model_dir)
+    file = model_dir / "tokenizer.json"
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"GGUF export needs a readable {file}: {err}") from None
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ModelError(f"GGUF export supports BPE tokenizers; {file} is not one")
+    _pre_tokenizer_name(spec.get("pre_tokenizer"))
+
+
 def permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
     """Rows of a q/k projection from HF's rotate-half order to ggml's interleaved pairs.
 
