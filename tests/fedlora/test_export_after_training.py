@@ -38,6 +38,8 @@ def test_a_failed_export_leaves_the_training_run_complete(
                 "export": {"formats": ["gguf-q8_0"]},  # needs a BPE tokenizer; tiny's is not
                 "fleet": {"min_devices": 2},
                 "secagg": {"enabled": False},
+                # seeded noise: the int8 re-export's gate must not ride on one noise draw
+                "privacy": {"reproducible_noise": True},
             }
         )
     )
