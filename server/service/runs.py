@@ -137,6 +137,26 @@ class RunServicer:
             abort(context, grpc.StatusCode.INTERNAL, "the SuperLink did not start the run")
         return int(res.run_id)
 
+    def _start_audited(
+        self,
+        context: grpc.ServicerContext,
+        actor: str,
+        name: str,
+        config_json: str,
+        resume: bool,
+    ) -> pb.StartRunResponse:
+        """Start (or resume) the run and append it to the audit log with who signed it."""
+        run_id = self._start(context, name, config_json, resume=resume)
+        self._audit(
+            context,
+            "run.resume" if resume else "run.start",
+            actor,
+            run_id,
+            run=name,
+            config_sha256=hashlib.sha256(config_json.encode()).hexdigest(),
+        )
+        return pb.StartRunResponse(run_id=run_id, name=name)
+
     def _flower_runs(self, context: grpc.ServicerContext, run_id: int | None = None) -> Any:
         from flwr.proto.control_pb2 import ListRunsRequest
 
@@ -227,16 +247,7 @@ class RunServicer:
                 f"a run named {request.name!r} exists on this coordinator: pick another name, "
                 f"or continue it with `fedlora run --resume {request.name}`",
             )
-        run_id = self._start(context, request.name, config_json, resume=False)
-        self._audit(
-            context,
-            "run.start",
-            actor,
-            run_id,
-            run=request.name,
-            config_sha256=hashlib.sha256(config_json.encode()).hexdigest(),
-        )
-        return pb.StartRunResponse(run_id=run_id, name=request.name)
+        return self._start_audited(context, actor, request.name, config_json, resume=False)
 
     def ResumeRun(
         self, request: pb.ResumeRunRequest, context: grpc.ServicerContext, caller: Caller
@@ -246,16 +257,7 @@ class RunServicer:
         # Devices read their config from the run config: the run's own, as first sent.
         config_json = self._started_with(context, request.name)
         self._audit_ready(context)
-        run_id = self._start(context, request.name, config_json, resume=True)
-        self._audit(
-            context,
-            "run.resume",
-            actor,
-            run_id,
-            run=request.name,
-            config_sha256=hashlib.sha256(config_json.encode()).hexdigest(),
-        )
-        return pb.StartRunResponse(run_id=run_id, name=request.name)
+        return self._start_audited(context, actor, request.name, config_json, resume=True)
 
     def StopRun(
         self, request: pb.StopRunRequest, context: grpc.ServicerContext, caller: Caller
