@@ -14,6 +14,7 @@ from fedlora.export import (
     export_run,
     get_format,
     gguf,
+    gguf_vocab,
     read_manifest,
     register_format,
     verify_export,
@@ -158,7 +159,7 @@ def test_a_vocabulary_bug_is_caught_though_the_logits_are_right(
     tiny: TinyGguf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Half the BPE merges lost: same tensors, same logits per id, other tokens on a device."""
-    add_tokenizer = gguf._add_tokenizer
+    add_tokenizer = gguf_vocab.add_tokenizer
 
     class HalfTheMerges:
         def __init__(self, writer: object) -> None:
@@ -170,9 +171,10 @@ def test_a_vocabulary_bug_is_caught_though_the_logits_are_right(
         def add_token_merges(self, merges: list[str]) -> None:
             self.writer.add_token_merges(merges[: len(merges) // 2])  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(
-        gguf, "_add_tokenizer", lambda writer, *args: add_tokenizer(HalfTheMerges(writer), *args)
-    )
+    def lossy(writer: object, model_dir: Path, vocab_size: int) -> None:
+        add_tokenizer(HalfTheMerges(writer), model_dir, vocab_size)
+
+    monkeypatch.setattr(gguf_vocab, "add_tokenizer", lossy)
 
     with pytest.raises(ExportError, match=r"of 16 held-out texts tokenize differently"):
         export_run(
