@@ -25,10 +25,17 @@ from fedlora.errors import ConfigError, ExportError, ModelError
 
 @dataclass(frozen=True)
 class QualityGate:
-    """The least an artefact must keep of the reference's predictions to be exported."""
+    """The least an artefact must keep of the reference's predictions to be exported.
+
+    ``max_perplexity_increase``: the candidate's held-out perplexity may exceed the
+    reference's by at most this fraction (0.01 = 1 %); ``inf`` (the default) does not
+    check it. KL and top-1 see every near-tie the candidate breaks the other way;
+    perplexity says whether the text got less likely, which is what a user notices.
+    """
 
     max_kl: float
     min_top1_agreement: float
+    max_perplexity_increase: float = math.inf
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_kl) and self.max_kl >= 0):
@@ -36,6 +43,11 @@ class QualityGate:
         if not 0.0 <= self.min_top1_agreement <= 1.0:
             raise ConfigError(
                 f"gate min_top1_agreement must be in [0, 1], got {self.min_top1_agreement!r}"
+            )
+        if not self.max_perplexity_increase >= 0:  # inf allowed; NaN refused
+            raise ConfigError(
+                "gate max_perplexity_increase must be a number >= 0, "
+                f"got {self.max_perplexity_increase!r}"
             )
 
     @classmethod
@@ -60,10 +72,21 @@ class QualityGate:
             reasons.append(
                 f"top-1 agreement {quality['top1_agreement']:.4f} < {self.min_top1_agreement:.4f}"
             )
+        if math.isfinite(self.max_perplexity_increase):
+            increase = quality["perplexity"] / quality["reference_perplexity"] - 1.0
+            if not increase <= self.max_perplexity_increase:
+                reasons.append(
+                    f"perplexity {quality['perplexity']:.4g} is {increase:+.2%} of the "
+                    f"reference's {quality['reference_perplexity']:.4g} "
+                    f"(at most {self.max_perplexity_increase:+.2%})"
+                )
         return reasons
 
     def as_dict(self) -> dict[str, float]:
-        return {"max_kl": self.max_kl, "min_top1_agreement": self.min_top1_agreement}
+        gate = {"max_kl": self.max_kl, "min_top1_agreement": self.min_top1_agreement}
+        if math.isfinite(self.max_perplexity_increase):  # JSON has no infinity
+            gate["max_perplexity_increase"] = self.max_perplexity_increase
+        return gate
 
 
 def check_heldout(

@@ -104,6 +104,7 @@ class ReferenceMargin:
                 1.0,
                 max(backstop.min_top1_agreement, reference["top1_agreement"] - self.top1_slack),
             ),
+            max_perplexity_increase=backstop.max_perplexity_increase,
         )
 
     def as_dict(self) -> dict[str, float]:

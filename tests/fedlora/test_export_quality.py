@@ -119,6 +119,21 @@ def test_gate_passes_inside_and_names_each_failure_with_numbers() -> None:
     assert GATE.failures({"kl": math.nan, "top1_agreement": 1.0}) == ["KL nan > 0.001"]
 
 
+def test_a_perplexity_gate_names_the_increase_and_is_absent_from_the_record_when_off() -> None:
+    gate = QualityGate(max_kl=1.0, min_top1_agreement=0.0, max_perplexity_increase=0.01)
+    ok = {"kl": 0.0, "top1_agreement": 1.0, "perplexity": 30.2, "reference_perplexity": 30.0}
+    worse = {**ok, "perplexity": 30.6}
+
+    assert gate.failures(ok) == []
+    assert gate.failures(worse) == [
+        "perplexity 30.6 is +2.00% of the reference's 30 (at most +1.00%)"
+    ]
+    assert GATE.failures(worse) == []  # not checked unless set
+    assert gate.as_dict()["max_perplexity_increase"] == 0.01
+    assert "max_perplexity_increase" not in GATE.as_dict()
+    assert QualityGate.from_dict({"max_perplexity_increase": 0.05}, gate).max_kl == 1.0
+
+
 def test_gate_overrides_keep_unset_defaults() -> None:
     assert QualityGate.from_dict({"max_kl": 0.5}, GATE) == QualityGate(0.5, 0.98)
 
@@ -130,6 +145,7 @@ def test_gate_overrides_keep_unset_defaults() -> None:
         ({"max_kl": -1}, "max_kl must be"),
         ({"min_top1_agreement": 1.5}, r"in \[0, 1\]"),
         ({"max_kl": "tight"}, "must be numbers"),
+        ({"max_perplexity_increase": math.nan}, "max_perplexity_increase must be"),
     ],
 )
 def test_invalid_gates_are_config_errors(values, message) -> None:

@@ -58,7 +58,7 @@ def test_export_writes_merged_and_int8_artefacts_with_their_quality(exported, ti
     assert manifest["format"] == "fedlora.export.manifest" and manifest["version"] == 1
     assert (merged["name"], merged["path"], merged["quantization"]) == (MERGED, "merged", "none")
     assert (quant["name"], quant["path"], quant["format"]) == ("int8", "int8", "safetensors")
-    assert quant["quantization"] == "int8-weight-only-per-channel"
+    assert quant["quantization"] == "int8-weight-only-per-group"
     assert merged["quality"]["kl"] < 1e-9 and merged["quality"]["top1_agreement"] == 1.0
     assert 0 < quant["quality"]["kl"] <= 1e-3 and quant["quality"]["top1_agreement"] >= 0.98
     assert quant["quality"]["reference"] == MERGED
@@ -233,13 +233,13 @@ def test_one_export_at_a_time(tiny, tmp_path: Path) -> None:
 
 def test_a_wrong_quantizer_is_caught_by_the_gate(tiny, tmp_path, monkeypatch) -> None:
     # A quantizer that records twice the scale it quantized with: every weight doubles.
-    honest = int8.quantize_per_channel
+    honest = int8.quantize_groups
 
-    def scale_off_by_two(weight):
-        qweight, scale = honest(weight)
+    def scale_off_by_two(weight, group_size=None):
+        qweight, scale = honest(weight, group_size)
         return qweight, scale * 2
 
-    monkeypatch.setattr(int8, "quantize_per_channel", scale_off_by_two)
+    monkeypatch.setattr(int8, "quantize_groups", scale_off_by_two)
 
     with pytest.raises(ExportError, match=r"int8 artefact failed its quality gate \(KL"):
         _run(tiny, tmp_path / "export")
