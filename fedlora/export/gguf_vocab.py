@@ -19,14 +19,21 @@ backend ``tokenizers.Tokenizer``, which a tokenizer class may rebuild from
   merges in the order of ``tokenizer.json``'s merges.
 
 Special token ids, ``add_bos`` / ``add_eos`` and the chat template are written by
-``gguf.SpecialVocab``; whether BOS / EOS are added is then set to what the tokenizer
-actually does to a text.
+``gguf.SpecialVocab``, with the loaded tokenizer's own BOS / EOS / UNK / PAD ids and
+whether it adds BOS / EOS to a text (what it does, not what its files say).
 
-Not written exactly, by design of llama.cpp: text that NFC normalization would change,
-for a tokenizer with an NFC normalizer (Qwen2.5; llama.cpp does not normalize); and,
-for a ``▁`` prefix only on the first piece of a text (``Metaspace`` ``prepend_scheme
-"first"``, transformers' ``legacy=False``), the text right after a special token in a
-prompt parsed for special tokens (llama.cpp adds the prefix there too).
+Gaps that remain where llama.cpp cannot do what Hugging Face does (no GGUF key says
+otherwise), each pinned by a test:
+
+* text that NFC normalization would change, for a tokenizer with an NFC normalizer
+  (Qwen2.5): llama.cpp does not normalize;
+* a ``▁`` prefix put by a ``Metaspace`` pre-tokenizer (transformers 5 loads every
+  ``LlamaTokenizer`` so): none on a text that starts with a space, and with
+  ``prepend_scheme "first"`` (``legacy=False``) none after a special token in a prompt
+  parsed for special tokens; llama.cpp prefixes both, as SentencePiece does;
+* whitespace beside a special token marked ``lstrip`` / ``rstrip`` (Phi-3's): Hugging
+  Face strips it, llama.cpp keeps it. A non-special added token so marked is refused, as
+  it would change how any text tokenizes.
 """
 
 from __future__ import annotations
@@ -97,17 +104,28 @@ def tokenizer_kind(spec: dict[str, Any], model_dir: Path) -> TokenizerKind:
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         _refuse(model_dir, f"a {model.get('type')} model")
+    for token in spec.get("added_tokens", []):
+        if not token["special"] and any(token.get(k) for k in ("lstrip", "rstrip", "single_word")):
+            _refuse(
+                model_dir,
+                f"one with the added token {token['content']!r} matched with lstrip, rstrip or "
+                "single_word, which llama.cpp does not do",
+            )
     if model.get("byte_fallback"):
+        if model.get("ignore_merges"):
+            _refuse(model_dir, "a byte-fallback BPE with ignore_merges")
         return TokenizerKind("llama", "default", _space_prefix(spec, model_dir))
     pre = _steps(spec.get("pre_tokenizer"), "pretokenizers")
     for name, (steps, ignore_merges) in BPE_PRE_TOKENIZERS.items():
         if len(pre) == len(steps) and all(_has(p, s) for p, s in zip(pre, steps, strict=True)):
             if bool(model.get("ignore_merges")) != ignore_merges:
                 _refuse(
-                    model_dir, f"the {name} pre-tokenizer with ignore_merges {not ignore_merges}"
+                    model_dir,
+                    f"a byte-level BPE with the {name} pre-tokenizer but ignore_merges "
+                    f"{not ignore_merges}",
                 )
             if spec.get("normalizer") not in (None, {"type": "NFC"}):
-                _refuse(model_dir, f"a normalizer {_brief(spec['normalizer'])}")
+                _refuse(model_dir, f"a byte-level BPE with normalizer {_brief(spec['normalizer'])}")
             return TokenizerKind("gpt2", name)
     return _refuse(
         model_dir, f"a byte-level BPE with pre-tokenizer {_brief(spec.get('pre_tokenizer'))}"
@@ -151,10 +169,12 @@ def add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> None:
         writer.add_token_scores(scores)
         writer.add_add_space_prefix(kind.add_space_prefix)
     special = SpecialVocab(model_dir, load_merges=kind.model == "gpt2", n_vocab=vocab_size)
+    for role in ("bos", "eos", "unk", "pad"):  # the loaded tokenizer's, where it has one
+        if getattr(hf, f"{role}_token_id", None) is not None:
+            special.special_token_ids[role] = int(getattr(hf, f"{role}_token_id"))
     probe = list(hf("a")["input_ids"])
-    for role in ("bos", "eos"):
+    for role, edge in (("bos", probe[:1]), ("eos", probe[-1:])):
         token_id = special.special_token_ids.get(role)
-        edge = probe[:1] if role == "bos" else probe[-1:]
         special.add_special_token[role] = token_id is not None and edge == [token_id]
     special.add_to_gguf(writer, quiet=True)
 

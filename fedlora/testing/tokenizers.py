@@ -16,7 +16,7 @@ models it stands for, with a vocabulary of a few hundred to a few thousand token
   converts it (``▁`` for spaces and a prefix ``▁``, byte fallback to ``<0x..>`` tokens,
   merges ordered by the merged piece's rank); ``<s>`` added.
 * ``gemma``: Gemma 2/3: SentencePiece BPE with no prefix ``▁``, ``<bos>`` added,
-  ``<start_of_turn>`` / ``<end_of_turn>`` and a user-defined ``<mask>`` among its tokens.
+  ``<start_of_turn>`` / ``<end_of_turn>`` and a user-defined ``<table>`` among its tokens.
 
 The SentencePiece families are trained as BPE within ``▁``-words, then their merges are
 rebuilt from the vocabulary the way ``transformers``' SentencePiece converter does, so
@@ -300,7 +300,7 @@ def _gemma(texts: list[str], vocab_size: int) -> tuple[Any, dict[str, Any]]:
     core = _spm_bpe(
         texts, vocab_size, specials=specials, prefix_space=False, bos="<bos>", unk="<unk>"
     )
-    core.add_tokens([AddedToken("<mask>", special=False, normalized=False)])
+    core.add_tokens([AddedToken("<table>", special=False, normalized=False)])
     config = {
         "tokenizer_class": "GemmaTokenizer",
         "bos_token": "<bos>",

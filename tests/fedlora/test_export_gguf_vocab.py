@@ -37,7 +37,7 @@ SPECIAL = {
     "llama3": "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>",
     "qwen2": "<|im_start|>user\nHi 12 there<|im_end|>\n<|im_start|>assistant\n",
     "llama-spm": "[INST] Hi there [/INST] ok</s>",  # no text after a special: see below
-    "gemma": "<start_of_turn>user\nHi <mask> there<end_of_turn>\n<start_of_turn>model\n",
+    "gemma": "<start_of_turn>user\nHi <table> there<end_of_turn>\n<start_of_turn>model\n",
 }
 KIND = {
     "gpt2": ("gpt2", "gpt-2"),
@@ -167,6 +167,34 @@ def test_the_gguf_carries_kind_special_ids_bos_and_the_chat_template(
         assert len(meta["tokenizer.ggml.merges"]) > 100
 
 
+def test_a_user_defined_token_is_matched_in_plain_text_and_specials_are_not(
+    both: dict[str, Both],
+) -> None:
+    """What the export's tokenization check runs: llama.cpp not parsing special tokens.
+    Hugging Face matches a non-special added token in any text, llama.cpp a
+    ``USER_DEFINED`` one; a special (``CONTROL``) token's text is plain text to both."""
+    pair = both["gemma"]
+    text = "a <table> and <start_of_turn> here"
+    hf_plain = list(pair.hf(text, split_special_tokens=True)["input_ids"])
+
+    plain = list(pair.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
+    assert pair.hf.convert_tokens_to_ids("<table>") in plain
+    assert pair.hf.convert_tokens_to_ids("<start_of_turn>") not in plain
+    assert plain == hf_plain
+
+
+def variant(source: Path, out_dir: Path, **config: Any) -> Path:
+    """A copy of a tokenizer directory with ``tokenizer_config.json`` entries replaced."""
+    shutil.copytree(source, out_dir)
+    file = out_dir / "tokenizer_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text("utf-8")), **config}), "utf-8")
+    return out_dir
+
+
+PROMPT_AFTER_SPECIAL = "<s>[INST] Hi there [/INST] ok</s><s>[INST] And?"
+
+
 def test_sentencepiece_prefix_gaps_are_only_the_documented_ones(both: dict[str, Both]) -> None:
     """transformers 5 runs a Llama tokenizer as ``Metaspace(prepend_scheme="first")``: no
     ``▁`` prefix on a text that starts with a space, nor after a special token. llama.cpp
@@ -175,9 +203,44 @@ def test_sentencepiece_prefix_gaps_are_only_the_documented_ones(both: dict[str, 
 
     for text in LEADING_SPACE:
         assert pair.llama_ids(text) == pair.hf_ids(" " + text)
-    prompt = "<s>[INST] Hi there [/INST] ok</s><s>[INST] And?"
+    assert pair.llama_ids(PROMPT_AFTER_SPECIAL) != pair.hf_ids(PROMPT_AFTER_SPECIAL)
+    assert pair.llama_ids(PROMPT_AFTER_SPECIAL) == pair.hf_ids(
+        PROMPT_AFTER_SPECIAL.replace("<s>[", "<s> [")
+    )
+
+
+def test_the_tokenizer_json_prefix_of_a_sentencepiece_tokenizer_has_no_gaps(
+    tokenizer_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """``tokenizer.json`` run as it is (``Prepend("▁")`` normalizer): a ``▁`` before every
+    piece of text, as SentencePiece and llama.cpp put it."""
+    legacy = variant(
+        tokenizer_dirs["llama-spm"], tmp_path / "tok", tokenizer_class="PreTrainedTokenizerFast"
+    )
+
+    pair = Both(legacy, write_vocab_gguf(legacy, tmp_path / "legacy.gguf"))
+
+    assert pair.differing([*SAMPLES, *LEADING_SPACE, PROMPT_AFTER_SPECIAL]) == []
+    assert pair.llm.metadata["tokenizer.ggml.add_space_prefix"] == "true"
+
+
+def test_whitespace_a_special_token_strips_stays_in_llama_cpp(
+    tokenizer_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The documented gap of Phi-3-like ``rstrip`` special tokens: Hugging Face drops the
+    whitespace after ``<end_of_turn>``, llama.cpp keeps it."""
+    config = json.loads((tokenizer_dirs["gemma"] / "tokenizer_config.json").read_text("utf-8"))
+    added = {
+        i: {**t, "rstrip": t["content"] == "<end_of_turn>"}
+        for i, t in config["added_tokens_decoder"].items()
+    }
+    stripping = variant(tokenizer_dirs["gemma"], tmp_path / "tok", added_tokens_decoder=added)
+    prompt = SPECIAL["gemma"]
+
+    pair = Both(stripping, write_vocab_gguf(stripping, tmp_path / "rstrip.gguf"))
+
     assert pair.llama_ids(prompt) != pair.hf_ids(prompt)
-    assert pair.llama_ids(prompt) == pair.hf_ids(prompt.replace("<s>[", "<s> ["))
+    assert pair.llama_ids(prompt.replace("<end_of_turn>\n", "<end_of_turn>")) == pair.hf_ids(prompt)
 
 
 def test_the_pipeline_transformers_runs_is_written_not_the_files(
@@ -186,11 +249,7 @@ def test_the_pipeline_transformers_runs_is_written_not_the_files(
     """SmolLM2 names ``GPT2Tokenizer``, which transformers 5 builds with the GPT-2
     pre-tokenizer alone, dropping ``tokenizer.json``'s digit split: the GGUF follows the
     tokenizer the model is trained with."""
-    smollm = tmp_path / "smollm-gpt2-class"
-    shutil.copytree(tokenizer_dirs["smollm"], smollm)
-    config_file = smollm / "tokenizer_config.json"
-    config = json.loads(config_file.read_text("utf-8"))
-    config_file.write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}), "utf-8")
+    smollm = variant(tokenizer_dirs["smollm"], tmp_path / "tok", tokenizer_class="GPT2Tokenizer")
 
     pair = Both(smollm, write_vocab_gguf(smollm, tmp_path / "smollm.gguf"))
 
@@ -287,6 +346,21 @@ def test_an_unknown_byte_level_pre_tokenizer_is_refused_in_one_line(
     message = _one_line_refusal(_saved(core, tmp_path))
 
     assert "a byte-level BPE with pre-tokenizer" in message and r"\\p{L}+|\\s+|." in message
+
+
+def test_a_non_special_added_token_that_strips_whitespace_is_refused_in_one_line(
+    tokenizer_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    config = json.loads((tokenizer_dirs["gemma"] / "tokenizer_config.json").read_text("utf-8"))
+    added = {
+        i: {**t, "lstrip": t["content"] == "<table>"}
+        for i, t in config["added_tokens_decoder"].items()
+    }
+    stripping = variant(tokenizer_dirs["gemma"], tmp_path / "tok", added_tokens_decoder=added)
+
+    message = _one_line_refusal(stripping)
+
+    assert "the added token '<table>' matched with lstrip, rstrip or single_word" in message
 
 
 def test_a_missing_tokenizer_json_is_refused(tmp_path: Path) -> None:
