@@ -184,6 +184,17 @@ def test_a_user_defined_token_is_matched_in_plain_text_and_specials_are_not(
     assert plain == hf_plain
 
 
+def test_text_nfc_would_change_is_the_documented_qwen2_gap(both: dict[str, Both]) -> None:
+    """Qwen2.5 normalizes to NFC, llama.cpp does not: a decomposed é tokenizes differently."""
+    import unicodedata
+
+    pair = both["qwen2"]
+    decomposed = unicodedata.normalize("NFD", "café déjà vu")
+
+    assert pair.llama_ids(decomposed) != pair.hf_ids(decomposed)
+    assert pair.llama_ids(unicodedata.normalize("NFC", decomposed)) == pair.hf_ids(decomposed)
+
+
 def variant(source: Path, out_dir: Path, **config: Any) -> Path:
     """A copy of a tokenizer directory with ``tokenizer_config.json`` entries replaced."""
     shutil.copytree(source, out_dir)
@@ -193,6 +204,49 @@ def variant(source: Path, out_dir: Path, **config: Any) -> Path:
 
 
 PROMPT_AFTER_SPECIAL = "<s>[INST] Hi there [/INST] ok</s><s>[INST] And?"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_gguf_passes_the_exports_tokenization_check(
+    family: str, tokenizer_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Through the export's own path: a tiny llama with the family's tokenizer and 7 more
+    embedding rows than tokens (padded ``UNUSED``), written by ``write_f32_gguf``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedlora.export.gguf import LlamaCppModel, tokenization_check, write_f32_gguf
+
+    hf = hf_tokenizer(tokenizer_dirs[family])
+    config = LlamaConfig(
+        vocab_size=len(hf) + 7,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=hf.bos_token_id,
+        eos_token_id=hf.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(str(tmp_path / "model"))
+    hf.save_pretrained(str(tmp_path / "model"))
+    texts = [text for text in SAMPLES if text]
+    batch = [list(hf(text)["input_ids"]) for text in texts]
+    width = max(map(len, batch))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in batch])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch])
+
+    model = LlamaCppModel(write_f32_gguf(tmp_path / "model", tmp_path / "model.gguf"))
+    result = tokenization_check(tmp_path / "model", model, ids, mask)
+
+    assert result == {"texts": len(texts), "identical": len(texts)}
+    assert model.llm.n_vocab() == len(hf) + 7
+    assert model.llm.metadata["tokenizer.ggml.model"] == KIND[family][0]
+    assert model.llm.metadata["tokenizer.chat_template"] == hf.chat_template
 
 
 def test_sentencepiece_prefix_gaps_are_only_the_documented_ones(both: dict[str, Both]) -> None:
