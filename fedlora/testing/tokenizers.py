@@ -14,7 +14,9 @@ models it stands for, with a vocabulary of a few hundred to a few thousand token
 * ``qwen2``: Qwen2.5's regex ``Split`` (one digit a token) + byte-level BPE, NFC; no BOS.
 * ``llama-spm``: TinyLlama / Llama-2 / Mistral / Phi-3: SentencePiece BPE as Hugging Face
   converts it (``▁`` for spaces and a prefix ``▁``, byte fallback to ``<0x..>`` tokens,
-  merges ordered by the merged piece's rank); ``<s>`` added.
+  merges ordered by the merged piece's rank); ``<s>`` added. ``tokenizer.json`` prefixes
+  ``▁`` with a ``Prepend`` normalizer; its ``LlamaTokenizer`` class (``legacy=False``, as
+  TinyLlama's) makes transformers 5 run ``Metaspace(prepend_scheme="first")`` instead.
 * ``gemma``: Gemma 2/3: SentencePiece BPE with no prefix ``▁``, ``<bos>`` added,
   ``<start_of_turn>`` / ``<end_of_turn>`` and a user-defined ``<table>`` among its tokens.
 
