@@ -7,6 +7,11 @@ training sequence, so the loss is a per-sequence masked mean summed over the
 batch (HF's ``labels=`` loss averages tokens across the batch and couples
 samples, which breaks the per-sample sensitivity bound).
 
+Per-sample gradients come from :class:`LinearGradSampler` when every trainable tensor
+is a linear layer's weight (a LoRA adapter's ``lora_A``/``lora_B``), and from Opacus'
+``GradSampleModule`` otherwise; both are exact, and Opacus' ``DPOptimizer`` clips
+and accumulates them either way.
+
 With DP, the Poisson batches and the Gaussian noise both come from the plan's
 :class:`fedlora.privacy.noise.RandomSource`, by default a fresh OS-seeded CSPRNG: whoever
 sees the update (or knows the run's seed) cannot tell which records were sampled
@@ -16,7 +21,9 @@ nor subtract the noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -82,6 +89,123 @@ def per_sequence_loss(
     return per_seq / mask.sum(dim=1).clamp(min=1.0)
 
 
+def sequence_losses(
+    forward: Callable[..., Any], input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The ``[batch]`` per-sequence losses of a forward pass (``forward`` is the model or
+    the per-sample-gradient wrapper around it)."""
+    out = forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return per_sequence_loss(out.logits, input_ids, attention_mask)
+
+
+class GradSampler(Protocol):
+    """Computes ``p.grad_sample`` (``[batch, *p.shape]``) for every trainable tensor."""
+
+    def __call__(self, **inputs: Any) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LinearGradSampler:
+    """Exact per-sample gradients of the trainable linear layers (a LoRA adapter's).
+
+    Opacus' ``GradSampleModule`` puts a forward hook and a full backward hook on every
+    trainable module: on SmolLM2-135M's adapter, 420 full backward hooks, each of which
+    wraps its module's inputs and outputs in extra autograd nodes. This keeps the forward
+    hooks, which record each layer's input and put a plain tensor hook on its output to
+    catch the gradient flowing back into it, and forms each weight's per-sample gradient
+    as Opacus' linear rule does, ``einsum("n...o,n...i->noi", grad_output, input)``. With
+    the loss a sum of per-sequence losses, that is each sequence's own gradient. Nothing
+    is kept that autograd does not keep anyway (the inputs are what the weight's gradient
+    needs; the outputs are not held).
+
+    Use :func:`grad_sampler`, which checks that every trainable tensor is covered.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[nn.Linear]) -> None:
+        self.model = model
+        self._layers = layers
+        self._params = [m.weight for m in layers]
+        # per layer, per call in the forward pass: [input, gradient of the output]
+        self._seen: dict[nn.Module, list[list[torch.Tensor | None]]] = {}
+        self._handles = [m.register_forward_hook(self._record) for m in layers]
+
+    def _record(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        slot: list[torch.Tensor | None] = [inputs[0].detach(), None]
+        self._seen.setdefault(module, []).append(slot)
+        if output.requires_grad:
+
+            def keep(grad: torch.Tensor) -> None:
+                slot[1] = grad
+
+            output.register_hook(keep)
+
+    def __call__(self, **inputs: Any) -> Any:
+        self._seen = {}
+        return self.model(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Set every weight's ``grad_sample`` from one backward pass of ``loss``."""
+        if not self._seen:
+            raise RuntimeError("backward() before a forward pass through the sampler")
+        torch.autograd.grad(loss, self._params, allow_unused=True)  # fills the slots
+        seen, self._seen = self._seen, {}
+        batch = next(int(x.shape[0]) for calls in seen.values() for x, _ in calls if x is not None)
+        for module, weight in zip(self._layers, self._params, strict=True):
+            sample = None
+            for x, g in seen.get(module, []):
+                if g is None or x is None:  # an output the loss does not depend on
+                    continue
+                gs = torch.einsum("n...o,n...i->noi", g, x)
+                sample = gs if sample is None else sample + gs
+            if sample is None:  # every sample's gradient is zero
+                sample = weight.new_zeros((batch, *weight.shape))
+            weight.grad_sample = sample  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._seen = [], {}
+
+
+class OpacusGradSampler:
+    """Opacus' ``GradSampleModule`` (hooks mode) behind the :class:`GradSampler` interface."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.net = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.net(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def close(self) -> None:
+        self.net._close()  # remove Opacus hooks; the model stays usable
+
+
+def grad_sampler(model: nn.Module, mode: Literal["auto", "opacus"] = "auto") -> GradSampler:
+    """Per-sample gradients for ``model``'s trainable tensors (the loss must be a sum over
+    the batch): :class:`LinearGradSampler` when they are all bias-free linear weights and
+    ``mode`` is ``"auto"``, Opacus' ``GradSampleModule`` otherwise."""
+    if mode not in ("auto", "opacus"):
+        raise ValueError(f"per-sample gradient mode must be 'auto' or 'opacus', got {mode!r}")
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+        and m.weight.requires_grad
+        and (m.bias is None or not m.bias.requires_grad)
+    ]
+    weights = {id(m.weight) for m in layers}
+    if mode == "auto" and weights == trainable and len(weights) == len(layers):
+        return LinearGradSampler(model, layers)
+    return OpacusGradSampler(model)
+
+
 def poisson_batches(
     num_records: int,
     sample_rate: float,
@@ -134,6 +258,8 @@ def train_lora(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     plan: LocalTrainingPlan,
+    *,
+    per_sample: Literal["auto", "opacus"] = "auto",
 ) -> LocalTrainingResult:
     """Train the model's trainable (LoRA) parameters in place for ``plan.steps`` steps.
 
@@ -143,6 +269,8 @@ def train_lora(
     batch still takes a noise-only step.
     Without one, it is plain SGD on Poisson batches (for non-private baselines).
     The batches and the noise come from ``plan.randomness`` (see :class:`LocalTrainingPlan`).
+    ``per_sample`` picks how per-sample gradients are computed (:func:`grad_sampler`);
+    ``"opacus"`` forces Opacus' ``GradSampleModule``, for comparisons.
     """
     num_records = int(input_ids.shape[0])
     q = plan.sample_rate(num_records)
@@ -152,13 +280,13 @@ def train_lora(
 
     dp = plan.noise_multiplier is not None
     base_optimizer = torch.optim.SGD(params, lr=plan.learning_rate)
-    net: nn.Module
+    sampler: GradSampler | None = None
     optimizer: torch.optim.Optimizer
     randomness: torch.Generator | RandomSource
     if dp:
         source = plan.randomness if plan.randomness is not None else SecureRandom()
         randomness = source
-        net = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        sampler = grad_sampler(model, per_sample)
         optimizer = InjectedNoiseDPOptimizer(
             base_optimizer,
             randomness=source,
@@ -170,11 +298,11 @@ def train_lora(
             loss_reduction="mean",
         )
     else:
-        net, optimizer = model, base_optimizer
+        optimizer = base_optimizer
         seeded = torch.Generator().manual_seed(plan.seed)
         randomness = plan.randomness if plan.randomness is not None else seeded
 
-    net.train()
+    model.train()
     losses: list[float] = []
     empty = 0
     try:
@@ -188,20 +316,19 @@ def train_lora(
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
                     optimizer.step()
                 continue
-            out = net(
-                input_ids=input_ids[batch],
-                attention_mask=attention_mask[batch],
-                use_cache=False,
-            )
-            per_seq = per_sequence_loss(out.logits, input_ids[batch], attention_mask[batch])
-            loss = per_seq.sum() if dp else per_seq.mean()
-            loss.backward()
+            ids, mask = input_ids[batch], attention_mask[batch]
+            if sampler is not None:
+                per_seq = sequence_losses(sampler, ids, mask)
+                sampler.backward(per_seq.sum())  # per-sample grads need the sum
+            else:
+                per_seq = sequence_losses(model, ids, mask)
+                per_seq.mean().backward()
             optimizer.step()
             losses.append(float(per_seq.detach().mean()))
     finally:
-        if dp:
+        if sampler is not None:
             optimizer.zero_grad(set_to_none=True)
-            net._close()  # type: ignore[operator]  # remove Opacus hooks; model stays usable
+            sampler.close()  # remove the hooks; the model stays usable
     mean_loss = sum(losses) / len(losses) if losses else math.nan
     return LocalTrainingResult(
         steps=plan.steps,

@@ -6,6 +6,10 @@ order in which the model registers its parameters (identical for every
 process that builds the same base model with the same settings).
 :func:`set_adapter_arrays` checks a whole update before it writes any of it,
 so a malformed update leaves the model untouched.
+
+Which linear layers get LoRA is the settings' list, or by default the model family's
+attention and MLP projections (:func:`default_targets`); the saved adapter records the
+list that was used (PEFT's ``adapter_config.json`` and ``fedlora_adapter.json``).
 """
 
 from __future__ import annotations
@@ -21,10 +25,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlora.config import LLAMA_LINEAR_MODULES
 from fedlora.config import LoraSettings as LoraSettings  # re-exported: the adapter's settings
 from fedlora.errors import ModelError, UpdateError
 
 ADAPTER_METADATA = "fedlora_adapter.json"
+
+_PHI3_LINEAR_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+#: Default LoRA targets by ``config.model_type``: every attention and MLP projection of a
+#: decoder block, never the embeddings or ``lm_head``. A family not listed gets
+#: :data:`~fedlora.config.LLAMA_LINEAR_MODULES` when it has all of them (the default of
+#: every model before this table) and is refused otherwise.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": LLAMA_LINEAR_MODULES,  # SmolLM2, TinyLlama, Llama 3.x
+    "mistral": LLAMA_LINEAR_MODULES,
+    "qwen2": LLAMA_LINEAR_MODULES,
+    "qwen3": LLAMA_LINEAR_MODULES,
+    "gemma": LLAMA_LINEAR_MODULES,
+    "gemma2": LLAMA_LINEAR_MODULES,
+    "gemma3_text": LLAMA_LINEAR_MODULES,  # Gemma3ForCausalLM
+    "phi3": _PHI3_LINEAR_MODULES,
+}
 
 
 def attach_lora(model: Any, settings: LoraSettings, *, seed: int | None = None) -> Any:
@@ -36,19 +58,12 @@ def attach_lora(model: Any, settings: LoraSettings, *, seed: int | None = None) 
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
-    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    missing = [t for t in settings.target_modules if not any(_matches(n, t) for n in linear)]
-    if missing:
-        kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        raise ModelError(
-            f"LoRA target module(s) {', '.join(missing)} not in the model; "
-            f"its linear layers are: {', '.join(kinds)}"
-        )
+    targets = resolve_targets(model, settings)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=list(targets),
         task_type=TaskType.CAUSAL_LM,
         bias="none",
     )
@@ -59,6 +74,53 @@ def attach_lora(model: Any, settings: LoraSettings, *, seed: int | None = None) 
     for name, param in peft_model.named_parameters():
         param.requires_grad_(_is_lora(name))
     return peft_model
+
+
+def resolve_targets(model: Any, settings: LoraSettings) -> tuple[str, ...]:
+    """The linear layers ``settings`` puts LoRA on in ``model``: its list, or the default.
+
+    Refuses (one line, naming the model's linear layers) a target that matches none.
+    """
+    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    targets = settings.target_modules
+    if targets is None:
+        model_type = str(getattr(getattr(model, "config", None), "model_type", None))
+        targets = default_targets(model_type, kinds)
+        if targets is None:
+            raise ModelError(
+                f"no default LoRA targets for model type {model_type!r}; set "
+                f"lora.target_modules to some of its linear layers: {', '.join(kinds)}"
+            )
+    missing = [t for t in targets if not any(_matches(n, t) for n in linear)]
+    if missing:
+        raise ModelError(
+            f"LoRA target module(s) {', '.join(missing)} not in the model; "
+            f"its linear layers are: {', '.join(kinds)}"
+        )
+    return tuple(targets)
+
+
+def default_targets(model_type: str, linear_kinds: Sequence[str]) -> tuple[str, ...] | None:
+    """The default LoRA targets of a ``model_type`` whose linear layers are ``linear_kinds``
+    (last name components), or None when fedlora has no default for it."""
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    if set(LLAMA_LINEAR_MODULES) <= set(linear_kinds):
+        return LLAMA_LINEAR_MODULES
+    return None
+
+
+def lora_targets(peft_model: Any) -> list[str]:
+    """The target modules of a model's LoRA adapter, in the order its layers come."""
+    targets = set(peft_model.peft_config["default"].target_modules)
+    names = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
+
+    def first_layer(target: str) -> tuple[int, str]:
+        where = (i for i, n in enumerate(names) if _matches(n, target))
+        return next(where, len(names)), target
+
+    return sorted(targets, key=first_layer)
 
 
 def _matches(module_name: str, target: str) -> bool:
@@ -120,11 +182,13 @@ def save_adapter(
     """Save the adapter in PEFT format (plus ``fedlora_adapter.json``), atomically.
 
     The directory is written beside ``out_dir`` and renamed into place; an
-    existing ``out_dir`` is replaced. ``metadata`` must be JSON-serialisable.
+    existing ``out_dir`` is replaced. ``metadata`` must be JSON-serialisable; the
+    adapter's target modules are added to it (``lora_target_modules``).
     """
     out = Path(out_dir)
+    meta = {**(metadata or {}), "lora_target_modules": lora_targets(peft_model)}
     try:
-        meta_text = json.dumps(metadata or {}, indent=2, sort_keys=True, allow_nan=False)
+        meta_text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ModelError(f"adapter metadata is not JSON-serialisable: {err}") from None
     try:

@@ -27,7 +27,8 @@ CONFIG_VERSION = 4
 #: Keys ``fedlora simulate`` adds to ``RUN_DIR/config.json`` (what was loaded, package versions).
 RUN_METADATA_KEYS = ("resolved", "versions")
 
-#: Every linear layer of a LLaMA decoder block: the default LoRA targets.
+#: Every linear layer of a LLaMA decoder block: a LLaMA's default LoRA targets (and, before
+#: targets were chosen per model family, every model's: ``fedlora.adapter.default_targets``).
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -45,12 +46,20 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA rank, scaling (``alpha / r``), dropout and the linear layers it adapts."""
+    """LoRA rank, scaling (``alpha / r``), dropout and the linear layers it adapts.
+
+    ``target_modules`` null (the default): every attention and MLP projection of the
+    model's family, chosen when the adapter is attached (``fedlora.adapter.default_targets``;
+    q/k/v/o + gate/up/down for LLaMA, Qwen2, Mistral and Gemma, which is what the default
+    was before it depended on the model; qkv/o + gate_up/down for Phi-3), never the
+    embeddings or ``lm_head``. The adapter records what was targeted. A list is used as
+    given: each entry names a linear layer exactly or by a dotted suffix.
+    """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = LLAMA_LINEAR_MODULES
+    target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -64,6 +73,8 @@ class LoraSettings:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
         modules = self.target_modules
+        if modules is None:
+            return
         if isinstance(modules, str) or not all(isinstance(m, str) and m for m in modules):
             raise ConfigError(
                 f"lora target_modules must be a list of module names, got {modules!r}"

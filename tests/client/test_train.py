@@ -281,3 +281,57 @@ def test_the_optimizer_keeps_opacus_clipping_and_scaling():
     for clean, got in zip(opacus, noisy, strict=True):
         noise = torch.from_numpy(src.gaussian(clean.numel(), 0.3)).float().view_as(clean)
         assert torch.allclose(got, clean + noise / 4, atol=1e-6)
+
+
+# ------------------------------------------------------------ the per-sample gradient path
+def test_the_fast_path_gives_opacus_update_to_float_tolerance():
+    """The same seeded noise and Poisson batches (some empty, some of several padded
+    records), four steps: the adapter trained with LinearGradSampler equals the one trained
+    with Opacus' GradSampleModule."""
+    from fedlora.client.train import LinearGradSampler, grad_sampler
+
+    plan = _plan(0.8, expected_batch_size=3, steps=4, max_grad_norm=0.05)
+    assert isinstance(grad_sampler(tiny_lora_model()), LinearGradSampler)
+    ids, mask = _data(n=8)
+
+    adapters, results = [], []
+    for mode in ("auto", "opacus"):
+        model = tiny_lora_model()
+        plan_ = LocalTrainingPlan(**{**plan.__dict__, "randomness": SeededRandom(11)})
+        results.append(train_lora(model, ids, mask, plan_, per_sample=mode))
+        adapters.append(torch.cat([p.flatten() for p in _trainable(model)]))
+
+    fast, opacus = adapters
+    assert results[0].empty_batches == results[1].empty_batches  # the same batches
+    assert results[0].mean_loss == pytest.approx(results[1].mean_loss, rel=1e-6)
+    assert (fast - tiny_lora_model_adapter()).abs().max() > 1e-3  # it trained
+    torch.testing.assert_close(fast, opacus, rtol=1e-5, atol=1e-7)
+
+
+def tiny_lora_model_adapter() -> torch.Tensor:
+    return torch.cat([p.flatten() for p in _trainable(tiny_lora_model())])
+
+
+def test_a_trainable_tensor_that_is_not_a_linear_weight_falls_back_to_opacus():
+    from fedlora.client.train import LinearGradSampler, OpacusGradSampler, grad_sampler
+
+    model = tiny_lora_model()
+    model.get_input_embeddings().weight.requires_grad_(True)
+
+    sampler = grad_sampler(model)
+    sampler.close()
+
+    assert isinstance(sampler, OpacusGradSampler) and not isinstance(sampler, LinearGradSampler)
+    with pytest.raises(ValueError, match="'auto' or 'opacus'"):
+        grad_sampler(model, "ghost")  # type: ignore[arg-type]
+
+
+def test_the_fast_path_leaves_no_hooks_or_per_sample_gradients_behind():
+    model = tiny_lora_model()
+    ids, mask = _data(n=8)
+    hooks_before = sum(len(m._forward_hooks) for m in model.modules())
+
+    train_lora(model, ids, mask, _plan(1.0, SeededRandom(0), expected_batch_size=4, steps=2))
+
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks_before
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())

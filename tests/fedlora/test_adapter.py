@@ -14,10 +14,12 @@ from fedlora.adapter import (
     adapter_names,
     attach_lora,
     get_adapter_arrays,
+    lora_targets,
     read_adapter_metadata,
     save_adapter,
     set_adapter_arrays,
 )
+from fedlora.config import LLAMA_LINEAR_MODULES, FedloraConfig
 from fedlora.errors import ConfigError, ModelError, UpdateError
 
 HIDDEN, INTER, LAYERS, VOCAB = 32, 48, 2, 64
@@ -65,6 +67,67 @@ def test_a_missing_target_module_names_it_and_the_linear_layers() -> None:
     message = str(err.value)
     assert "c_attn" in message and "q_proj" in message.split("linear layers are:")[1]
     assert "\n" not in message
+
+
+def test_the_default_targets_are_every_projection_of_a_llama_and_are_recorded(
+    tmp_path: Path,
+) -> None:
+    model = attach_lora(_base(), LoraSettings())
+
+    out = save_adapter(model, tmp_path / "adapter")
+
+    assert lora_targets(model) == list(LLAMA_LINEAR_MODULES)
+    saved = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(saved) == sorted(LLAMA_LINEAR_MODULES)
+    assert read_adapter_metadata(out)["lora_target_modules"] == list(LLAMA_LINEAR_MODULES)
+
+
+def test_an_explicit_list_is_honoured_as_given() -> None:
+    model = attach_lora(_base(), LoraSettings(target_modules=("v_proj", "q_proj")))
+
+    assert lora_targets(model) == ["q_proj", "v_proj"]  # in the model's order
+    assert {n.split(".")[-4] for n in adapter_names(model)} == {"q_proj", "v_proj"}
+
+
+def _relabelled(model_type: str):
+    model = _base()
+    model.config.model_type = model_type
+    return model
+
+
+def test_an_unknown_family_with_every_llama_projection_gets_the_old_default() -> None:
+    model = attach_lora(_relabelled("my-llama-fork"), LoraSettings())
+
+    assert lora_targets(model) == list(LLAMA_LINEAR_MODULES)
+
+
+def test_an_unknown_family_without_them_is_refused_naming_its_linear_layers() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB))
+    base.get_submodule("transformer.h.0.mlp").c_fc = torch.nn.Linear(16, 64)  # one nn.Linear
+
+    with pytest.raises(ModelError) as err:
+        attach_lora(base, LoraSettings())
+
+    message = str(err.value)
+    assert "'gpt2'" in message and "lora.target_modules" in message and "c_fc" in message
+    assert "\n" not in message
+
+
+def test_a_family_default_that_does_not_match_is_refused_like_a_list() -> None:
+    with pytest.raises(ModelError, match=r"qkv_proj.*its linear layers are: .*q_proj"):
+        attach_lora(_relabelled("phi3"), LoraSettings())
+
+
+def test_config_files_that_list_targets_keep_them_and_the_default_round_trips() -> None:
+    listed = FedloraConfig.from_dict({"lora": {"target_modules": list(LLAMA_LINEAR_MODULES)}})
+    default = FedloraConfig()
+
+    assert listed.lora.target_modules == LLAMA_LINEAR_MODULES
+    assert default.lora.target_modules is None
+    assert default.to_dict()["lora"]["target_modules"] is None
+    assert FedloraConfig.from_dict(default.to_dict()) == default
 
 
 def test_dotted_suffix_targets_are_accepted_like_peft_does() -> None:
@@ -150,7 +213,11 @@ def test_saved_adapter_reloads_with_peft_and_gives_identical_logits(tmp_path: Pa
 
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
-    assert read_adapter_metadata(out) == {"round": 3, "base": "abc"}
+    assert read_adapter_metadata(out) == {
+        "round": 3,
+        "base": "abc",
+        "lora_target_modules": list(LLAMA_LINEAR_MODULES),
+    }
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     assert not torch.allclose(got, _base()(INPUT).logits)  # the adapter mattered
 
@@ -161,7 +228,7 @@ def test_saving_again_replaces_the_adapter_and_leaves_no_temporaries(tmp_path: P
 
     save_adapter(model, tmp_path / "adapter", metadata={"round": 2})
 
-    assert read_adapter_metadata(tmp_path / "adapter") == {"round": 2}
+    assert read_adapter_metadata(tmp_path / "adapter")["round"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
