@@ -1,12 +1,15 @@
 """GGUF export for llama.cpp: an F32 GGUF written here, quantized by llama.cpp itself.
 
-* :func:`write_f32_gguf` converts the merged checkpoint (a llama-family
-  ``save_pretrained`` directory with a byte-level BPE ``tokenizer.json``) into an
-  F32 GGUF with the full tokenizer: vocab, merges, token types, special ids and
-  whether BOS is prepended. ``q_proj`` / ``k_proj`` are permuted from the Hugging
-  Face rotate-half layout to ggml's interleaved rotary layout; a file written
-  without it loads and runs but is wrong, which the conversion check catches
-  (:data:`CONVERSION`, :mod:`fedlora.export.reference`).
+* :func:`write_f32_gguf` converts the merged checkpoint (a ``save_pretrained``
+  directory of a family in :mod:`fedlora.export.gguf_arch`: Llama / Mistral,
+  Qwen2, Gemma 2, Gemma 3, Phi-3) into an F32 GGUF with the full tokenizer
+  (:mod:`fedlora.export.gguf_vocab`). The family's spec says which llama.cpp
+  graph runs it, the keys that graph reads, and how tensors change on the way
+  (q/k permuted for llama's interleaved RoPE, Gemma's norms written as ``1+w``,
+  Llama-3's ``rope_freqs``); a file missing one of those loads and runs but is
+  wrong, which the conversion check catches (:data:`CONVERSION`,
+  :mod:`fedlora.export.reference`). :func:`check_exportable` refuses, in one
+  line and before training, what the spec refuses.
 * :func:`quantize_gguf` quantizes it with ``llama_cpp.llama_model_quantize``
   (the ``gguf`` package cannot write K-quants). llama.cpp quantizes a tensor to
   a block type only if its row length is a multiple of the block (32 for Q8_0 /
@@ -38,11 +41,10 @@ import numpy as np
 import torch
 
 from fedlora.errors import ExportError, ModelError
-from fedlora.export import gguf_vocab
+from fedlora.export import gguf_arch, gguf_vocab
 from fedlora.export.quality import QualityGate
 from fedlora.export.reference import Conversion
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 F32_FILE = "model-f32.gguf"
 # llama.cpp's file types (enum llama_ftype) for the quantizations fedlora exports.
 QUANT_FTYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}
@@ -62,40 +64,48 @@ def _install_hint(package: str) -> ExportError:
 # ------------------------------------------------------------------ HF → F32 GGUF
 
 
-def read_llama_config(model_dir: Path) -> dict[str, Any]:
-    """``config.json`` of a checkpoint llama.cpp's ``llama`` architecture can run, or refuse."""
+def read_config(model_dir: Path) -> tuple[gguf_arch.ArchSpec, Any]:
+    """The family spec and transformers config of a checkpoint llama.cpp runs exactly, or refuse.
+
+    Refusals are one line (:class:`ModelError`) naming what is supported.
+    """
     try:
-        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelError(f"no readable config.json in {model_dir}: {err}") from None
-    arch = (cfg.get("architectures") or ["?"])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
+    arch = (raw.get("architectures") or ["?"])[0]
+    spec = gguf_arch.spec_for(arch)
+    if spec is None:
         raise ModelError(
-            f"GGUF export supports {', '.join(SUPPORTED_ARCHITECTURES)}; "
+            f"GGUF export supports {', '.join(gguf_arch.supported_architectures())}; "
             f"{model_dir} is {arch}: export it as safetensors (int8) instead"
         )
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot read {model_dir / 'config.json'}: {first}") from None
+    reason = spec.refusal(cfg)
+    if reason:
         raise ModelError(
-            f"GGUF export supports only default RoPE; {model_dir} uses {rope.get('rope_type')!r}"
+            f"GGUF export of {arch} ({model_dir}): {reason}; "
+            "export it as safetensors (int8) instead"
         )
-    if cfg.get("mlp_bias"):
-        raise ModelError(f"GGUF export does not support MLP biases ({model_dir} has mlp_bias)")
-    if cfg.get("sliding_window") and cfg["sliding_window"] < cfg["max_position_embeddings"]:
-        raise ModelError(f"GGUF export does not support sliding-window attention ({model_dir})")
-    return cfg
+    return spec, cfg
 
 
 def check_exportable(model_dir: Path) -> None:
     """Refuse (:class:`ModelError`, one line) a checkpoint this GGUF writer cannot convert.
 
-    The same checks as the conversion makes (architecture, RoPE, biases, sliding
-    window, tokenizer kind and pre-tokenizer), without writing anything: what
+    The same checks as the conversion makes (architecture and the family's options,
+    tokenizer kind and pre-tokenizer), without writing anything: what
     ``fedlora simulate`` runs before training, so an unsupported model is refused
     before it costs a run instead of after.
     """
-    read_llama_config(model_dir)
-    gguf_vocab.check_tokenizer(model_dir)
+    read_config(Path(model_dir))
+    gguf_vocab.check_tokenizer(Path(model_dir))
 
 
 def permute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -126,47 +136,69 @@ def _hf_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_f32_gguf(merged_dir: str | Path, out_file: str | Path) -> Path:
-    """Convert a llama-family checkpoint to an F32 GGUF with its tokenizer; returns ``out_file``."""
+def _transform(spec: gguf_arch.ArchSpec, name: str, data: np.ndarray, cfg: Any) -> np.ndarray:
+    """A checkpoint tensor as ``spec``'s llama.cpp graph reads it."""
+    if spec.interleaved_rope:
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            data = permute_rotary(data, cfg.num_attention_heads)
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+            data = permute_rotary(data, gguf_arch.kv_heads(cfg))
+    if spec.norm_offset and name.endswith("norm.weight"):
+        data = data + spec.norm_offset
+    return data
+
+
+def _add_hparams(writer: Any, spec: gguf_arch.ArchSpec, cfg: Any, name: str) -> None:
+    """The keys every family's graph reads, then the family's own (:attr:`ArchSpec.hparams`)."""
     import gguf
 
-    src, out = Path(merged_dir), Path(out_file)
-    cfg = read_llama_config(src)
-    n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads") or n_head
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    rope = cfg.get("rope_parameters") or {}
-    writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_name(src.name)
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
+    head_dim = gguf_arch.head_dim(cfg)
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(gguf_arch.kv_heads(cfg))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)))
-    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    writer.add_vocab_size(cfg["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    gguf_vocab.add_tokenizer(writer, src, cfg["vocab_size"])
+    rope = gguf_arch.rope(cfg)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == "linear":  # positions divided by factor (Gemma 3: global layers)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_layer_norm_rms_eps(float(getattr(cfg, "rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(cfg.vocab_size)
+    spec.hparams(writer, cfg)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+
+def write_f32_gguf(merged_dir: str | Path, out_file: str | Path) -> Path:
+    """Convert a checkpoint of a supported family (:mod:`fedlora.export.gguf_arch`) to an F32
+    GGUF with its tokenizer; returns ``out_file``."""
+    import gguf
+
+    src, out = Path(merged_dir), Path(out_file)
+    spec, cfg = read_config(src)
+    arch = gguf.MODEL_ARCH[spec.gguf_arch]
+    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
+    _add_hparams(writer, spec, cfg, src.name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    gguf_vocab.add_tokenizer(writer, src, cfg.vocab_size)
+
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     tensors = _hf_tensors(src)
-    if cfg.get("tie_word_embeddings"):
+    if getattr(cfg, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output is absent
     for name, data in tensors.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
-            raise ModelError(f"GGUF export: no llama.cpp tensor for {name} in {src}")
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = permute_rotary(data, n_head)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = permute_rotary(data, n_kv)
+            raise ModelError(f"GGUF export: no llama.cpp {spec.family} tensor for {name} in {src}")
+        data = _transform(spec, name, data, cfg)
+        writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float32))
+    for target, data in spec.extra_tensors(cfg).items():
         writer.add_tensor(target, np.ascontiguousarray(data, dtype=np.float32))
     out.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file()

@@ -24,13 +24,25 @@ def _copy_default(tmp_path, **config_changes):
 
 
 @pytest.mark.parametrize(
-    ("change", "said"),
+    ("change", "said", "loadable"),
     [
-        ({"architectures": ["Qwen2ForCausalLM"]}, "GGUF export supports"),
-        ({"sliding_window": 16, "max_position_embeddings": 512}, "sliding-window"),
+        ({"architectures": ["GPTNeoXForCausalLM"]}, "GGUF export supports", False),
+        (
+            # a Mistral with a real sliding window: llama.cpp's llama graph attends to everything
+            {
+                "architectures": ["MistralForCausalLM"],
+                "model_type": "mistral",
+                "sliding_window": 16,
+                "max_position_embeddings": 512,
+            },
+            "sliding-window",
+            True,
+        ),
     ],
 )
-def test_simulate_refuses_a_model_gguf_cannot_hold_before_anything_runs(tmp_path, change, said):
+def test_simulate_refuses_a_model_gguf_cannot_hold_before_anything_runs(
+    tmp_path, change, said, loadable
+):
     from fedlora.simulate import prepare
 
     model = _copy_default(tmp_path, **change)
@@ -39,7 +51,7 @@ def test_simulate_refuses_a_model_gguf_cannot_hold_before_anything_runs(tmp_path
     )
     with pytest.raises(ModelError, match=said):
         prepare(cfg)
-    if "architectures" not in change:  # still a loadable LLaMA: only GGUF refuses it
+    if loadable:  # only GGUF refuses it
         prepare(cfg.replace(export={"enabled": True, "formats": ["int8"]}))
 
 
