@@ -4,8 +4,8 @@
 transformers config shaped like the family's real models (grouped-query
 attention, tied or untied embeddings, the family's RoPE, norms, sliding windows
 and soft-capping), small enough to convert and run in seconds — and a tokenizer
-copied from ``tokenizer_dir`` (default: the embedded default model's byte-level
-BPE). Nothing reaches a model hub.
+copied from ``tokenizer_dir`` (default: a byte-level BPE made the way the
+embedded default model's is). Nothing reaches a model hub.
 
 A randomly initialised model's logits are all close to zero: which token is
 "top-1" is decided by noise and KL is tiny whatever the conversion does, so the
@@ -18,6 +18,7 @@ weights.
 
 from __future__ import annotations
 
+import functools
 import random
 import shutil
 from collections.abc import Callable
@@ -81,14 +82,19 @@ def _qwen2(base: dict[str, Any]) -> Any:
     return Qwen2Config(**base, tie_word_embeddings=True)  # q/k/v biases: always on
 
 
+def _gemma_heads(base: dict[str, Any]) -> dict[str, Any]:
+    """Heads twice as wide as ``hidden / heads``: like Gemma's (2B: 8 x 256 on 2304)."""
+    return {**base, "head_dim": 2 * base["head_dim"]}
+
+
 def _gemma2(base: dict[str, Any]) -> Any:
     from transformers import Gemma2Config
 
     # Soft-caps low enough to bite on a tiny model, and unlike llama.cpp's defaults (50, 30),
     # so a file that lost them is wrong.
     return Gemma2Config(
-        **base,
-        query_pre_attn_scalar=base["head_dim"],
+        **_gemma_heads(base),
+        query_pre_attn_scalar=2 * base["head_dim"],
         sliding_window=SLIDING_WINDOW,
         attn_logit_softcapping=5.0,
         final_logit_softcapping=10.0,
@@ -101,8 +107,8 @@ def _gemma3(base: dict[str, Any]) -> Any:
     # A sliding and a global layer (Gemma 3 alternates five and one), so both RoPE bases and
     # both attention kinds are used.
     return Gemma3TextConfig(
-        **base,
-        query_pre_attn_scalar=base["head_dim"],
+        **_gemma_heads(base),
+        query_pre_attn_scalar=2 * base["head_dim"],
         sliding_window=SLIDING_WINDOW,
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={
@@ -130,28 +136,54 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], Any]] = {
 """Family name → transformers config of that family, from the shared tiny shape."""
 
 
-def sentences(seed: int, count: int) -> list[str]:
+def sentences(seed: int, count: int, *, per_row: int = 2) -> list[str]:
+    """``count`` texts of ``per_row`` sentences each, from ``seed``."""
     rng = random.Random(seed)
     det, noun, verb, prep, obj = GRAMMAR
-    return [
-        f"{rng.choice(det)} {rng.choice(noun)} {rng.choice(verb)} {rng.choice(prep)} "
-        f"the {rng.choice(obj)}."
-        for _ in range(count)
-    ]
+
+    def sentence() -> str:
+        return (
+            f"{rng.choice(det)} {rng.choice(noun)} {rng.choice(verb)} {rng.choice(prep)} "
+            f"the {rng.choice(obj)}."
+        )
+
+    return [" ".join(sentence() for _ in range(per_row)) for _ in range(count)]
 
 
-def load_tokenizer(tokenizer_dir: Path | None) -> tuple[Any, Path]:
-    """The tokenizer in ``tokenizer_dir`` (default: the embedded default model's) and its dir."""
+@functools.lru_cache(maxsize=1)
+def _byte_level_bpe() -> Any:
+    from fedlora.model import train_tokenizer
+
+    return train_tokenizer(sentences(0, 1000), 320, 128)  # words of a few tokens each
+
+
+def load_tokenizer(tokenizer_dir: Path | None) -> Any:
+    """The tokenizer in ``tokenizer_dir``; by default a byte-level BPE (GPT-2 pre-tokenizer,
+    ``<s>`` prepended) made by the embedded default model's recipe
+    (:func:`fedlora.model.train_tokenizer`) on these sentences: the same kind of tokenizer,
+    in a second instead of the default model's minute-long build."""
+    if tokenizer_dir is None:
+        return _byte_level_bpe()
     from transformers import AutoTokenizer
 
-    if tokenizer_dir is None:
-        from fedlora.model import default_model_path
-
-        tokenizer_dir = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, Path(tokenizer_dir)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer_dir: Path | None, out_dir: Path) -> None:
+    """Put the tokenizer of :func:`load_tokenizer` into the checkpoint ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is None:
+        from fedlora.model import portable_tokenizer_class
+
+        _byte_level_bpe().save_pretrained(str(out_dir))
+        portable_tokenizer_class(out_dir / "tokenizer_config.json")
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
 
 
 def encode(tokenizer: Any, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +198,7 @@ def heldout(
     tokenizer_dir: Path | None = None, *, count: int = 24, length: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out sentences (not trained on) for measuring a :func:`tiny_checkpoint`."""
-    tokenizer, _ = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     return encode(tokenizer, sentences(10_001, count), length)
 
 
@@ -205,7 +237,7 @@ def tiny_checkpoint(
     """Write a trained tiny ``family`` checkpoint (safetensors + tokenizer) to ``out_dir``."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer, source = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     config = tiny_config(family, tokenizer, hidden=hidden)
     ids, mask = encode(tokenizer, sentences(seed, 48), 32)
     with torch.random.fork_rng(devices=[]):
@@ -214,9 +246,7 @@ def tiny_checkpoint(
         _fit(model, ids, mask, steps=steps, lr=3e-3)
     out = Path(out_dir)
     model.save_pretrained(str(out), safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, out / name)
+    save_tokenizer(tokenizer_dir, out)
     return out
 
 

@@ -9,7 +9,6 @@ F32 KV cache against the merged transformers model.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -182,13 +181,11 @@ def test_a_conversion_missing_a_step_fails_the_check(
 def _config_dir(tmp_path: Path, family: str, **changes: Any) -> Path:
     """A checkpoint directory of ``family`` with config changes, no weights: what the
     pre-training check reads."""
-    tokenizer, source = checkpoints.load_tokenizer(None)
-    config = checkpoints.tiny_config(family, tokenizer)
+    config = checkpoints.tiny_config(family, checkpoints.load_tokenizer(None))
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     model = tmp_path / "model"
     config.save_pretrained(str(model))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(source / name, model / name)
+    checkpoints.save_tokenizer(None, model)
     cfg = json.loads((model / "config.json").read_text())
     cfg.update(changes)
     (model / "config.json").write_text(json.dumps(cfg))
@@ -223,7 +220,7 @@ REFUSED = [
         {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}},
         "RoPE type 'yarn'",
     ),
-    ("gemma2", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar 32"),
+    ("gemma2", {"query_pre_attn_scalar": 64}, "query_pre_attn_scalar 64"),
     ("gemma2", {"tie_word_embeddings": False}, "untied embeddings"),
     ("gemma3", {"attn_logit_softcapping": 50.0}, "attention logit soft-capping"),
     ("phi3", {"rope_parameters": LONGROPE}, "RoPE type 'longrope'"),

@@ -107,3 +107,61 @@ def test_non_byte_level_tokenizer_is_refused(tmp_path: Path, tiny_gguf_hidden128
 
     with pytest.raises(ModelError, match="byte-level BPE"):
         write_f32_gguf(model, tmp_path / "out.gguf")
+
+
+def test_llama3_rope_freqs_turn_the_default_frequencies_into_transformers_llama3_ones() -> None:
+    """llama.cpp divides each default frequency by ``rope_freqs``; the result must be the
+    inverse frequencies transformers computes for ``rope_type: llama3`` (all three bands)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from fedlora.export.gguf_arch import llama3_rope_freqs
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, rope_parameters=rope)
+    default = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+
+    divisors = llama3_rope_freqs(config)["rope_freqs.weight"]
+    hf, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+
+    assert np.allclose(default / divisors, hf.numpy(), rtol=1e-6)
+    assert divisors[0] == 1.0 and divisors[-1] == 8.0  # kept, divided by factor
+    assert ((divisors > 1.0) & (divisors < 8.0)).any()  # and smoothed in between
+
+
+def test_gemma3_gguf_holds_norms_plus_one_and_its_attention_layout(tmp_path: Path) -> None:
+    from gguf import GGUFReader
+    from safetensors.numpy import load_file
+
+    from fedlora.testing.checkpoints import tiny_checkpoint
+
+    model = tiny_checkpoint("gemma3", tmp_path / "model", steps=2)  # norms off zero
+
+    reader = GGUFReader(str(write_f32_gguf(model, tmp_path / "model.gguf")))
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    hf = load_file(str(model / "model.safetensors"))
+    assert fields["general.architecture"] == "gemma3"
+    assert fields["gemma3.attention.sliding_window"] == 8
+    assert fields["gemma3.attention.sliding_window_pattern"] == [True, False]
+    assert fields["gemma3.rope.freq_base"] == 1_000_000.0
+    assert fields["gemma3.rope.freq_base_swa"] == 10_000.0
+    assert fields["gemma3.attention.key_length"] == 32  # wider than hidden / heads
+    for hf_name, gguf_name in [
+        ("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
+        ("model.layers.0.self_attn.q_norm.weight", "blk.0.attn_q_norm.weight"),
+        ("model.layers.1.post_feedforward_layernorm.weight", "blk.1.post_ffw_norm.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+    ]:
+        assert np.array_equal(tensors[gguf_name], hf[hf_name] + 1.0), hf_name
+    # q/k are not permuted: llama.cpp's gemma graph rotates halves, as transformers does
+    q = hf["model.layers.0.self_attn.q_proj.weight"]
+    assert np.array_equal(tensors["blk.0.attn_q.weight"].reshape(q.shape), q)
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
