@@ -214,6 +214,14 @@ def _phi3_hparams(writer: Any, cfg: Any) -> None:
 
 # ------------------------------------------------------------------ the registry
 
+_ROPE_WHY = {
+    rope_type: (
+        ": llama.cpp picks the long or short factors by the context it is given, transformers "
+        "by each sequence's length, so the file would not run as the model does"
+    )
+    for rope_type in ("longrope", "su")
+}
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -243,8 +251,9 @@ class ArchSpec:
             return f"activation {act!r} is not supported (llama.cpp runs {self.activations[0]})"
         rope_type = rope(cfg)["rope_type"]
         if rope_type not in self.rope_types:
+            why = _ROPE_WHY.get(rope_type, "")
             return (
-                f"RoPE type {rope_type!r} is not supported "
+                f"RoPE type {rope_type!r} is not supported{why} "
                 f"(this family exports with {', '.join(map(repr, self.rope_types))})"
             )
         for check in self.checks:
