@@ -233,12 +233,18 @@ def tiny_checkpoint(
     seed: int = 0,
     steps: int = 60,
     hidden: int = 64,
+    tie: bool | None = None,
 ) -> Path:
-    """Write a trained tiny ``family`` checkpoint (safetensors + tokenizer) to ``out_dir``."""
+    """Write a trained tiny ``family`` checkpoint (safetensors + tokenizer) to ``out_dir``.
+
+    ``tie``: tie the embeddings or not (default: as the family's best-known models do).
+    """
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(tokenizer_dir)
     config = tiny_config(family, tokenizer, hidden=hidden)
+    if tie is not None:
+        config.tie_word_embeddings = tie
     ids, mask = encode(tokenizer, sentences(seed, 48), 32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -119,6 +119,21 @@ def test_q8_0_export_passes_its_gate(family: Built, tmp_path: Path) -> None:
     assert ("output.weight" in tensors) is (family.family in UNTIED)
 
 
+@pytest.mark.parametrize(("family_name", "tie"), [("qwen2", False), ("phi3", True)])
+def test_the_other_embedding_tying_converts_exactly_too(
+    family_name: str, tie: bool, tmp_path: Path
+) -> None:
+    """Qwen2.5-7B is untied, Qwen2.5-0.5B tied; a tied Phi-3 leaves llama.cpp no output.weight."""
+    base = checkpoints.tiny_checkpoint(family_name, tmp_path / "model", tie=tie, steps=20)
+    ids, mask = checkpoints.heldout()
+
+    record = _check(Built(family_name, base, base, base, ids, mask), tmp_path / "scratch")
+
+    assert record["kl"] < 1e-7 and record["top1_agreement"] == 1.0
+    tensors = describe_gguf(tmp_path / "scratch")["tensors"]
+    assert ("output.weight" in tensors) is not tie
+
+
 # ------------------------------------------------------------------ each step has teeth
 
 
