@@ -28,11 +28,16 @@ The GGUF formats are registered in :mod:`fedlora.export.formats` as
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import json
 import logging
 import os
+import sys
+import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -231,12 +236,42 @@ def quantize_gguf(f32_file: str | Path, out_file: str | Path, quant: str) -> Pat
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[quant]
     params.nthread = max(1, min(4, os.cpu_count() or 1))
-    rc = llama_cpp.llama_model_quantize(
-        str(f32_file).encode(), str(out_file).encode(), ctypes.byref(params)
-    )
+    with _stderr_captured() as said:
+        rc = llama_cpp.llama_model_quantize(
+            str(f32_file).encode(), str(out_file).encode(), ctypes.byref(params)
+        )
     if rc != 0 or not Path(out_file).is_file():
-        raise ExportError(f"llama.cpp could not quantize {f32_file} to {quant} (return code {rc})")
+        why = "".join(f": {line}" for line in said()[-1:])
+        raise ExportError(
+            f"llama.cpp could not quantize {f32_file} to {quant} (return code {rc}){why}"
+        )
     return Path(out_file)
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Callable[[], list[str]]]:
+    """Hold back what C code writes to file descriptor 2 while the block runs.
+
+    llama.cpp's quantizer prints one warning per tensor that falls back from a K-quant
+    (180 lines for SmolLM2) straight to stderr; the manifest records the same facts
+    (``k_quant_fallback``). Some of it comes through llama-cpp-python's log callback,
+    which prints to ``sys.stderr``: that is held back too. Yields a function giving the
+    captured lines afterwards.
+    """
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_side = io.StringIO()  # llama-cpp-python's log callback prints to sys.stderr
+    with tempfile.TemporaryFile(mode="w+b") as sink, contextlib.redirect_stderr(python_side):
+        try:
+            os.dup2(sink.fileno(), 2)
+            yield lambda: lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace") + python_side.getvalue()
+            lines[:] = text.splitlines()
 
 
 def gguf_file(artefact_dir: Path) -> Path:

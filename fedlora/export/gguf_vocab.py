@@ -39,6 +39,7 @@ otherwise), each pinned by a test:
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,12 @@ def add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> None:
     if kind.model == "llama":
         writer.add_token_scores(scores)
         writer.add_add_space_prefix(kind.add_space_prefix)
+    # SpecialVocab logs what it skips in tokenizer.json's post-processor (a pair template's
+    # separators) at WARNING; the ids and add_bos/eos it misses are set below from the
+    # loaded tokenizer, so that is not news to a user.
+    quiet = logging.getLogger("gguf.vocab")
+    if quiet.level == logging.NOTSET:
+        quiet.setLevel(logging.ERROR)
     special = SpecialVocab(model_dir, load_merges=kind.model == "gpt2", n_vocab=vocab_size)
     for role in ("bos", "eos", "unk", "pad"):  # the loaded tokenizer's, where it has one
         if getattr(hf, f"{role}_token_id", None) is not None:
