@@ -335,3 +335,41 @@ def test_the_fast_path_leaves_no_hooks_or_per_sample_gradients_behind():
 
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks_before
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+
+
+class _Toy(torch.nn.Module):
+    """A wide layer fed by the data (not by a narrow layer), then a narrow one, used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = torch.nn.Linear(3, 5, bias=False)
+        self.narrow = torch.nn.Linear(5, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.wide(x))
+        return self.narrow(h) + self.narrow(h.flip(1))
+
+
+def test_linear_sampler_is_exact_for_any_bias_free_linear_layers():
+    """Per-sample gradients of layers that are not a lora_A/lora_B pair (a wide layer on
+    the input, a layer called twice) equal one backward pass per sample."""
+    from fedlora.client.train import LinearGradSampler, grad_sampler
+
+    torch.manual_seed(0)
+    model, x = _Toy(), torch.randn(4, 6, 3)
+    params = list(model.parameters())
+    expected = [
+        torch.stack(gs)
+        for gs in zip(
+            *(torch.autograd.grad(model(x[i : i + 1]).pow(2).sum(), params) for i in range(4)),
+            strict=True,
+        )
+    ]
+
+    sampler = grad_sampler(model)
+    sampler.backward(sampler(x=x).pow(2).sum())
+    sampler.close()
+
+    assert isinstance(sampler, LinearGradSampler)
+    for p, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad_sample, want, rtol=1e-5, atol=1e-6)  # type: ignore[attr-defined]
