@@ -9,7 +9,7 @@ sequences of a batch (padding, attention masks, position ids, embedding scaling,
 sliding windows, logit soft-capping).
 
 The comparison runs in float64, where any coupling stands far above rounding (the two
-differ by about 1e-15 of the largest gradient; in float32, by 0.6-6e-6, as batched and
+differ by about 1e-16 of the largest gradient; in float32, by 1-5e-6, as batched and
 single-sequence matmuls round differently). A float64 Gemma-2 cannot hold a padded query
 whose whole sliding window is padding (its eager attention takes the softmax in float32,
 where float64's mask value is -inf: NaN, and 0·NaN reaches the real tokens), so there the
