@@ -93,8 +93,7 @@ def accountant_before() -> Iterator[None]:
 def empty_caches() -> None:
     cal._calibrate.cache_clear()
     prv.prv_epsilon_bounds.cache_clear()
-    prv._group_cache.clear()
-    prv._group_cache_bytes = 0
+    prv.clear_group_cache()
     rdp._rdp_cached.cache_clear()
     rdp._log_comb_table.cache_clear()
 

@@ -217,10 +217,17 @@ def _group_spectrum(
     if group.nbytes <= GROUP_CACHE_BYTES // 4:
         _group_cache[key] = (group, shift)
         _group_cache_bytes += group.nbytes
-        while _group_cache_bytes > GROUP_CACHE_BYTES:
+        while _group_cache_bytes > GROUP_CACHE_BYTES and _group_cache:
             _, (old, _) = _group_cache.popitem(last=False)
             _group_cache_bytes -= old.nbytes
     return group, shift
+
+
+def clear_group_cache() -> None:
+    """Forget every cached group spectrum (benchmarks and tests start from nothing)."""
+    global _group_cache_bytes
+    _group_cache.clear()
+    _group_cache_bytes = 0
 
 
 def _domain_half_width(history: History, eps_error: float, delta_error: float) -> float:

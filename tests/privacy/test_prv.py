@@ -144,14 +144,13 @@ def test_history_groups_are_reused_across_calls_without_changing_epsilon(monkeyp
     monkeypatch.setattr(prv, "_discretise", lambda *a: calls.append(a[:2]) or real(*a))
     history = ((0.7379, 0.0808, 10), (0.7378, 0.0808, 10), (0.7377, 0.0808, 10))
     planned = [(0.7001, 0.0808, 20), (0.7002, 0.0808, 20)]  # same grid for both
-    prv._group_cache.clear()
     fresh = []
     for p in planned:
-        prv._group_cache.clear()
+        prv.clear_group_cache()
         prv.prv_epsilon_bounds.cache_clear()
         fresh.append(prv.prv_epsilon_bounds(tuple(sorted((*history, p))), 1e-5))
     calls.clear()
-    prv._group_cache.clear()
+    prv.clear_group_cache()
     prv.prv_epsilon_bounds.cache_clear()
 
     warm = [prv.prv_epsilon_bounds(tuple(sorted((*history, p))), 1e-5) for p in planned]
@@ -165,8 +164,7 @@ def test_group_cache_stays_within_its_memory(monkeypatch):
     from fedlora.privacy.accountants import prv
 
     monkeypatch.setattr(prv, "GROUP_CACHE_BYTES", 4 * 2**20)
-    prv._group_cache.clear()
-    monkeypatch.setattr(prv, "_group_cache_bytes", 0)
+    prv.clear_group_cache()
     prv.prv_epsilon_bounds.cache_clear()
 
     for k in range(12):
@@ -174,3 +172,4 @@ def test_group_cache_stays_within_its_memory(monkeypatch):
 
     assert 0 < prv._group_cache_bytes <= 4 * 2**20
     assert prv._group_cache_bytes == sum(g.nbytes for g, _ in prv._group_cache.values())
+    prv.clear_group_cache()  # what is left was sized for a smaller budget
