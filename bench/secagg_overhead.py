@@ -101,6 +101,7 @@ def uplink(
             n,
             num_shares=cfg.secagg.num_shares,
             reconstruction_threshold=cfg.secagg.reconstruction_threshold,
+            dropout_rate=cfg.secagg.dropout_rate,
             clipping_range=cfg.secagg.clipping_range,
             quantization_range=cfg.secagg.quantization_range,
         )

@@ -27,8 +27,18 @@ import numpy as np
 ID_BYTES = 8  # node ids travel as sint64
 
 
-def share_parameters(sampled: int, num_shares: float, threshold: float) -> tuple[int, int]:
-    """``(share_num, threshold)`` as Flower 1.39's SecAggPlusWorkflow derives them."""
+def share_parameters(
+    sampled: int,
+    num_shares: float | None,
+    threshold: float | None,
+    dropout_rate: float = 0.1,
+) -> tuple[int, int]:
+    """``(share_num, threshold)`` as Flower 1.39's SecAggPlusWorkflow derives them, or for
+    None as fedlora's sparse SecAgg+ graph sets them (``fedlora.server.secagg_graph``)."""
+    if num_shares is None or threshold is None:
+        from fedlora.server.secagg_graph import share_graph
+
+        return share_graph(sampled, num_shares, threshold, dropout_rate)
     if isinstance(num_shares, float):
         shares = round(num_shares * sampled)
         if shares < sampled and shares % 2 == 0:
@@ -57,8 +67,9 @@ def secagg_uplink_bytes(
     shapes: Sequence[tuple[int, ...]],
     sampled: int,
     *,
-    num_shares: float = 1.0,
-    reconstruction_threshold: float = 0.6,
+    num_shares: float | None = 1.0,
+    reconstruction_threshold: float | None = 0.6,
+    dropout_rate: float = 0.1,
     clipping_range: float = 64.0,
     quantization_range: int = 2**22,
     modulus_range: int = 2**32,
@@ -87,7 +98,9 @@ def secagg_uplink_bytes(
         public_key_to_bytes,
     )
 
-    share_num, threshold = share_parameters(sampled, num_shares, reconstruction_threshold)
+    share_num, threshold = share_parameters(
+        sampled, num_shares, reconstruction_threshold, dropout_rate
+    )
     neighbours = share_num - 1
     sk1, pk1 = generate_key_pairs()
     sk2, pk2 = generate_key_pairs()

@@ -23,7 +23,8 @@ CONFIG_FORMAT = "fedlora.config"
 #: 2: privacy.max_update_norm, and secagg.clipping_range 8 -> 64 (see ``_from_v1``).
 #: 3: fleet.profiles, fleet.fraction_per_round, data.server_eval_max (see ``_from_v2``).
 #: 4: privacy.reproducible_noise; DP noise from the OS CSPRNG by default (see ``_from_v3``).
-CONFIG_VERSION = 4
+#: 5: secagg.dropout_rate; SecAgg+'s sparse share graph by default (see ``_from_v4``).
+CONFIG_VERSION = 5
 #: Keys ``fedlora simulate`` adds to ``RUN_DIR/config.json`` (what was loaded, package versions).
 RUN_METADATA_KEYS = ("resolved", "versions")
 
@@ -334,6 +335,22 @@ class SecAggSection:
     128 / 2^22 = 3.1e-5, against update values of about 0.05 (a 2026-11-28 measurement on
     the default config).
 
+    ``num_shares`` and ``reconstruction_threshold``: how many devices hold shares of each
+    device's secrets (k) and how many of those it takes to rebuild one (t).
+    null (the default since config version 5): the sparse graph of SecAgg+, k ≈ c·log₂ n
+    for n sampled devices, and t a strict majority of k
+    (:func:`fedlora.server.secagg_graph.share_graph`). ``dropout_rate`` (δ) sets both:
+    k is the smallest for which a fraction δ of independent dropouts leaves some device
+    with fewer than t surviving share holders with probability ≤ 2^-20 per round, and
+    the same bound covers colluders (a fraction δ of the fleet, with the coordinator)
+    holding t shares of one device's secrets. A larger δ survives more dropouts and
+    colluders and costs a denser graph: δ = 0.1 gives k = 35 of 100 sampled devices and
+    39 of 1,000; δ = 0.3 needs all 100 and 213 of 1,000. Where no smaller k meets the
+    bound (10 sampled devices at δ = 0.1), every device shares with every other.
+    A fraction in (0, 1] keeps Flower's meaning: ``num_shares`` of the sampled devices
+    (1.0: every device, the full O(n²) graph of SecAgg, what every config before version 5
+    used), ``reconstruction_threshold`` of the shares (0.6 before version 5).
+
     ``timeout_s`` bounds every wait of the coordinator, with or without SecAgg+: for
     devices to connect, for the replies to each SecAgg+ stage (Flower passes it to all
     four), for plain training replies, and for devices' ledger reports. A round's
@@ -341,17 +358,28 @@ class SecAggSection:
     """
 
     enabled: bool = True
-    num_shares: float = 1.0
-    reconstruction_threshold: float = 0.6
+    num_shares: float | None = None
+    reconstruction_threshold: float | None = None
+    dropout_rate: float = 0.1
     clipping_range: float = 64.0
     quantization_range: int = 2**22
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        _require(0 < self.num_shares <= 1, "secagg.num_shares is a fraction in (0, 1]")
         _require(
-            0 < self.reconstruction_threshold <= 1,
-            "secagg.reconstruction_threshold is a fraction in (0, 1]",
+            self.num_shares is None or 0 < self.num_shares <= 1,
+            "secagg.num_shares is a fraction in (0, 1] (1.0: every sampled device), or null "
+            f"for SecAgg+'s sparse graph, got {self.num_shares}",
+        )
+        _require(
+            self.reconstruction_threshold is None or 0 < self.reconstruction_threshold <= 1,
+            "secagg.reconstruction_threshold is a fraction in (0, 1] of the shares, or null "
+            f"for a strict majority of them, got {self.reconstruction_threshold}",
+        )
+        _require(
+            0 <= self.dropout_rate < 0.5,
+            "secagg.dropout_rate is the fraction of sampled devices expected to drop out in a "
+            f"round, in [0, 0.5) (a majority must survive), got {self.dropout_rate}",
         )
         _require(self.clipping_range > 0, "secagg.clipping_range must be > 0")
         _require(self.quantization_range >= 2**8, "secagg.quantization_range must be ≥ 256")
@@ -434,13 +462,15 @@ class FedloraConfig:
         fmt = data.pop("format", CONFIG_FORMAT)
         version = data.pop("version", CONFIG_VERSION)
         _require(fmt == CONFIG_FORMAT, f"not a fedlora config (format {fmt!r})")
-        _require(version in (1, 2, 3, CONFIG_VERSION), f"unsupported config version {version}")
+        _require(version in (1, 2, 3, 4, CONFIG_VERSION), f"unsupported config version {version}")
         if version == 1:
             data = _from_v1(data)
         if version in (1, 2):
             data = _from_v2(data)
         if version in (1, 2, 3):
             data = _from_v3(data)
+        if version in (1, 2, 3, 4):
+            data = _from_v4(data)
         return _from_plain(cls, data, "")
 
     def replace(self, **sections: Any) -> FedloraConfig:
@@ -496,6 +526,21 @@ def _from_v3(data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(values, dict) and "reproducible_noise" not in values:
         return {**data, "privacy": {**values, "reproducible_noise": True}}
     return data
+
+
+def _from_v4(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-4 config as version 5 reads it, meaning what it meant then.
+
+    Before version 5 SecAgg+ shared every device's secrets with every other sampled
+    device (``num_shares`` 1.0) and needed 0.6 of the shares to rebuild one: a file that
+    set neither reloads (and reruns, and resumes) with that full graph, not the sparse
+    one that null now means.
+    """
+    values = data.get("secagg", {})
+    if not isinstance(values, dict):
+        return data
+    then = {"num_shares": 1.0, "reconstruction_threshold": 0.6}
+    return {**data, "secagg": {**then, **values}}
 
 
 def load_config(path: str | Path) -> FedloraConfig:

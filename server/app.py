@@ -71,6 +71,7 @@ def secagg_workflow(
     return ReportingSecAggPlus(
         num_shares=s.num_shares,
         reconstruction_threshold=s.reconstruction_threshold,
+        dropout_rate=s.dropout_rate,
         max_weight=max_weight,
         clipping_range=s.clipping_range,
         quantization_range=s.quantization_range,

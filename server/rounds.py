@@ -50,6 +50,8 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedlora.server.secagg_graph import DEFAULT_DROPOUT_RATE, share_graph
+
 log = logging.getLogger("server")
 
 #: The config record a training request carries (``fitins_to_recorddict``), in both
@@ -207,15 +209,58 @@ class ReportingSecAggPlus(SecAggPlusWorkflow):
     before the round stopped (their plaintext metrics carry the devices' DP-SGD events)
     and the error replies. A round whose strategy sampled nobody is not a failure (the
     strategy knows why it sampled nobody) and is not reported.
+
+    ``num_shares`` / ``reconstruction_threshold`` may be None: each round then sets the
+    share graph's degree k and threshold t from the number of devices the strategy
+    sampled and ``dropout_rate`` (:func:`fedlora.server.secagg_graph.share_graph`), and
+    hands Flower those two integers for that round; fractions mean what they mean to
+    Flower. :attr:`graph` is the round's (k, t).
     """
 
-    def __init__(self, *args: Any, on_halt: HaltHandler, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        num_shares: float | None,
+        reconstruction_threshold: float | None,
+        *args: Any,
+        on_halt: HaltHandler,
+        dropout_rate: float = DEFAULT_DROPOUT_RATE,
+        **kwargs: Any,
+    ) -> None:
+        # Flower checks its two numbers here; per-round ones replace them in setup_stage.
+        super().__init__(
+            1.0 if num_shares is None else num_shares,
+            0.6 if reconstruction_threshold is None else reconstruction_threshold,
+            *args,
+            **kwargs,
+        )
+        self._shares_policy = (num_shares, reconstruction_threshold, dropout_rate)
         self._on_halt = on_halt
         self._sampled = 0  # devices the current round started with
+        #: (k share holders per device, threshold t) of the current round.
+        self.graph: tuple[int, int] | None = None
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        ok = super().setup_stage(grid, context, state)
+        strategy = context.strategy
+        configure_fit = strategy.configure_fit
+
+        def sampled_then_sized(server_round: int, parameters: Any, client_manager: Any) -> Any:
+            # Flower reads num_shares and the threshold right after the strategy samples:
+            # size the graph for this round's n, as integers Flower takes as they are.
+            chosen = configure_fit(server_round, parameters, client_manager)
+            if chosen:
+                self.graph = share_graph(len(chosen), *self._shares_policy)
+                self.num_shares, self.reconstruction_threshold = self.graph
+            return chosen
+
+        own = "configure_fit" in vars(strategy)  # an instance attribute, not the method
+        strategy.configure_fit = sampled_then_sized  # type: ignore[method-assign]
+        try:
+            ok = super().setup_stage(grid, context, state)
+        finally:
+            if own:
+                strategy.configure_fit = configure_fit  # type: ignore[method-assign]
+            else:
+                del strategy.configure_fit
         self._sampled = len(state.sampled_node_ids)
         if not ok and state.nid_to_fitins:
             self._halt(context, "setup", state)

@@ -39,3 +39,9 @@ def test_secagg_payload_is_int64_masked_vector_plus_keys_and_shares() -> None:
     bigger = uplink.secagg_uplink_bytes(shapes, 9)
     assert bigger["stages"]["share_keys"] > stages["share_keys"]
     assert bigger["stages"]["collect_masked_vectors"] == stages["collect_masked_vectors"]
+
+
+def test_share_parameters_of_the_sparse_graph() -> None:
+    # null num_shares / threshold: fedlora's SecAgg+ graph for the dropout rate
+    assert uplink.share_parameters(1000, None, None) == (39, 20)
+    assert uplink.share_parameters(100, None, None, 0.3) == (100, 51)

@@ -10,6 +10,7 @@ from fedlora.config import (
     CONFIG_VERSION,
     FedloraConfig,
     PrivacySection,
+    SecAggSection,
     config_from_run_config,
     load_config,
 )
@@ -96,7 +97,7 @@ def test_dp_noise_is_not_reproducible_unless_asked():
     assert FedloraConfig().privacy.reproducible_noise is False
     assert FedloraConfig.from_dict({}).privacy.reproducible_noise is False
     saved = FedloraConfig().replace(privacy={"reproducible_noise": True}).to_dict()
-    assert saved["version"] == CONFIG_VERSION == 4
+    assert saved["version"] == CONFIG_VERSION == 5
     assert saved["privacy"]["reproducible_noise"] is True
     assert FedloraConfig.from_dict(json.loads(json.dumps(saved))).privacy.reproducible_noise
     with pytest.raises(ConfigError, match="must be true or false, got 'no'"):
@@ -117,6 +118,47 @@ def test_an_older_config_loads_with_the_seeded_noise_it_ran_with(tmp_path, versi
     explicit = {**old, "privacy": {"reproducible_noise": False}}
     assert FedloraConfig.from_dict(explicit).privacy.reproducible_noise is False
     assert FedloraConfig.from_dict({"version": version}).privacy.reproducible_noise is True
+
+
+def test_secagg_defaults_to_the_sparse_graph_and_round_trips():
+    s = FedloraConfig().secagg
+    assert (s.num_shares, s.reconstruction_threshold, s.dropout_rate) == (None, None, 0.1)
+    saved = FedloraConfig().replace(secagg={"dropout_rate": 0.3}).to_dict()
+    assert saved["secagg"]["num_shares"] is None and saved["secagg"]["dropout_rate"] == 0.3
+    assert FedloraConfig.from_dict(json.loads(json.dumps(saved))).secagg == SecAggSection(
+        dropout_rate=0.3
+    )
+    full = FedloraConfig.from_dict({"secagg": {"num_shares": 1.0}}).secagg
+    assert (full.num_shares, full.reconstruction_threshold) == (1.0, None)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
+def test_an_older_config_keeps_the_full_secagg_graph_it_ran_with(tmp_path, version):
+    """Before version 5 every device shared its secrets with every other (num_shares 1.0,
+    threshold 0.6): an old file that set nothing reloads with that, not the sparse graph."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"format": "fedlora.config", "version": version, "seed": 3}))
+
+    s = load_config(path).secagg
+
+    assert (s.num_shares, s.reconstruction_threshold) == (1.0, 0.6)
+    own = {"version": version, "secagg": {"num_shares": 0.5, "timeout_s": 9.0}}
+    s = FedloraConfig.from_dict(own).secagg
+    assert (s.num_shares, s.reconstruction_threshold, s.timeout_s) == (0.5, 0.6, 9.0)
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"dropout_rate": 0.5}, r"secagg.dropout_rate .* in \[0, 0.5\)"),
+        ({"dropout_rate": -0.1}, "secagg.dropout_rate"),
+        ({"num_shares": 0.0}, r"secagg.num_shares is a fraction in \(0, 1\]"),
+        ({"reconstruction_threshold": 1.5}, "secagg.reconstruction_threshold"),
+    ],
+)
+def test_invalid_secagg_graph_settings_are_refused(values, match):
+    with pytest.raises(ConfigError, match=match):
+        FedloraConfig.from_dict({"secagg": values})
 
 
 def test_fedlora_run_refuses_reproducible_noise_before_submitting(tmp_path):

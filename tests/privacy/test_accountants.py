@@ -269,3 +269,16 @@ def test_registry_returns_fresh_accountants():
     a.compose(event())
 
     assert get_accountant("prv").get_epsilon(1e-5) == 0.0
+
+
+def test_rdp_binomial_table_is_the_direct_computation():
+    import numpy as np
+
+    from fedlora.privacy.accountants.rdp import _log_comb, _log_comb_table
+
+    orders = (1.5, 2.25, 11.0, 63.0)
+    with np.errstate(invalid="ignore"):
+        direct = _log_comb(np.asarray(orders)[:, None], np.arange(70.0)[None, :])
+
+    np.testing.assert_array_equal(_log_comb_table(orders, 70), direct)
+    assert not _log_comb_table(orders, 70).flags.writeable

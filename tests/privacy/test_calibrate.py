@@ -168,3 +168,53 @@ def test_memoised_calibration_is_the_fresh_answer_and_skips_the_search(monkeypat
     changed = [*history[:1], DPSGDEvent(device="a", round=2, noise_multiplier=0.9,
                                         sample_rate=0.05, steps=10, delta=1e-5)]  # fmt: skip
     assert cal.calibrate_noise_multiplier(*args, history=changed) > first
+
+
+# σ as calibrate_noise_multiplier returned it before the accountant was made faster
+# (commit 88fe0fb, 2026-12-02): (target ε, q, steps per round, rounds, history, accountant, σ).
+# The first four are questions the default `make run` asked (its device-0000 with three
+# rounds spent, and round 1 of two others).
+_HISTORIES = {
+    "none": (),
+    "one": ((1.1, 0.1, 10),),
+    "default3": ((0.7379, 0.0808, 10), (0.7378, 0.0808, 10), (0.7377, 0.0808, 10)),
+    "mixed": ((2.0, 0.05, 30), (1.5, 0.2, 10)),
+    "light": ((4.0, 0.02, 25),),
+}
+RECORDED = [
+    (8.0, 0.08080808080808081, 10, 5, "none", "prv", 0.7379),
+    (8.0, 0.26229508196721313, 10, 4, "one", "prv", 1.301),
+    (8.0, 0.08080808080808081, 10, 1, "default3", "prv", 0.659),
+    (8.0, 0.08080808080808081, 10, 2, "default3", "prv", 0.7376),
+    (3.0, 0.1, 10, 20, "none", "prv", 2.184),
+    (3.0, 0.1, 10, 10, "mixed", "prv", 2.789),
+    (1.0, 0.02, 25, 8, "none", "prv", 1.379),
+    (1.0, 0.02, 25, 8, "light", "prv", 1.383),
+    (2.0, 1.0, 5, 3, "none", "prv", 7.762),
+    (0.5, 0.01, 50, 10, "none", "prv", 1.819),
+    (16.0, 0.3, 10, 5, "mixed", "prv", 0.9809),
+    (8.0, 0.1, 10, 5, "default3", "rdp", 1.86),
+    (3.0, 0.1, 10, 20, "none", "rdp", 2.337),
+    (3.0, 0.02, 25, 8, "mixed", "rdp", 2.303),
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "q", "steps", "rounds", "history", "accountant", "before"), RECORDED
+)
+def test_calibrated_sigma_is_what_it_was_before_the_speedups(
+    target, q, steps, rounds, history, accountant, before
+):
+    from fedlora.privacy import calibrate as cal
+    from fedlora.privacy.accountants import prv
+
+    cal._calibrate.cache_clear()
+    prv.prv_epsilon_bounds.cache_clear()
+    spent = schedule(_HISTORIES[history])
+
+    sigma = calibrate_noise_multiplier(
+        target, DELTA, q, steps, rounds, history=spent, accountant=accountant
+    )
+
+    assert sigma == pytest.approx(before, rel=1e-6, abs=0)
+    assert planned_epsilon(sigma, q, steps, rounds, spent, accountant) <= target

@@ -6,10 +6,11 @@ import math
 import numpy as np
 import pytest
 from prv_accountant import PoissonSubsampledGaussianMechanism
-from scipy import integrate, stats
+from scipy import integrate, special, stats
 
 from fedlora.privacy.accountants.prv import (
     _even_fast_len,
+    _survival_at,
     _truncated_mean,
     prv_epsilon_bounds,
     survival,
@@ -95,3 +96,80 @@ def test_huge_epsilon_coarsens_the_grid_but_stays_an_upper_bound():
     assert estimate == pytest.approx(696.7778, abs=1e-3)
     assert 696.7778 <= upper <= 696.7778 + 0.05
     assert lower <= 696.7778
+
+
+def survival_before_the_split(t, q, sigma):
+    """``survival`` as it was until 2026-12-02: both formulas on every point, then picked."""
+    t = np.asarray(t, dtype=np.float64)
+    live = t > (math.log1p(-q) if q < 1.0 else -math.inf)
+    tl = np.where(live, t, 1.0)
+    with np.errstate(over="ignore", divide="ignore"):
+        z_pos = tl - math.log(q) + np.log1p((q - 1.0) * np.exp(-np.abs(tl)))
+        z_neg = np.log1p(np.expm1(np.minimum(tl, 0.0)) / q)
+    z = np.where(tl > 0, z_pos, z_neg)
+    scale = 2.0 * math.sqrt(2.0) * sigma
+    tail = q / 2.0 * special.erfc((2.0 * sigma**2 * z - 1.0) / scale) + (
+        1.0 - q
+    ) / 2.0 * special.erfc((2.0 * sigma**2 * z + 1.0) / scale)
+    return np.where(live, tail, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("q", "sigma"), [(0.0808, 0.7379), (0.01, 0.3), (0.3, 5.0), (1.0, 1.0), (0.99, 2.0)]
+)
+def test_survival_gives_the_values_it_gave_before_bit_for_bit(q, sigma):
+    # A calibrated σ is the end of a search on these values: they must not move by a bit.
+    rng = np.random.default_rng(0)
+    grid = np.linspace(-30.0, 30.0, 40_001)
+    scattered = rng.uniform(-5.0, 40.0, 5_000)
+
+    for t in (grid, scattered, np.array([0.0, -0.0, math.log1p(-min(q, 0.5))])):
+        np.testing.assert_array_equal(survival(t, q, sigma), survival_before_the_split(t, q, sigma))
+
+
+@pytest.mark.parametrize(("q", "sigma"), [(0.0808, 0.7379), (0.2, 0.7), (1.0, 2.0)])
+def test_survival_at_one_point_is_the_array_value(q, sigma):
+    points = [-3.0, math.log1p(-q) if q < 1 else -1.0, -1e-7, 0.0, 1e-9, 0.3, 4.0, 25.0, 800.0]
+    points += list(np.random.default_rng(1).uniform(-1.0, 15.0, 500))
+
+    for t in points:
+        assert _survival_at(float(t), q, sigma) == survival(np.array([t]), q, sigma)[0], t
+
+
+def test_history_groups_are_reused_across_calls_without_changing_epsilon(monkeypatch):
+    from fedlora.privacy.accountants import prv
+
+    calls = []
+    real = prv._discretise
+    monkeypatch.setattr(prv, "_discretise", lambda *a: calls.append(a[:2]) or real(*a))
+    history = ((0.7379, 0.0808, 10), (0.7378, 0.0808, 10), (0.7377, 0.0808, 10))
+    planned = [(0.7001, 0.0808, 20), (0.7002, 0.0808, 20)]  # same grid for both
+    fresh = []
+    for p in planned:
+        prv.clear_group_cache()
+        prv.prv_epsilon_bounds.cache_clear()
+        fresh.append(prv.prv_epsilon_bounds(tuple(sorted((*history, p))), 1e-5))
+    calls.clear()
+    prv.clear_group_cache()
+    prv.prv_epsilon_bounds.cache_clear()
+
+    warm = [prv.prv_epsilon_bounds(tuple(sorted((*history, p))), 1e-5) for p in planned]
+
+    assert warm == fresh  # to the bit
+    # 3 history groups + 2 planned ones discretised, not 2 x 4.
+    assert sorted(calls) == sorted({(q, s) for s, q, _ in (*history, *planned)})
+
+
+def test_group_cache_stays_within_its_memory(monkeypatch):
+    from fedlora.privacy.accountants import prv
+
+    monkeypatch.setattr(prv, "GROUP_CACHE_BYTES", 4 * 2**20)
+    prv.clear_group_cache()
+    prv.prv_epsilon_bounds.cache_clear()
+
+    for k in range(12):
+        prv.prv_epsilon_bounds(((1.0 + k / 100, 0.1, 50),), 1e-5)
+
+    assert 0 < prv._group_cache_bytes <= 4 * 2**20
+    assert prv._group_cache_bytes == sum(g.nbytes for g, _ in prv._group_cache.values())
+    prv.clear_group_cache()  # what is left was sized for a smaller budget

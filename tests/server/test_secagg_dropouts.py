@@ -55,24 +55,38 @@ def _update(node: int) -> list[np.ndarray]:
 class StubStrategy:
     """What SecAggPlusWorkflow asks of a strategy: whom to sample, and the aggregate."""
 
-    def __init__(self, grid: FakeGrid) -> None:
+    def __init__(self, grid: FakeGrid, nodes: tuple[int, ...] = NODES) -> None:
         self.grid = grid
+        self.nodes = nodes
         self.aggregated: list[tuple[list[Any], list[Any]]] = []
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any):
-        return [(GridClientProxy(n, self.grid, 7), FitIns(parameters, {})) for n in NODES]
+        return [(GridClientProxy(n, self.grid, 7), FitIns(parameters, {})) for n in self.nodes]
 
     def aggregate_fit(self, server_round: int, results: list[Any], failures: list[Any]):
         self.aggregated.append((results, failures))
         return None, {}
 
 
-def run_round(drops: dict[int, str], *, silent: bool = False, deadline_s: float | None = None):
-    """One SecAgg+ round where node n drops out at stage ``drops[n]``; returns
-    (strategy, halts, round grid)."""
+def _weight(node: int) -> int:
+    return WEIGHTS.get(node, 10 + node % 50)
+
+
+def run_round(
+    drops: dict[int, str],
+    *,
+    silent: bool = False,
+    deadline_s: float | None = None,
+    nodes: tuple[int, ...] = NODES,
+    shares: tuple[float | None, float | None] = (1.0, 0.6),
+    dropout_rate: float = 0.1,
+    workflow_out: list[ReportingSecAggPlus] | None = None,
+):
+    """One SecAgg+ round of ``nodes`` (k and t from ``shares`` and ``dropout_rate``) where
+    node n drops out at stage ``drops[n]``; returns (strategy, halts, round grid)."""
     contexts = {
         n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(), run_config={})
-        for n in NODES
+        for n in nodes
     }
 
     def train(msg: Message, ctxt: Context) -> Message:
@@ -80,7 +94,7 @@ def run_round(drops: dict[int, str], *, silent: bool = False, deadline_s: float 
         res = FitRes(
             Status(Code.OK, ""),
             ndarrays_to_parameters(_update(node)),
-            WEIGHTS[node],
+            _weight(node),
             {"device": f"d{node}"},
         )
         return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
@@ -92,11 +106,11 @@ def run_round(drops: dict[int, str], *, silent: bool = False, deadline_s: float 
         return secaggplus_mod(msg, contexts[node], train)
 
     grid = FakeGrid(answer)
-    strategy = StubStrategy(grid)
+    strategy = StubStrategy(grid, nodes)
     halts: list[tuple[int, str, list[Any], list[BaseException]]] = []
     workflow = ReportingSecAggPlus(
-        1.0,
-        0.6,
+        *shares,
+        dropout_rate=dropout_rate,
         max_weight=60.0,
         clipping_range=CLIP,
         quantization_range=Q,
@@ -114,19 +128,21 @@ def run_round(drops: dict[int, str], *, silent: bool = False, deadline_s: float 
     )
     round_grid = RoundGrid(grid, timeout_s=5.0, deadline_s=deadline_s)
     workflow(round_grid, context)
+    if workflow_out is not None:
+        workflow_out.append(workflow)
     return strategy, halts, round_grid
 
 
 def _tolerance(nodes: list[int]) -> float:
     step = 2 * CLIP / (Q - 1)
-    return len(nodes) * step * 60.0 / sum(WEIGHTS[n] for n in nodes) + 1e-6
+    return len(nodes) * step * 60.0 / sum(_weight(n) for n in nodes) + 1e-6
 
 
 def _assert_mean_of(strategy: StubStrategy, nodes: list[int]) -> None:
     ((results, _),) = strategy.aggregated
     assert sorted(p.node_id for p, _ in results) == nodes
     got = parameters_to_ndarrays(results[0][1].parameters)
-    want = weighted_mean([(_update(n), WEIGHTS[n]) for n in nodes])
+    want = weighted_mean([(_update(n), _weight(n)) for n in nodes])
     diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
     assert diff <= _tolerance(nodes)
 
@@ -170,3 +186,52 @@ def test_a_silent_device_at_the_training_stage_is_late():
     strategy, halts, grid = run_round({14: "collect_masked_vectors"}, silent=True)
     assert halts == [] and grid.late == {14}
     _assert_mean_of(strategy, [11, 12, 13, 15, 16])
+
+
+# ---------------------------------------------------------------- the sparse graph
+
+
+def _thirty_percent(nodes: tuple[int, ...]) -> dict[int, str]:
+    """30% of ``nodes`` (seeded) dropping out at every stage, before and after key sharing."""
+    lost = np.random.default_rng(30).choice(nodes, 3 * len(nodes) // 10, replace=False)
+    stages = [STAGES[i * len(STAGES) // len(lost)] for i in range(len(lost))]
+    return dict(zip(lost.tolist(), stages, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("n", "dropout_rate", "graph"),
+    [
+        # δ = 0.1 at 50: 33 share holders, majority 17. Any 15 dropouts leave each device
+        # at least 32 - 15 = 17 of its other holders, so the round completes whatever
+        # ring Flower's shuffle draws.
+        (50, 0.1, (33, 17)),
+        # δ = 0.2 at 100: 75 holders, majority 38; any 30 dropouts leave >= 74 - 30 = 44.
+        pytest.param(100, 0.2, (75, 38), marks=pytest.mark.slow),  # ~3 min on 2 cores
+        # δ = 0.3 needs every device at 100 (see secagg_graph): the full graph, t = 51.
+        pytest.param(100, 0.3, (100, 51), marks=pytest.mark.slow),  # ~5 min
+    ],
+)
+def test_thirty_percent_dropouts_give_the_survivors_mean(n, dropout_rate, graph):
+    nodes = tuple(range(101, 101 + n))
+    drops = _thirty_percent(nodes)
+    workflows: list[ReportingSecAggPlus] = []
+
+    strategy, halts, grid = run_round(
+        drops, nodes=nodes, shares=(None, None), dropout_rate=dropout_rate,
+        workflow_out=workflows,
+    )  # fmt: skip
+
+    assert workflows[0].graph == graph
+    assert halts == [] and sum(grid.dropouts.values()) == len(drops) == 3 * n // 10
+    # Lost at unmask: the masked update is in; everyone else lost never sent one.
+    in_sum = sorted(p for p in nodes if drops.get(p, "unmask") == "unmask")
+    assert len(in_sum) == n - len(drops) + list(drops.values()).count("unmask")
+    _assert_mean_of(strategy, in_sum)
+
+
+def test_the_full_graph_stays_available_and_means_what_it_meant():
+    workflows: list[ReportingSecAggPlus] = []
+
+    run_round({}, shares=(1.0, 0.6), workflow_out=workflows)
+
+    assert workflows[0].graph == (6, 4)  # round(0.6 · 6): as Flower 1.39 sizes it
