@@ -1,6 +1,7 @@
 # The README's two commands:
 #   make run    install fedlora and run a simulated fleet on the embedded model and data
 #   make test   install the dev tools and run lint, type checks and the test suite
+#   make test-scale  the 100-device tests (marked scale) that make test leaves out (~20 min)
 #   make bench  every benchmark under bench/ (JSON in bench/results/, README table); long
 #   make bench-quick  the same at the smaller sizes each bench's --quick documents (< 10 min)
 VENV ?= .venv
@@ -10,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Flower would install app dependencies at run time; everything is installed up front.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
 
-.PHONY: install install-dev run test lint typecheck unit clean bench bench-quick
+.PHONY: install install-dev run test test-scale lint typecheck unit clean bench bench-quick
 
 install:
 	scripts/install.sh
@@ -32,7 +33,10 @@ unit:
 	$(VENV)/bin/pytest -m "not slow"
 
 test: install-dev lint typecheck
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "not scale"
+
+test-scale: install-dev
+	$(VENV)/bin/pytest -m scale
 
 bench:
 	$(VENV)/bin/python bench/run_all.py

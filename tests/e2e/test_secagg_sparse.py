@@ -59,7 +59,7 @@ def thirty_percent(n: int) -> list[Fault]:
     ("n", "dropout_rate", "graph"),
     [
         (30, 0.05, (21, 11)),
-        pytest.param(100, 0.2, (75, 38), marks=pytest.mark.slow),
+        pytest.param(100, 0.2, (75, 38), marks=[pytest.mark.slow, pytest.mark.scale]),
     ],
 )
 def test_thirty_percent_dropouts_give_exactly_the_survivors_mean(tmp_path, n, dropout_rate, graph):

@@ -206,9 +206,11 @@ def _thirty_percent(nodes: tuple[int, ...]) -> dict[int, str]:
         # ring Flower's shuffle draws.
         (50, 0.1, (33, 17)),
         # δ = 0.2 at 100: 75 holders, majority 38; any 30 dropouts leave >= 74 - 30 = 44.
-        pytest.param(100, 0.2, (75, 38), marks=pytest.mark.slow),  # ~3 min on 2 cores
+        pytest.param(
+            100, 0.2, (75, 38), marks=[pytest.mark.slow, pytest.mark.scale]
+        ),  # ~3 min on 2 cores
         # δ = 0.3 needs every device at 100 (see secagg_graph): the full graph, t = 51.
-        pytest.param(100, 0.3, (100, 51), marks=pytest.mark.slow),  # ~5 min
+        pytest.param(100, 0.3, (100, 51), marks=[pytest.mark.slow, pytest.mark.scale]),  # ~5 min
     ],
 )
 def test_thirty_percent_dropouts_give_the_survivors_mean(n, dropout_rate, graph):
