@@ -68,6 +68,8 @@ def prepare(cfg: FedloraConfig) -> dict[str, Any]:
 
             # before training: an unsupported model is refused before it costs a run
             check_exportable(runtime.resolve_model_path(cfg))
+    from fedlora.adapter import lora_targets
+
     bundle = runtime.model_bundle(cfg)
     return {
         "devices": len(fleet.devices),
@@ -76,6 +78,8 @@ def prepare(cfg: FedloraConfig) -> dict[str, Any]:
         "model_path": str(runtime.resolve_model_path(cfg)),
         "adapter_tensors": len(bundle.names),
         "adapter_parameters": int(sum(a.size for a in bundle.initial_arrays)),
+        # what lora.target_modules (null: the model family's default) resolved to
+        "lora_target_modules": lora_targets(bundle.model),
         "data_description": fleet.description,
     }
 

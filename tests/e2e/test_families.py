@@ -80,10 +80,11 @@ def test_family_trains_under_dp_and_secagg_and_exports_a_gated_q8_0_gguf(
     status = json.loads((run_dir / "run.json").read_text())
     assert status["status"] == "complete" and status["export"]["status"] == "complete"
     assert 0 < summary["privacy"]["max_epsilon"] <= 8.0
+    targets = sorted(EXPECTED_TARGETS.get(family, LLAMA_TARGETS))
     adapter = json.loads((run_dir / "adapter" / "fedlora_adapter.json").read_text())
-    assert sorted(adapter["lora_target_modules"]) == sorted(
-        EXPECTED_TARGETS.get(family, LLAMA_TARGETS)
-    )
+    resolved = json.loads((run_dir / "config.json").read_text())["resolved"]
+    assert sorted(adapter["lora_target_modules"]) == targets
+    assert sorted(resolved["lora_target_modules"]) == targets
 
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     (q8,) = [a for a in manifest["artefacts"] if a["name"] == "gguf-q8_0"]
