@@ -1,7 +1,8 @@
 # The README's two commands:
 #   make run    install fedlora and run a simulated fleet on the embedded model and data
 #   make test   install the dev tools and run lint, type checks and the test suite
-#   make test-scale  the 100-device tests (marked scale) that make test leaves out (~20 min)
+#   make test-scale  the tests marked scale (100-device runs and covered-elsewhere e2e cases)
+#                    that make test leaves out (~20 min)
 #   make bench  every benchmark under bench/ (JSON in bench/results/, README table); long
 #   make bench-quick  the same at the smaller sizes each bench's --quick documents (< 10 min)
 VENV ?= .venv
@@ -33,7 +34,7 @@ unit:
 	$(VENV)/bin/pytest -m "not slow"
 
 test: install-dev lint typecheck
-	$(VENV)/bin/pytest -m "not scale"
+	$(VENV)/bin/pytest -m "not scale" --durations=25
 
 test-scale: install-dev
 	$(VENV)/bin/pytest -m scale

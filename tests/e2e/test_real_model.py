@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 PROMPT = "The capital of France is"
 NEW_TOKENS = 6
+MARGIN = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,9 @@ def run(tmp_path_factory, smollm2):
         training={"rounds": 1, "local_steps": 2, "batch_size": 8},
         data={"server_eval_max": 24},
         export={"enabled": True, "formats": ["gguf-q8_0", "gguf-q4_k_m"]},
+        # seeded DP noise (research option): the same adapter every run, so a failure
+        # here can be reproduced; what this test checks does not depend on the noise
+        privacy={"reproducible_noise": True},
         seed=3,
     )
     run_dir = tmp_path_factory.mktemp("smollm2") / "run"
@@ -84,6 +88,9 @@ def test_q8_0_and_q4_k_m_pass_their_gates_against_llama_cpps_own_quantization(ru
 
 
 def test_llama_cpp_completes_a_prompt_greedily_as_the_merged_model_does(run):
+    """Token for token while the merged model is sure of its next token (top-1 ahead of
+    top-2 by MARGIN nats): past a near-tie Q8_0's own rounding may pick the other token,
+    which says nothing about the export."""
     import torch
 
     from fedlora.export.gguf import LlamaCppModel, gguf_file
@@ -93,13 +100,29 @@ def test_llama_cpp_completes_a_prompt_greedily_as_the_merged_model_does(run):
     merged, tokenizer = load_base_model(run_dir / "export" / "merged")
     prompt = tokenizer(PROMPT, return_tensors="pt")
     with torch.no_grad():
-        out = merged.generate(**prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
-    expected = [int(t) for t in out[0, prompt["input_ids"].shape[1] :]]
+        out = merged.generate(
+            **prompt,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    expected = [int(t) for t in out.sequences[0, prompt["input_ids"].shape[1] :]]
+    sure = 0
+    for scores in out.scores:
+        top2 = torch.log_softmax(scores[0].float(), dim=-1).topk(2).values
+        if float(top2[0] - top2[1]) < MARGIN:
+            break
+        sure += 1
 
     device = LlamaCppModel(gguf_file(run_dir / "export" / "gguf-q8_0"), n_ctx=128)
     ids = device.tokenize(PROMPT)
     completion = device.greedy(ids, NEW_TOKENS)
 
     assert ids == prompt["input_ids"][0].tolist()
-    assert completion == expected, (tokenizer.decode(completion), tokenizer.decode(expected))
     assert tokenizer.decode(expected).startswith(" Paris")
+    assert sure >= 2, f"the merged model is unsure after {sure} tokens: {out.scores}"
+    assert completion[:sure] == expected[:sure], (
+        tokenizer.decode(completion),
+        tokenizer.decode(expected),
+    )

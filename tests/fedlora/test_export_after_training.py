@@ -38,7 +38,7 @@ def test_a_failed_export_leaves_the_training_run_complete(
                 "export": {"formats": ["gguf-q8_0"]},  # needs a BPE tokenizer; tiny's is not
                 "fleet": {"min_devices": 2},
                 "secagg": {"enabled": False},
-                # seeded noise: the int8 re-export's gate must not ride on one noise draw
+                # seeded noise: the run is the same every time
                 "privacy": {"reproducible_noise": True},
             }
         )
@@ -53,18 +53,20 @@ def test_a_failed_export_leaves_the_training_run_complete(
     assert code == 9  # not a failed run (1-8): training is done, only the export is to redo
     assert status["status"] == "complete"
     assert status["export"]["status"] == "failed"
-    assert "GGUF export supports BPE tokenizers" in status["export"]["error"]
+    assert "GGUF export supports byte-level BPE" in status["export"]["error"]
     assert status["export"]["retry"] == f"fedlora export {run}"
     assert status["summary"]["rounds"] == 1 and "export" not in status["summary"]["artefacts"]
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fedlora: error: training completed (adapter, ledger and privacy")
-    assert "the export failed: ModelError: GGUF export supports BPE tokenizers" in err
+    assert "the export failed: ModelError: GGUF export supports byte-level BPE" in err
     assert not (run / "export").exists()
-    # The adapter and ledger are good: the export the run can have is one command away.
+    # The adapter and ledger are good: the export the run can have is one command away. (The
+    # merged fp32 model: int8's perplexity gate refuses this untrained tiny model, whose
+    # held-out perplexity of ~2,200 moves +1.6 % under int8 at KL 1.4e-4.)
     assert (run / "privacy" / "ledger.json").is_file()
-    assert main(["export", str(run), "--quant", "int8"]) == 0
+    assert main(["export", str(run), "--quant", "fp32"]) == 0
     manifest = json.loads((run / "export" / "manifest.json").read_text())
-    assert [a["name"] for a in manifest["artefacts"]] == ["merged-fp32", "int8"]
+    assert [a["name"] for a in manifest["artefacts"]] == ["merged-fp32"]
 
 
 def test_no_export_is_recorded_as_disabled(tmp_path: Path) -> None:
