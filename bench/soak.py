@@ -165,7 +165,12 @@ def soak_config(args: argparse.Namespace) -> Any:
             "local_steps": args.local_steps,
             "batch_size": args.batch_size,
         },
-        secagg={"enabled": not args.plain, "timeout_s": args.timeout_s},
+        # the share graph is sized for the dropouts this soak injects (SecAgg+ only)
+        secagg={
+            "enabled": not args.plain,
+            "timeout_s": args.timeout_s,
+            "dropout_rate": args.dropout_rate,
+        },
         export={"enabled": False},
     )
 
