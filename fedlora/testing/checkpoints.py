@@ -54,19 +54,22 @@ def _llama(base: dict[str, Any]) -> Any:
     return LlamaConfig(**base, tie_word_embeddings=True)  # SmolLM2, Llama-3.2: tied
 
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+"""Llama-3.x RoPE, scaled down: with head_dim 16 and an original context of 64, the
+frequencies fall into all three of llama3's bands (kept, smoothed, divided by factor)."""
+
+
 def _llama3(base: dict[str, Any]) -> Any:
     from transformers import LlamaConfig
 
-    # Llama-3.x RoPE, scaled down: with head_dim 16 and an original context of 64, the
-    # frequencies fall into all three of llama3's bands (kept, smoothed, divided by factor).
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": 10000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    }
+    rope = dict(LLAMA3_ROPE)
     return LlamaConfig(**base, tie_word_embeddings=False, rope_parameters=rope)  # 8B: untied
 
 

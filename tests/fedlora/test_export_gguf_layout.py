@@ -116,15 +116,9 @@ def test_llama3_rope_freqs_turn_the_default_frequencies_into_transformers_llama3
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from fedlora.export.gguf_arch import llama3_rope_freqs
+    from fedlora.testing.checkpoints import LLAMA3_ROPE
 
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": 10000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    }
+    rope = dict(LLAMA3_ROPE)
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, rope_parameters=rope)
     default = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
 
