@@ -116,14 +116,17 @@ def llamacpp_run(
 ) -> tuple[np.ndarray, str, bool]:
     import llama_cpp
 
-    llm = llama_cpp.Llama(
-        model_path=str(gguf),
-        n_ctx=max(1024, len(ids) + 16),
-        n_batch=len(ids),
-        logits_all=True,
-        n_threads=threads,
-        verbose=False,
-    )
+    from fedlora.export.gguf import without_weight_repacking
+
+    with without_weight_repacking(llama_cpp):  # as fedlora's export measures (AMX crash)
+        llm = llama_cpp.Llama(
+            model_path=str(gguf),
+            n_ctx=max(1024, len(ids) + 16),
+            n_batch=len(ids),
+            logits_all=True,
+            n_threads=threads,
+            verbose=False,
+        )
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids) - 1], dtype=np.float32)
     prompt = tokenizer(PROMPT)["input_ids"]

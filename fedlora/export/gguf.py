@@ -36,6 +36,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -227,6 +228,38 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
+_repack_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def without_weight_repacking(llama_cpp: Any) -> Iterator[None]:
+    """Models loaded inside keep their weights as the file has them (llama.cpp's
+    ``--no-repack``: ``use_extra_bufts`` off), so a quantized file is measured with the
+    kernels of its own type on every CPU.
+
+    A llama.cpp built on a CPU with AMX (``-march=native``, as pip builds it) otherwise
+    repacks Q8_0 and K-quant weights for its AMX kernels, which crash (SIGSEGV in
+    ``ggml_backend_amx_mul_mat``, llama-cpp-python 0.3.36) on the small matrices of the
+    test models. llama-cpp-python's ``Llama`` has no argument for it: its default model
+    parameters are swapped for the duration of the load.
+    """
+    module = llama_cpp.llama_cpp
+    defaults = module.llama_model_default_params
+
+    def no_repacking() -> Any:
+        params = defaults()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    with _repack_lock:
+        module.llama_model_default_params = no_repacking
+        try:
+            yield
+        finally:
+            module.llama_model_default_params = defaults
+
+
 def quantize_gguf(f32_file: str | Path, out_file: str | Path, quant: str) -> Path:
     """Quantize an F32 GGUF with llama.cpp's own quantizer (``llama_model_quantize``)."""
     if quant not in QUANT_FTYPES:
@@ -349,18 +382,20 @@ class LlamaCppModel:
             if f32_cache
             else {}
         )
-        self.llm = llama_cpp.Llama(
-            model_path=str(self.path),
-            n_ctx=n_ctx or MAX_CONTEXT,
-            n_batch=512,
-            logits_all=True,
-            n_threads=threads,
-            # Prompts are evaluated as batches, on n_threads_batch (llama-cpp-python's default:
-            # every CPU). On a shared machine its spinning threads make a tiny model 100x slower.
-            n_threads_batch=threads,
-            verbose=False,
-            **cache,
-        )
+        with without_weight_repacking(llama_cpp):
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.path),
+                n_ctx=n_ctx or MAX_CONTEXT,
+                n_batch=512,
+                logits_all=True,
+                n_threads=threads,
+                # Prompts are evaluated as batches, on n_threads_batch (llama-cpp-python's
+                # default: every CPU). On a shared machine its spinning threads make a tiny
+                # model 100x slower.
+                n_threads_batch=threads,
+                verbose=False,
+                **cache,
+            )
         self.config = SimpleNamespace(vocab_size=self.llm.n_vocab())
         self.training = False
 
