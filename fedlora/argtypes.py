@@ -23,3 +23,18 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {text}")
     return value
+
+
+def gate_override(text: str) -> tuple[str, str, float]:
+    """``NAME.KEY=VALUE`` (``int8.max_perplexity_increase=0.05``) as ``(name, key, value)``."""
+    lhs, eq, raw = text.partition("=")
+    name, dot, key = lhs.rpartition(".")
+    if not (eq and dot and name and key):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NAME.KEY=VALUE, e.g. int8.max_perplexity_increase=0.05"
+        )
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {raw!r} is not a number") from None
+    return name, key, value

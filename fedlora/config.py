@@ -397,11 +397,18 @@ class ExportSection:
     ``formats``: registry names (``int8``, ``gguf-f16``, ``gguf-q8_0``, ``gguf-q4_k_m``, ...);
     ``profile``: a device class (``phone-low``, ``phone-high``, ``laptop``) whose format is
     exported as well. GGUF formats need llama-cpp-python (the ``dev`` extra).
+
+    ``gates``: per artefact name, quality-gate keys that replace its default gate, e.g.
+    ``{"int8": {"max_perplexity_increase": 0.05}}`` (keys ``max_kl``,
+    ``min_top1_agreement``, ``max_perplexity_increase``; ``merged-fp32`` names the merged
+    model). Empty (the default): every artefact keeps its format's gate. ``fedlora export
+    --gate NAME.KEY=VALUE`` overrides these for one export.
     """
 
     enabled: bool = True
     formats: tuple[str, ...] = ("int8",)
     profile: str | None = None
+    gates: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -571,6 +578,8 @@ def _to_plain(obj: Any) -> Any:
         return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple):
         return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
     return obj
 
 
@@ -603,6 +612,19 @@ def _coerce(value: Any, tp: str, where: str) -> Any:
     if base == "str":
         _require(isinstance(value, str), f"{where} must be a string, got {value!r}")
         return value
+    if base == "dict[str, dict[str, float]]":
+        _require(
+            isinstance(value, dict)
+            and all(isinstance(v, dict) for v in value.values())
+            and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool)
+                for v in value.values()
+                for x in v.values()
+            ),
+            f"{where} must be an object of objects of numbers, like "
+            f'{{"int8": {{"max_perplexity_increase": 0.05}}}}, got {value!r}',
+        )
+        return {str(k): {str(g): float(x) for g, x in v.items()} for k, v in value.items()}
     if base == "tuple[str, ...]":
         _require(
             isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),

@@ -63,6 +63,10 @@ def prepare(cfg: FedloraConfig) -> dict[str, Any]:
         if unknown:
             known = ", ".join(available_formats())
             raise ConfigError(f"unknown export format {unknown[0]!r}: choose from {known}")
+        if cfg.export.gates:
+            from fedlora.export.pipeline import check_configured_gates
+
+            check_configured_gates(cfg.export.gates)
         if any(name.startswith("gguf") for name in export_formats(cfg)):
             from fedlora.export.gguf import check_exportable
 

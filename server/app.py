@@ -304,16 +304,19 @@ def export_after_training(
         return None, {"status": "disabled"}
     from fedlora.errors import FedloraError
     from fedlora.export import export_run
+    from fedlora.export.pipeline import gates_for
 
     try:
         ids, mask = runtime.encoded(cfg, "server-eval", runtime.fleet(cfg).server_eval)
+        formats = export_formats(cfg)
         manifest = export_run(
             runtime.resolve_model_path(cfg),
             run_dir / "adapter",
             run_dir / "export",
             ids,
             mask,
-            formats=export_formats(cfg),
+            formats=formats,
+            gate=gates_for(formats, cfg.export.gates),
             replace=True,
         )
     except Exception as exc:  # recorded in run.json; training stays complete

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fedlora.argtypes import gate_override
 from fedlora.export.profiles import (
     PROFILES,
     QUANTIZATIONS,
@@ -30,6 +31,7 @@ examples:
   fedlora export runs/demo --quant q8_0 --quant q4_k_m
   fedlora export runs/demo --profile phone-high --replace   # export Q8_0 again
   fedlora export runs/demo --format safetensors --quant int8 --model ./my-llama
+  fedlora export runs/demo --quant int8 --gate int8.max_perplexity_increase=0.05
 """
 
 
@@ -97,6 +99,18 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", metavar="PATH", help="base checkpoint (default: the run's model.path)"
     )
+    parser.add_argument(
+        "--gate",
+        metavar="NAME.KEY=VALUE",
+        action="append",
+        type=gate_override,
+        help=(
+            "replace one key of an artefact's quality gate for this export, repeatable: "
+            "max_kl, min_top1_agreement or max_perplexity_increase (a fraction: 0.05 = +5%%) "
+            "of int8, gguf-q4_k_m, merged-fp32, ... (default: the format's gate, with the "
+            "run's export.gates on top)"
+        ),
+    )
     parser.add_argument("--verbose", action="store_true", help="tracebacks on errors")
     return parser
 
@@ -137,7 +151,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fedlora.export.formats import MERGED  # loads torch: not at --help time
 
     formats = resolve_cli_formats(args)
-    manifest = export_run_dir(args.run_dir, formats, model=args.model, replace=args.replace)
+    gates: dict[str, dict[str, float]] = {}
+    for name, key, value in args.gate or []:
+        gates.setdefault(name, {})[key] = value
+    manifest = export_run_dir(
+        args.run_dir, formats, model=args.model, replace=args.replace, gates=gates
+    )
     shown = {MERGED, *formats} if formats is not None else None
     kept = []
     for artefact in manifest["artefacts"]:

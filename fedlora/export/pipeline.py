@@ -42,7 +42,14 @@ from fedlora.export.exportdir import (
     previous_export,
     taken_dirs,
 )
-from fedlora.export.formats import MERGED, MERGED_DIR, MERGED_GATE, ExportFormat, get_format
+from fedlora.export.formats import (
+    MERGED,
+    MERGED_DIR,
+    MERGED_GATE,
+    ExportFormat,
+    available_formats,
+    get_format,
+)
 from fedlora.export.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
@@ -79,6 +86,26 @@ def resolve_gates(
     return gates
 
 
+def check_configured_gates(configured: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse ``export.gates`` that name no known artefact or a key no gate has (before a
+    run trains, not when it exports)."""
+    resolve_gates([get_format(name) for name in available_formats()], configured)
+
+
+def gates_for(
+    formats: Sequence[str],
+    configured: Mapping[str, Mapping[str, Any]],
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The gate overrides of one export of ``formats``: the configured ones (``export.gates``)
+    for what this export writes, then ``overrides`` (``--gate``) key by key on top."""
+    kept = {MERGED, *formats}
+    out = {name: dict(values) for name, values in configured.items() if name in kept}
+    for name, values in (overrides or {}).items():
+        out[name] = out.get(name, {}) | dict(values)
+    return out
+
+
 def _vocab_size(base: Path) -> int | None:
     try:
         vocab = json.loads((base / "config.json").read_text(encoding="utf-8")).get("vocab_size")
@@ -109,7 +136,8 @@ def _gate(
     raise ExportError(
         f"{name} artefact failed its quality gate ({'; '.join(reasons)}{why}; "
         f"{quality['tokens']} held-out tokens), so {export} was left as it was: "
-        f"ship {MERGED} instead, or loosen gate[{name!r}] if that loss is acceptable"
+        f"ship {MERGED} instead, or, if that loss is acceptable, loosen its gate "
+        f"(fedlora export --gate {name}.KEY=VALUE, or export.gates in the config)"
     )
 
 

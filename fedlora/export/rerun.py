@@ -10,7 +10,7 @@ The command line is :mod:`fedlora.cli.export`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,14 +97,23 @@ def export_run_dir(
     model: str | Path | None = None,
     *,
     replace: bool = False,
+    gates: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Add ``formats`` of ``RUN_DIR/adapter`` to ``RUN_DIR/export``; ``formats=None`` is the
     run's config. Artefacts already there stay; one of ``formats`` already there is refused
-    unless ``replace``."""
-    from fedlora.export.pipeline import export_run
+    unless ``replace``. Each artefact's gate is its format's, with the run's ``export.gates``
+    and then ``gates`` (``--gate``) replacing keys."""
+    from fedlora.export.pipeline import export_run, gates_for
 
     cfg, base, adapter, ids, mask = run_inputs(run_dir, model)
     names = tuple(cfg.export.formats) if formats is None else tuple(formats)
     return export_run(
-        base, adapter, Path(run_dir) / "export", ids, mask, formats=names, replace=replace
+        base,
+        adapter,
+        Path(run_dir) / "export",
+        ids,
+        mask,
+        formats=names,
+        gate=gates_for(names, cfg.export.gates, gates),
+        replace=replace,
     )

@@ -68,6 +68,20 @@ def test_a_failed_export_leaves_the_training_run_complete(
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     assert [a["name"] for a in manifest["artefacts"]] == ["merged-fp32"]
 
+    # int8 is refused by its gate, and the refusal says how to loosen it; loosened for this
+    # one export (+5 % perplexity allowed), it is added and its manifest records that gate.
+    capsys.readouterr()
+    assert main(["export", str(run), "--quant", "int8"]) != 0
+    refusal = capsys.readouterr().err
+    assert "int8 artefact failed its quality gate (perplexity" in refusal
+    assert "fedlora export --gate int8.KEY=VALUE, or export.gates" in refusal
+    loosened = ["--gate", "int8.max_perplexity_increase=0.05"]
+    assert main(["export", str(run), "--quant", "int8", *loosened]) == 0
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    int8 = {a["name"]: a for a in manifest["artefacts"]}["int8"]
+    assert int8["gate"]["max_perplexity_increase"] == 0.05
+    assert int8["quality"]["perplexity"] > int8["quality"]["reference_perplexity"] * 1.01
+
 
 def test_no_export_is_recorded_as_disabled(tmp_path: Path) -> None:
     from fedlora.server.app import export_after_training

@@ -174,3 +174,39 @@ def test_profiles_exported_one_after_another_are_released_side_by_side(
         second["artefacts"][3],
     ]
     assert not (run / "export" / "gguf-q8_0").exists()
+
+
+def test_gate_overrides_parse_and_refuse_what_is_not_name_key_value() -> None:
+    args = _args("run", "--gate", "int8.max_kl=0.01", "--gate", "merged-fp32.max_kl=inf")
+    assert args.gate == [("int8", "max_kl", 0.01), ("merged-fp32", "max_kl", float("inf"))]
+    for bad in ("int8=0.1", "int8.max_kl", ".max_kl=1", "int8.max_kl=lots"):
+        with pytest.raises(SystemExit):
+            _args("run", "--gate", bad)
+
+
+def test_configured_gates_apply_to_what_an_export_writes_and_the_cli_overrides_them() -> None:
+    from fedlora.export.pipeline import check_configured_gates, gates_for
+
+    configured = {"int8": {"max_kl": 0.01, "max_perplexity_increase": 0.02}, "gguf-q8_0": {}}
+
+    gates = gates_for(("int8",), configured, {"int8": {"max_kl": 0.5}, "merged-fp32": {}})
+
+    assert gates == {
+        "int8": {"max_kl": 0.5, "max_perplexity_increase": 0.02},
+        "merged-fp32": {},
+    }
+    assert gates_for(("gguf-q4_k_m",), configured) == {}
+    check_configured_gates(configured)  # every name an artefact, every key a gate's
+    with pytest.raises(ConfigError, match="gate for 'int9', which is not exported"):
+        check_configured_gates({"int9": {"max_kl": 1.0}})
+    with pytest.raises(ConfigError, match=r"unknown gate key\(s\) \['max_lk'\]"):
+        check_configured_gates({"int8": {"max_lk": 1.0}})
+
+
+def test_export_gates_in_the_config_round_trip_and_refuse_non_numbers() -> None:
+    cfg = FedloraConfig.from_dict({"export": {"gates": {"int8": {"max_kl": 1}}}})
+    assert cfg.export.gates == {"int8": {"max_kl": 1.0}}
+    assert FedloraConfig.from_dict(cfg.to_dict()) == cfg
+    assert FedloraConfig().export.gates == {}
+    with pytest.raises(ConfigError, match=r"export\.gates must be an object of objects of numbers"):
+        FedloraConfig.from_dict({"export": {"gates": {"int8": {"max_kl": "small"}}}})
