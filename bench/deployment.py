@@ -14,7 +14,11 @@ during the run — discovery, the app bundle, all SecAgg+ stages — divided by 
 rounds), the SecAgg+/plain ratios, and uplink relative to the fp32 adapter
 update a device would send without any protocol overhead.
 
-    python bench/deployment.py [--devices 3] [--rounds 2] [--reps 1] [--keep DIR]
+Devices run their tasks in one resident process each (``fedlora device``'s default) or
+in a fresh process per task (``--process-per-task``, Flower's way); by default the bench
+measures both, one deployment after the other, and prints resident ÷ per-task.
+
+    python bench/deployment.py [--devices 3] [--rounds 2] [--reps 1] [--runtime R] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -82,69 +86,111 @@ def measure(dep: LocalDeployment, name: str, cfg: dict[str, Any]) -> dict[str, A
     }
 
 
+RUNTIMES = {
+    # one long-lived process per device runs every task (fedlora device's default)
+    "resident": (),
+    # a fresh process per task, as Flower's executor runs them
+    "per-task": ("--process-per-task",),
+}
+
+
+def measure_runtime(args: argparse.Namespace, root: Path, runtime: str) -> dict[str, Any]:
+    """SecAgg+ and plain runs (``--reps`` pairs) on one deployment whose devices run their
+    tasks the ``runtime`` way; per variant the means of :func:`measure`."""
+    dep = LocalDeployment(root / runtime, num_devices=args.devices)
+    results: dict[str, list[dict[str, Any]]] = {"secagg": [], "plain": []}
+    try:
+        dep.prepare()
+        dep.start("--allow-plain", *RUNTIMES[runtime], count_bytes=True)
+        for rep in range(args.reps):
+            for variant in ("secagg", "plain") if rep % 2 == 0 else ("plain", "secagg"):
+                cfg = run_config(args.devices, args.rounds, variant == "secagg", args.seed)
+                results[variant].append(measure(dep, f"{variant}-{rep}", cfg))
+                print(f"# {runtime} {variant}-{rep}: {results[variant][-1]}", file=sys.stderr)
+    finally:
+        dep.stop()
+    return {
+        variant: {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
+        for variant, rows in results.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reps", type=int, default=1, help="SecAgg+/plain pairs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--runtime",
+        choices=list(RUNTIMES),
+        action="append",
+        help="how devices run their tasks, repeatable (default: both, one after the other)",
+    )
     parser.add_argument("--keep", help="keep the deployment's files in this directory")
     args = parser.parse_args()
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="fedlora-bench-deploy-"))
     root.mkdir(parents=True, exist_ok=True)
-    dep = LocalDeployment(root, num_devices=args.devices)
-    results: dict[str, list[dict[str, Any]]] = {"secagg": [], "plain": []}
+    runtimes = args.runtime or list(RUNTIMES)
     try:
-        dep.prepare()
-        dep.start("--allow-plain", count_bytes=True)
-        for rep in range(args.reps):
-            for variant in ("secagg", "plain") if rep % 2 == 0 else ("plain", "secagg"):
-                cfg = run_config(args.devices, args.rounds, variant == "secagg", args.seed)
-                results[variant].append(measure(dep, f"{variant}-{rep}", cfg))
-                print(f"# {variant}-{rep}: {results[variant][-1]}", file=sys.stderr)
+        by_runtime = {rt: measure_runtime(args, root, rt) for rt in runtimes}
     finally:
-        dep.stop()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    def mean(variant: str, key: str) -> float:
-        return statistics.mean(r[key] for r in results[variant])
-
     fp32 = adapter_fp32_bytes()
-    out = {
+    main_rt = runtimes[0]
+    out: dict[str, Any] = {
         "benchmark": "deployment",
         "devices": args.devices,
         "rounds_per_run": args.rounds,
         "reps": args.reps,
         "transport": "gRPC + TLS over 127.0.0.1 (Flower 1.39 Fleet API), separate processes",
-        "secagg": {k: mean("secagg", k) for k in results["secagg"][0]},
-        "plain": {k: mean("plain", k) for k in results["plain"][0]},
+        "runtimes": by_runtime,
+        # the first runtime's figures, under the keys earlier results used
+        "secagg": by_runtime[main_rt]["secagg"],
+        "plain": by_runtime[main_rt]["plain"],
         "adapter_fp32_bytes": fp32,
     }
-    out["figures"] = [
+    figures = []
+    for rt, res in by_runtime.items():
+        figures.append(
+            {
+                "figure": res["secagg"]["round_s"] / res["plain"]["round_s"],
+                "unit": "ratio",
+                "of": f"round wall time with SecAgg+ / without ({rt} tasks, rounds >= 1)",
+            }
+        )
+    if {"resident", "per-task"} <= set(by_runtime):
+        for variant in ("secagg", "plain"):
+            figures.append(
+                {
+                    "figure": by_runtime["resident"][variant]["round_s"]
+                    / by_runtime["per-task"][variant]["round_s"],
+                    "unit": "ratio",
+                    "of": f"{variant} round wall time, resident task runner / a process per task",
+                }
+            )
+    secagg, plain = out["secagg"], out["plain"]
+    figures += [
         {
-            "figure": out["secagg"]["round_s"] / out["plain"]["round_s"],
-            "unit": "ratio",
-            "of": "round wall time with SecAgg+ / without (mean over rounds >= 1)",
-        },
-        {
-            "figure": out["secagg"]["up_bytes_per_device_round"]
-            / out["plain"]["up_bytes_per_device_round"],
+            "figure": secagg["up_bytes_per_device_round"] / plain["up_bytes_per_device_round"],
             "unit": "ratio",
             "of": "uplink bytes per device per round with SecAgg+ / without",
         },
         {
-            "figure": out["secagg"]["up_bytes_per_device_round"] / fp32,
+            "figure": secagg["up_bytes_per_device_round"] / fp32,
             "unit": "ratio",
             "of": "SecAgg+ uplink bytes per device per round / fp32 adapter update bytes",
         },
         {
-            "figure": out["plain"]["up_bytes_per_device_round"] / fp32,
+            "figure": plain["up_bytes_per_device_round"] / fp32,
             "unit": "ratio",
             "of": "plain uplink bytes per device per round / fp32 adapter update bytes",
         },
     ]
+    out["figures"] = figures
     print(json.dumps(out, indent=2))
 
 

@@ -10,12 +10,15 @@ the device's disk and survives restarts; the ClientApp refuses any round that
 would take the device past its budget.
 
 The SuperNode runs with ``--isolation process``: this process is its task
-executor (:mod:`fedlora.appguard`) and starts each ClientApp task only after
+executor (:mod:`fedlora.appguard`) and runs each ClientApp task only after
 checking that the run's app bundle is fedlora's own (no code, the installed
-``fedlora.client.app:app``). A coordinator, even a compromised one, cannot make a
-device run code: a foreign bundle is refused before anything in it is written
-or imported, with one line in ``clientapp.log``, and the refusal goes back to
-the coordinator as the task's error reply.
+``fedlora.client.app:app``). The tasks run one after another in one resident
+process (:mod:`fedlora.client.resident`) that keeps the model loaded between them;
+``--process-per-task`` starts a fresh process for each, as Flower does. A
+coordinator, even a compromised one, cannot make a device run code: a foreign
+bundle is refused before anything in it is written or imported, with one line in
+``clientapp.log``, and the refusal goes back to the coordinator as the task's
+error reply.
 """
 
 from __future__ import annotations
@@ -188,7 +191,13 @@ def serve_device(args: argparse.Namespace) -> int:
 
     app_log = (state / "clientapp.log").open("ab")
     executor = start_executor(
-        "clientapp", f"127.0.0.1:{runtime_port}", None, output=app_log, env=env
+        "clientapp",
+        f"127.0.0.1:{runtime_port}",
+        None,
+        output=app_log,
+        env=env,
+        # one process keeps the model loaded across tasks (fedlora.client.resident)
+        resident=not getattr(args, "process_per_task", False),
     )
     print(
         f"fedlora device {device}: joined {addr.fleet} "

@@ -27,6 +27,7 @@ self-hosted SuperLink never carries one, so it would refuse fedlora's runs too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import io
@@ -166,6 +167,85 @@ def task_command(
     return cmd
 
 
+def resident_command(runtime_api_address: str, root_cert: Path | None) -> list[str]:
+    """The command line of a device's resident task runner (:mod:`fedlora.client.resident`)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedlora.client.resident",
+        "--runtime-api-address",
+        runtime_api_address,
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+    cmd += ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
+    return cmd
+
+
+class ResidentRunner:
+    """One long-lived process that runs every task handed to it, one after another.
+
+    Tokens go to its stdin, one per line; a runner that has died (a crash in native code)
+    is started again for the next token. Its output goes where task processes' would.
+    """
+
+    def __init__(
+        self,
+        runtime_api_address: str,
+        root_cert: Path | None,
+        *,
+        output: IO[bytes] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.command = resident_command(runtime_api_address, root_cert)
+        self.output = output
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        #: How many times a runner process was started.
+        self.starts = 0
+
+    def submit(self, token: str) -> None:
+        for _ in range(2):  # a runner found dead (broken pipe) is replaced once
+            if self.proc is None or self.proc.poll() is not None:
+                if self.proc is not None:
+                    log.warning(
+                        "resident task runner exited (%s); starting another", self.proc.returncode
+                    )
+                self.proc = subprocess.Popen(
+                    self.command,
+                    stdin=subprocess.PIPE,
+                    stdout=self.output,
+                    stderr=subprocess.STDOUT if self.output is not None else None,
+                    env=self.env,
+                )
+                self.starts += 1
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write(token.encode() + b"\n")
+                self.proc.stdin.flush()
+                return
+            except BrokenPipeError:
+                self.proc.wait()
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """End the runner: it gets ``grace_s`` to finish what it was handed (end of its
+        input), then SIGTERM, then SIGKILL."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        for stop in (None, proc.terminate, proc.kill):
+            if stop is not None:
+                stop()
+            try:
+                proc.wait(timeout=grace_s if stop is None else 10)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
 def serve_tasks(
     kind: str,
     runtime_api_address: str,
@@ -175,13 +255,18 @@ def serve_tasks(
     output: IO[bytes] | None = None,
     env: dict[str, str] | None = None,
     poll_s: float = POLL_S,
+    resident: bool = False,
 ) -> None:
     """Take ``kind`` tasks from a Runtime API and run each in a guarded process, until ``stop``.
 
     This is the executor a SuperLink or SuperNode started with ``--isolation
     process`` waits for; fedlora's coordinator and device run it in a thread.
     Task processes write to ``output`` (default: inherited) and are reaped here.
+    ``resident`` (ClientApp tasks only): every task runs in one long-lived
+    :class:`ResidentRunner` instead of a process of its own.
     """
+    if resident and kind != "clientapp":
+        raise ValueError("only ClientApp tasks run in a resident process")
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -197,6 +282,7 @@ def serve_tasks(
         retry_invoker=make_simple_http_retry_invoker(),
     )
     running: list[subprocess.Popen[bytes]] = []
+    runner = ResidentRunner(runtime_api_address, root_cert, output=output, env=env)
     try:
         while not stop.is_set():
             running = [p for p in running if p.poll() is None]
@@ -205,6 +291,9 @@ def serve_tasks(
             except Exception as exc:  # the API is starting or restarting: ask again
                 log.debug("AcquireTask failed: %s", exc)
                 stop.wait(1.0)
+                continue
+            if res.HasField("task") and res.token and resident:
+                runner.submit(res.token)
                 continue
             if res.HasField("task") and res.token:
                 cmd = task_command(kind, runtime_api_address, res.token, root_cert)
@@ -222,6 +311,7 @@ def serve_tasks(
             stop.wait(poll_s)
     finally:
         client.close()
+        runner.close()
         for proc in running:
             if proc.poll() is None:
                 proc.terminate()
@@ -240,13 +330,14 @@ def start_executor(
     *,
     output: IO[bytes] | None = None,
     env: dict[str, str] | None = None,
+    resident: bool = False,
 ) -> tuple[threading.Thread, threading.Event]:
     """:func:`serve_tasks` in a daemon thread; set the returned event to stop it."""
     stop = threading.Event()
     thread = threading.Thread(
         target=serve_tasks,
         args=(kind, runtime_api_address, root_cert, stop),
-        kwargs={"output": output, "env": env},
+        kwargs={"output": output, "env": env, "resident": resident},
         name=f"fedlora-{kind}-executor",
         daemon=True,
     )

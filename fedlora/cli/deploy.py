@@ -108,6 +108,13 @@ def add_deploy_parsers(sub: Any) -> None:
         help="also train in rounds without SecAgg+ (by default the device refuses to send "
         "an unmasked update)",
     )
+    dev.add_argument(
+        "--process-per-task",
+        action="store_true",
+        help="run each ClientApp task (SecAgg+ sends four per round) in a fresh process, "
+        "as Flower does, instead of one resident process that keeps the model loaded "
+        "between tasks (slower: every task imports torch and loads the model again)",
+    )
     dev.add_argument("--insecure", action="store_true", help="plaintext gRPC: local trials only")
     dev.add_argument("--verbose", action="store_true", help="Flower logs and tracebacks")
     dev.set_defaults(func=cmd_device)

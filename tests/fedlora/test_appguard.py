@@ -104,3 +104,46 @@ def test_task_command_runs_this_python_with_the_guard(tmp_path):
         "--root-certificates",
         str(ca),
     ]
+
+
+def test_resident_runner_gets_every_token_in_order_and_is_replaced_when_it_dies(tmp_path):
+    from fedlora.appguard import ResidentRunner, resident_command
+
+    assert resident_command("127.0.0.1:9", None)[:3] == [
+        sys.executable,
+        "-m",
+        "fedlora.client.resident",
+    ]
+    # A stand-in runner that records the tokens it reads and dies after "crash".
+    seen = tmp_path / "seen"
+    script = (
+        "import os, sys\n"
+        "for line in sys.stdin:\n"
+        f"    open({str(seen)!r}, 'a').write(f'{{os.getpid()}} {{line}}')\n"
+        "    if line.strip() == 'crash':\n"
+        "        os._exit(1)\n"
+    )
+    runner = ResidentRunner("127.0.0.1:9", None)
+    runner.command = [sys.executable, "-c", script]
+
+    runner.submit("a")
+    runner.submit("crash")
+    assert runner.proc is not None
+    runner.proc.wait(timeout=30)  # it died handling "crash"
+    runner.submit("b")
+    runner.submit("c")
+    runner.close()
+
+    lines = [line.split() for line in seen.read_text().splitlines()]
+    assert [token for _, token in lines] == ["a", "crash", "b", "c"]
+    assert runner.starts == 2
+    assert lines[0][0] == lines[1][0] != lines[2][0] == lines[3][0]  # one process per life
+
+
+def test_resident_runner_refuses_to_run_serverapp_tasks():
+    import threading
+
+    from fedlora.appguard import serve_tasks
+
+    with pytest.raises(ValueError, match="only ClientApp tasks"):
+        serve_tasks("serverapp", "127.0.0.1:9", None, threading.Event(), resident=True)
