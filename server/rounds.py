@@ -78,6 +78,8 @@ class RoundOutcomes(Protocol):
 
     def note_traffic(self, bytes_down: int, bytes_up: int) -> None: ...
 
+    def note_secagg_graph(self, num_shares: int, threshold: int) -> None: ...
+
 
 def is_training_request(msg: Message) -> bool:
     """A message that asks a device to train (and so to spend privacy budget)."""
@@ -250,6 +252,9 @@ class ReportingSecAggPlus(SecAggPlusWorkflow):
             if chosen:
                 self.graph = share_graph(len(chosen), *self._shares_policy)
                 self.num_shares, self.reconstruction_threshold = self.graph
+                note = getattr(strategy, "note_secagg_graph", None)  # RoundOutcomes
+                if callable(note):
+                    note(*self.graph)
             return chosen
 
         own = "configure_fit" in vars(strategy)  # an instance attribute, not the method

@@ -103,6 +103,8 @@ class _RoundState:
     bytes_up: int = 0
     late: int = 0
     dropouts: dict[str, int] = field(default_factory=dict)
+    #: SecAgg+'s share graph this round: (k share holders per device, threshold t).
+    secagg_graph: tuple[int, int] | None = None
     skipped_reason: str | None = None
     discarded_reason: str | None = None
     failed_reason: str | None = None
@@ -277,6 +279,10 @@ class LoraFedAvg(Strategy):
         """Devices whose update missed the deadline, and devices lost per protocol stage."""
         self._round.late = late
         self._round.dropouts = dict(sorted(dropouts.items()))
+
+    def note_secagg_graph(self, num_shares: int, threshold: int) -> None:
+        """The round's SecAgg+ share graph, as the workflow sized it for the devices sampled."""
+        self._round.secagg_graph = (num_shares, threshold)
 
     def note_traffic(self, bytes_down: int, bytes_up: int) -> None:
         """Serialized bytes of the round's messages to devices and of their replies."""
@@ -509,6 +515,10 @@ class LoraFedAvg(Strategy):
             "clipped": st.clipped,
             "train_loss": float(np.mean(st.train_losses)) if st.train_losses else None,
             "secagg": self.cfg.secagg.enabled,
+            # SecAgg+'s share graph: each device's secrets went to k devices, any t of
+            # which rebuild them (null without SecAgg+, or before a round sampled anyone)
+            "secagg_shares": st.secagg_graph[0] if st.secagg_graph else None,
+            "secagg_threshold": st.secagg_graph[1] if st.secagg_graph else None,
             "dp": self.cfg.privacy.enabled,
             "max_epsilon": self.budget.worst_epsilon(),
             "devices_exhausted": self.budget.num_exhausted(),

@@ -46,6 +46,14 @@ def test_run_directory_is_complete(runs):
         assert {"round", "eval_loss", "num_devices", "secagg", "wall_s"} <= set(r)
         assert math.isfinite(r["eval_loss"]) and r["secagg"] is True
     assert all(r["num_devices"] == 4 for r in rows[1:])
+    # Each round's SecAgg+ share graph, as sized for its 4 sampled devices (none at round 0).
+    from fedlora.server.secagg_graph import DEFAULT_DROPOUT_RATE, share_graph
+
+    graph = share_graph(4, None, None, DEFAULT_DROPOUT_RATE)
+    assert all((r["secagg_shares"], r["secagg_threshold"]) == graph for r in rows[1:])
+    assert rows[0]["secagg_shares"] is None and rows[0]["secagg_threshold"] is None
+    plain = [json.loads(x) for x in (runs["plain"][1] / "metrics.jsonl").read_text().splitlines()]
+    assert {r["secagg_shares"] for r in plain} == {None}
     assert summary["eval_loss_final"] == rows[-1]["eval_loss"]
     for i in range(1, ROUNDS + 1):
         assert (run_dir / "checkpoints" / f"round-{i:04d}.safetensors").exists()
