@@ -1,8 +1,10 @@
-"""ReportingSecAggPlus against real SecAgg+ devices, in process: a dropout at every stage.
+"""fedlora's SecAgg+ against real SecAgg+ devices, in process: a dropout at every stage.
 
-Six nodes run Flower's own ``secaggplus_mod`` (real key agreement, Shamir shares,
-masking) around a stub training step that returns a fixed update, behind a scripted
-grid. With every node holding a share of every secret and a threshold of 4, two
+Six nodes run fedlora's SecAgg+ mod (:mod:`fedlora.client.secagg`: Flower's key
+agreement and Shamir shares, ChaCha20 masks, uint32 payloads) around a stub training
+step that returns a fixed update, behind a scripted grid, talking to
+:class:`fedlora.server.secagg.FedloraSecAggPlus` (which keeps ReportingSecAggPlus' graph
+sizing and dropout fixes). With every node holding a share of every secret and a threshold of 4, two
 dropouts at any stage are survived and three are not: the survivors' weighted mean
 comes out, or the strategy hears where and why the round stopped, with the training
 replies that arrived.
@@ -16,7 +18,6 @@ import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.client.mod import secaggplus_mod
 from flwr.common import (
     Code,
     FitIns,
@@ -30,8 +31,11 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
+from fedlora.client.secagg import fedlora_secaggplus_mod
+from fedlora.privacy.noise import SeededRandom
 from fedlora.server.aggregate import weighted_mean
-from fedlora.server.rounds import ReportingSecAggPlus, RoundGrid, stage_of
+from fedlora.server.rounds import RoundGrid, stage_of
+from fedlora.server.secagg import FedloraSecAggPlus, Screen
 from tests.server.fakes import FakeGrid, error, task_identity
 
 __all__ = ["task_identity"]
@@ -80,10 +84,13 @@ def run_round(
     nodes: tuple[int, ...] = NODES,
     shares: tuple[float | None, float | None] = (1.0, 0.6),
     dropout_rate: float = 0.1,
-    workflow_out: list[ReportingSecAggPlus] | None = None,
+    workflow_out: list[FedloraSecAggPlus] | None = None,
+    screen: Screen | None = None,
+    reply: Any = None,
 ):
     """One SecAgg+ round of ``nodes`` (k and t from ``shares`` and ``dropout_rate``) where
-    node n drops out at stage ``drops[n]``; returns (strategy, halts, round grid)."""
+    node n drops out at stage ``drops[n]``; ``screen`` is the strategy's claim check and
+    ``reply(node, reply)`` may alter a device's reply; returns (strategy, halts, round grid)."""
     contexts = {
         n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(), run_config={})
         for n in nodes
@@ -103,12 +110,14 @@ def run_round(
         node = msg.metadata.dst_node_id
         if drops.get(node) == stage_of(msg):
             return None if silent else error(msg, f"node {node} dropped out")
-        return secaggplus_mod(msg, contexts[node], train)
+        out = secaggplus(msg, contexts[node], train)
+        return out if reply is None else reply(node, out)
 
+    secaggplus = fedlora_secaggplus_mod(lambda ctxt, rnd: SeededRandom(ctxt.node_id * 1000 + rnd))
     grid = FakeGrid(answer)
     strategy = StubStrategy(grid, nodes)
     halts: list[tuple[int, str, list[Any], list[BaseException]]] = []
-    workflow = ReportingSecAggPlus(
+    workflow = FedloraSecAggPlus(
         *shares,
         dropout_rate=dropout_rate,
         max_weight=60.0,
@@ -116,6 +125,7 @@ def run_round(
         quantization_range=Q,
         timeout=5.0,
         on_halt=lambda *args: halts.append(args),
+        screen=screen,
     )
     context = LegacyContext(
         Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config={}),
@@ -216,7 +226,7 @@ def _thirty_percent(nodes: tuple[int, ...]) -> dict[int, str]:
 def test_thirty_percent_dropouts_give_the_survivors_mean(n, dropout_rate, graph):
     nodes = tuple(range(101, 101 + n))
     drops = _thirty_percent(nodes)
-    workflows: list[ReportingSecAggPlus] = []
+    workflows: list[FedloraSecAggPlus] = []
 
     strategy, halts, grid = run_round(
         drops, nodes=nodes, shares=(None, None), dropout_rate=dropout_rate,
@@ -232,7 +242,7 @@ def test_thirty_percent_dropouts_give_the_survivors_mean(n, dropout_rate, graph)
 
 
 def test_the_full_graph_stays_available_and_means_what_it_meant():
-    workflows: list[ReportingSecAggPlus] = []
+    workflows: list[FedloraSecAggPlus] = []
 
     run_round({}, shares=(1.0, 0.6), workflow_out=workflows)
 
