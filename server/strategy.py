@@ -107,6 +107,8 @@ class _RoundState:
     #: SecAgg+: node id → its result's verdict, reached before the unmask stage
     #: (:meth:`LoraFedAvg.screen_secagg`; None: accepted).
     verdicts: dict[int, UpdateRejected | None] = field(default_factory=dict)
+    #: SecAgg+: results rejected only after unmasking (no verdict from before): in the sum.
+    rejected_in_sum: int = 0
     skipped_reason: str | None = None
     discarded_reason: str | None = None
     failed_reason: str | None = None
@@ -320,6 +322,7 @@ class LoraFedAvg(Strategy):
                 else:
                     arrays = self._check(server_round, proxy.node_id, res, who)
             except UpdateRejected as exc:
+                st.rejected_in_sum += proxy.node_id not in st.verdicts
                 st.rejected_by_reason[exc.reason] += 1
                 log.warning("round %d: rejected (%s): %s", server_round, exc.reason, exc)
                 continue
@@ -470,9 +473,20 @@ class LoraFedAvg(Strategy):
     ) -> list[np.ndarray] | None:
         """The SecAgg+ aggregate (the mean of the accepted updates only: rejected ones were
         left out of the masked sum before unmasking), if it is one that clipped updates can
-        produce (within quantization error); else None."""
+        produce (within quantization error); else None. A rejection that was not screened
+        before unmasking (a workflow without :meth:`screen_secagg`) is inside the sum, and
+        discards the round."""
         st = self._round
-        if not results or not accepted:
+        if not results:
+            return None
+        if st.rejected_in_sum:
+            # A workflow that did not screen the claims before unmasking (not fedlora's).
+            st.discarded_reason = (
+                f"SecAgg+ summed {st.rejected_in_sum} rejected update(s) with the others; a "
+                "masked update cannot be taken out of the sum once it is unmasked"
+            )
+            return None
+        if not accepted:
             return None
         s = self.cfg.secagg
         err = secagg_error_bound(

@@ -26,6 +26,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
@@ -247,3 +248,95 @@ def test_the_full_graph_stays_available_and_means_what_it_meant():
     run_round({}, shares=(1.0, 0.6), workflow_out=workflows)
 
     assert workflows[0].graph == (6, 4)  # round(0.6 · 6): as Flower 1.39 sizes it
+
+
+# ---------------------------------------------------------------- liars
+
+
+def _unmask_lists(grid: RoundGrid) -> tuple[set[int], set[int]]:
+    """(every node id some device was asked for a seed share of, ... for a key share of)."""
+    fake = grid._grid
+    assert isinstance(fake, FakeGrid)
+    seeds: set[int] = set()
+    keys: set[int] = set()
+    for msgs, _ in fake.calls:
+        for msg in msgs:
+            if stage_of(msg) != "unmask":
+                continue
+            cfg = msg.content.config_records[RECORD_KEY_CONFIGS]
+            seeds |= set(cfg[Key.ACTIVE_NODE_ID_LIST])  # type: ignore[arg-type]
+            keys |= set(cfg[Key.DEAD_NODE_ID_LIST])  # type: ignore[arg-type]
+    return seeds, keys
+
+
+def test_one_liar_of_twenty_costs_only_its_update():
+    nodes = tuple(range(201, 221))
+    liar = 207
+    screened: list[list[int]] = []
+
+    def screen(rnd: int, results: list[Any], malformed: Any) -> set[int]:
+        screened.append(sorted(p.node_id for p, _ in results))
+        return {liar}
+
+    workflows: list[FedloraSecAggPlus] = []
+    strategy, halts, grid = run_round(
+        {}, nodes=nodes, shares=(None, None), screen=screen, workflow_out=workflows
+    )
+
+    assert halts == [] and screened == [list(nodes)]  # every result, before unmasking
+    assert workflows[0].liars == {liar: "its claims were rejected"}
+    # The round is aggregated, not discarded: exactly the 19 honest devices' mean.
+    ((results, _),) = strategy.aggregated
+    got = parameters_to_ndarrays(results[0][1].parameters)
+    honest = [n for n in nodes if n != liar]
+    want = weighted_mean([(_update(n), _weight(n)) for n in honest])
+    diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    assert diff <= _tolerance(honest)
+    with_liar = weighted_mean([(_update(n), _weight(n)) for n in nodes])
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, with_liar, strict=True)) > 100 * diff
+    # Its neighbours gave up its key's shares (its pairwise masks), never its seed's.
+    seeds, keys = _unmask_lists(grid)
+    assert liar in keys and liar not in seeds
+
+
+def test_a_payload_of_the_wrong_size_is_refused_and_left_out():
+    """A device speaking Flower's SecAgg+ (int64 .npy arrays) or sending any other size."""
+    from flwr.common import ndarray_to_bytes
+
+    def old_format(node: int, out: Message) -> Message:
+        cfg = out.content.config_records[RECORD_KEY_CONFIGS]
+        if node == 13 and Key.MASKED_PARAMETERS in cfg:
+            cfg[Key.MASKED_PARAMETERS] = [
+                ndarray_to_bytes(np.zeros(s, np.int64)) for s in [(1,), (3,), (2, 2)]
+            ]
+        return out
+
+    workflows: list[FedloraSecAggPlus] = []
+    strategy, halts, grid = run_round({}, reply=old_format, workflow_out=workflows)
+
+    assert halts == []
+    assert "masked array 0 is" in workflows[0].liars[13]
+    _assert_mean_of_sum(strategy, [11, 12, 14, 15, 16])
+    assert 13 in _unmask_lists(grid)[1] and 13 not in _unmask_lists(grid)[0]
+
+
+def _assert_mean_of_sum(strategy: StubStrategy, nodes: list[int]) -> None:
+    ((results, _),) = strategy.aggregated
+    got = parameters_to_ndarrays(results[0][1].parameters)
+    want = weighted_mean([(_update(n), _weight(n)) for n in nodes])
+    diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    assert diff <= _tolerance(nodes)
+
+
+def test_masked_vectors_travel_at_four_bytes_a_value():
+    sizes: list[int] = []
+
+    def measure(node: int, out: Message) -> Message:
+        blobs = out.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS)
+        if blobs is not None:
+            sizes.append(sum(len(b) for b in blobs))  # type: ignore[union-attr]
+        return out
+
+    run_round({}, reply=measure)
+
+    assert sizes == [4 * (1 + 3 + 4)] * len(NODES)  # the weight, then 7 values: uint32
