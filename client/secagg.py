@@ -1,12 +1,13 @@
 """The device's side of fedlora's SecAgg+ (:mod:`fedlora.secagg`): a Flower mod.
 
-Flower 1.39's ``secaggplus_mod`` is kept for what it does well: its stage checks, its
-setup (two P-384 key pairs), its key sharing (Shamir shares of the self-mask seed and
-of the first private key, encrypted to each neighbour) and its unmask replies. Only
-the masked-vector stage is fedlora's (:func:`collect_masked_vectors`): that is where
-Flower's mod quantizes with numpy's global RNG, masks with ``pseudo_rand_gen`` and
-sends int64, and none of it can be reached from outside the mod. Message formats and
-stage names are Flower's, so the coordinator's bookkeeping reads them as before.
+Flower 1.39's ``secaggplus_mod`` is kept for its stage checks, its setup (two P-384 key
+pairs) and its unmask replies. Two stages are fedlora's, because what changes is inside
+Flower's private functions: key sharing (:func:`share_keys`: Shamir shares of the
+self-mask seed and of the first private key's raw scalar, sealed with
+ChaCha20-Poly1305, :mod:`fedlora.secagg.shares`) and the masked vector
+(:func:`collect_masked_vectors`: Flower's mod quantizes with numpy's global RNG, masks
+with ``pseudo_rand_gen`` and sends int64). Message formats and stage names are
+Flower's, so the coordinator's bookkeeping reads them as before.
 
 Stochastic rounding draws from the device's OS CSPRNG, or, for a simulated device of a
 run with ``privacy.reproducible_noise``, from a generator seeded by (run seed, device,
@@ -16,6 +17,7 @@ round) with its own domain, so a seeded SecAgg+ simulation reproduces bit for bi
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from typing import cast
 
@@ -25,26 +27,28 @@ from flwr.app.typing import ConfigRecordValues
 from flwr.client.mod.secure_aggregation.secaggplus_mod import (
     SecAggPlusState,
     _setup,
-    _share_keys,
     _unmask,
     check_configs,
     check_stage,
 )
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import parameters_to_ndarrays
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
     Key,
     Stage,
 )
-from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
 from flwr.compat.common import recorddict_compat as compat
 
 from fedlora.config import FedloraConfig, config_from_run_config
 from fedlora.errors import UpdateError
-from fedlora.secagg import masks, packing
+from fedlora.secagg import masks, packing, shares
 from fedlora.secagg.quantize import UniformSource, encode
 
 #: Where a device's stochastic rounding draws from in a round: (context, round) → source.
@@ -104,7 +108,7 @@ def fedlora_secaggplus_mod(
             state.nid = msg.metadata.dst_node_id
             res = _setup(state, configs)
         elif state.current_stage == Stage.SHARE_KEYS:
-            res = _share_keys(state, configs)
+            res = share_keys(state, configs, _round_of(msg))
         elif state.current_stage == Stage.COLLECT_MASKED_VECTORS:
             server_round = _round_of(msg)
             out_msg = call_next(msg, ctxt)
@@ -142,6 +146,40 @@ def _round_of(msg: Message) -> int:
         ) from None
 
 
+def share_keys(
+    state: SecAggPlusState, configs: ConfigRecord, server_round: int
+) -> dict[str, ConfigRecordValues]:
+    """Flower's key sharing (its checks, a fresh 256-bit self-mask seed, Shamir shares of
+    it and of the first private key for every neighbour) with the key's 48-byte scalar
+    shared instead of its PEM text, and each neighbour's shares sealed with
+    ChaCha20-Poly1305 (:mod:`fedlora.secagg.shares`) instead of Fernet."""
+    pairs = cast(dict[str, list[bytes]], configs)
+    state.public_keys_dict = {int(nid): (pk[0], pk[1]) for nid, pk in pairs.items()}
+    if len(state.public_keys_dict) < state.threshold:
+        raise ValueError("Available neighbours number smaller than threshold")
+    keys = [k for pair in state.public_keys_dict.values() for k in pair]
+    if len(set(keys)) != len(keys):
+        raise ValueError("Some public keys are identical")
+    if state.public_keys_dict.get(state.nid) != (state.pk1, state.pk2):
+        raise ValueError("Own public keys are displayed in dict incorrectly, should not happen!")
+    state.rd_seed = os.urandom(32)
+    seed_shares = create_shares(state.rd_seed, state.threshold, state.share_num)
+    sk1_shares = create_shares(shares.private_scalar(state.sk1), state.threshold, state.share_num)
+    dsts: list[int] = []
+    ciphertexts: list[bytes] = []
+    for idx, (nid, (_, pk2)) in enumerate(state.public_keys_dict.items()):
+        if nid == state.nid:
+            state.rd_seed_share_dict[nid] = seed_shares[idx]
+            state.sk1_share_dict[nid] = sk1_shares[idx]
+            continue
+        key = shares.channel_key(state.sk2, pk2)
+        state.ss2_dict[nid] = key
+        plaintext = share_keys_plaintext_concat(state.nid, nid, seed_shares[idx], sk1_shares[idx])
+        dsts.append(nid)
+        ciphertexts.append(shares.seal(key, plaintext, server_round, state.nid, nid))
+    return {Key.DESTINATION_LIST: dsts, Key.CIPHERTEXT_LIST: ciphertexts}
+
+
 def collect_masked_vectors(
     state: SecAggPlusState,
     configs: ConfigRecord,
@@ -158,7 +196,11 @@ def collect_masked_vectors(
         raise ValueError("Not enough available neighbour clients.")
     neighbours = []
     for src, ciphertext in zip(srcs, ciphertexts, strict=True):
-        plaintext = decrypt(state.ss2_dict[src], ciphertext)
+        if src not in state.ss2_dict:
+            raise ValueError(f"Node {state.nid}: a key share from {src}, not a neighbour")
+        plaintext = shares.open_sealed(
+            state.ss2_dict[src], ciphertext, server_round, src, state.nid
+        )
         actual_src, dst, seed_share, sk1_share = share_keys_plaintext_separate(plaintext)
         if src != actual_src or dst != state.nid:
             raise ValueError(

@@ -28,12 +28,12 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedlora.errors import UpdateError
+from fedlora.secagg import shares
 
 DOMAIN = b"fedlora/secagg/v1/mask/"
 """HKDF ``info`` prefix: keys for masks are never keys for anything else."""
@@ -123,16 +123,11 @@ def mask(
     return out
 
 
-def pairwise_secret(private_key_pem: bytes, public_key_pem: bytes) -> bytes:
-    """The raw ECDH secret of a device's private key and a neighbour's public key (PEM, as
-    Flower serializes them): 48 bytes on P-384, the same from either side."""
-    private = serialization.load_pem_private_key(private_key_pem, password=None)
-    public = serialization.load_pem_public_key(public_key_pem)
-    if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(
-        public, ec.EllipticCurvePublicKey
-    ):
-        raise UpdateError("SecAgg+ pairwise masks need elliptic-curve keys")
-    return private.exchange(ec.ECDH(), public)
+def pairwise_secret(private_key: bytes, public_key_pem: bytes) -> bytes:
+    """The raw ECDH secret of a device's first private key (PEM, as Flower serializes it,
+    or the 48-byte scalar the coordinator rebuilds from shares) and a neighbour's first
+    public key (PEM): 48 bytes on P-384, the same from either side."""
+    return shares.ecdh(private_key, public_key_pem)
 
 
 def add(a: list[np.ndarray], b: list[np.ndarray], mod_range: int) -> list[np.ndarray]:
