@@ -83,7 +83,7 @@ def details_secagg(r: dict[str, Any]) -> str:
         est = up.get("payload_from_flower_primitives", {}).get("bytes")
         fp32 = r.get("fp32_adapter_bytes")
         payload = (
-            f"; SecAgg+ payload from Flower's primitives {_mib(est)} = {est / fp32:.2f}× fp32"
+            f"; Flower 1.39's SecAgg+ payload {_mib(est)} = {est / fp32:.2f}× fp32"
             if est and fp32
             else ""
         )

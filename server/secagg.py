@@ -109,7 +109,11 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
                 state.failures.append(Exception(msg.error))
                 continue
             nid = msg.metadata.src_node_id
-            fitres = compat.recorddict_to_fitres(msg.content, True)
+            try:
+                fitres = compat.recorddict_to_fitres(msg.content, True)
+            except Exception as exc:  # arbitrary content from the network: any parse error
+                state.failures.append(Exception(f"node {nid}: no training reply ({exc!r})"))
+                continue
             state.legacy_results.append((state.nid_to_proxies[nid], fitres))
             try:
                 blobs = msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
@@ -187,7 +191,12 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
         if any(len(s) < state.threshold for s in shares.values()):
             self._halt(context, "unmask", state)
             return False
-        total = self._unmask(rnd, state, summed, shares)
+        try:
+            total = self._unmask(rnd, state, summed, shares)
+        except (ValueError, UpdateError) as exc:  # shares that do not rebuild a secret
+            log.error("round %d: SecAgg+ could not unmask the sum: %s", rnd, exc)
+            self._halt(context, "unmask", state)
+            return False
         mean = quantize.decode(
             total,
             len(summed),
