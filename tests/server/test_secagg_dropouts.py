@@ -111,7 +111,10 @@ def run_round(
         node = msg.metadata.dst_node_id
         if drops.get(node) == stage_of(msg):
             return None if silent else error(msg, f"node {node} dropped out")
-        out = secaggplus(msg, contexts[node], train)
+        try:
+            out = secaggplus(msg, contexts[node], train)
+        except Exception as exc:  # as Flower's engine does: the device answers with an error
+            return error(msg, f"{type(exc).__name__}: {exc}")
         return out if reply is None else reply(node, out)
 
     secaggplus = fedlora_secaggplus_mod(lambda ctxt, rnd: SeededRandom(ctxt.node_id * 1000 + rnd))
@@ -340,3 +343,45 @@ def test_masked_vectors_travel_at_four_bytes_a_value():
     run_round({}, reply=measure)
 
     assert sizes == [4 * (1 + 3 + 4)] * len(NODES)  # the weight, then 7 values: uint32
+
+
+# ---------------------------------------------------------------- the device's checks
+
+
+def test_a_stage_out_of_order_is_refused_by_the_device():
+    from flwr.app.message_type import MessageType
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    mod = fedlora_secaggplus_mod(lambda ctxt, rnd: SeededRandom(rnd))
+    ctxt = Context(run_id=7, node_id=11, node_config={}, state=RecordDict(), run_config={})
+    record = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS})
+    msg = Message(
+        content=RecordDict({RECORD_KEY_CONFIGS: record}),
+        dst_node_id=11,
+        message_type=MessageType.TRAIN,
+        group_id="1",
+    )
+
+    with pytest.raises(ValueError, match="expect setup stage, but receive collect_masked_vectors"):
+        mod(msg, ctxt, lambda m, c: m)
+
+
+def test_a_key_share_altered_in_transit_is_refused_by_its_receiver():
+    """The coordinator relays the sealed shares; one it alters does not open, and its
+    receiver drops out of the round rather than mask with a share it cannot trust."""
+
+    def tamper(node: int, out: Message) -> Message:
+        cfg = out.content.config_records[RECORD_KEY_CONFIGS]
+        if node == 11 and Key.CIPHERTEXT_LIST in cfg:
+            blobs = list(cfg[Key.CIPHERTEXT_LIST])  # type: ignore[arg-type]
+            blobs[0] = blobs[0][:-1] + bytes([blobs[0][-1] ^ 1])
+            cfg[Key.CIPHERTEXT_LIST] = blobs
+        return out
+
+    strategy, halts, grid = run_round({}, reply=tamper)
+
+    assert halts == [] and dict(grid.dropouts) == {"collect_masked_vectors": 1}
+    ((results, failures),) = strategy.aggregated
+    assert "does not authenticate" in str(failures[0])
+    _assert_mean_of_sum(strategy, sorted(p.node_id for p, _ in results))
+    assert len(results) == len(NODES) - 1
