@@ -13,6 +13,9 @@ replaced, because what changes happens inside them:
 - **unmask**: the survivors are asked, as for any dropout, for the shares of a liar's
   first private key (to remove its pairwise masks from their vectors) and never for the
   shares of its self-mask seed; masks are regenerated with :mod:`fedlora.secagg.masks`.
+  A liar still holds shares of its neighbours' secrets and is asked for them like any
+  share holder (its own seed stays on its "dead" list), so a liar does not also count
+  as a lost share holder.
   The round then aggregates exactly the honest survivors' weighted mean.
 
 Stage names, message formats and the order of the stages are Flower's, so
@@ -58,6 +61,15 @@ def adapter_shapes(context: LegacyContext) -> list[tuple[int, ...]]:
     return [tuple(a.shape) for a in parameters_to_ndarrays(params)]
 
 
+def holders_suffice(state: WorkflowState, holders: set[int]) -> bool:
+    """Whether every device keeps at least the threshold of its share holders in ``holders``."""
+    for nid in state.sampled_node_ids:
+        if len(state.nid_to_neighbours[nid] & holders) < state.threshold:
+            log.error("node %s keeps fewer than %d share holders", nid, state.threshold)
+            return False
+    return True
+
+
 class FedloraSecAggPlus(ReportingSecAggPlus):
     """SecAgg+ with CSPRNG masks, packed uint32 payloads, and liars taken out before unmask.
 
@@ -74,6 +86,7 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
         self._screen = screen
         #: Node id → why it was left out of the current round's sum.
         self.liars: dict[int, str] = {}
+        self._helpers: set[int] = set()  # liars asked for their neighbours' shares at unmask
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         self.liars = {}
@@ -141,7 +154,10 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
             )
         if total is not None:
             state.aggregate_ndarrays = total
-        ok = self._check_threshold(state)
+        # A liar is out of the sum but still holds its neighbours' shares: it is asked for
+        # them at unmask like any share holder (never for its own seed's: it is "dead").
+        self._helpers = refused
+        ok = bool(state.active_node_ids) and holders_suffice(state, state.active_node_ids | refused)
         if ok and not quantize.fits(
             len(state.active_node_ids), state.quantization_range, state.mod_range
         ):
@@ -174,9 +190,8 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
                 group_id=str(rnd),
             )
 
-        msgs = list(
-            grid.send_and_receive([make(n) for n in state.active_node_ids], timeout=self.timeout)
-        )
+        asked = summed | self._helpers
+        msgs = list(grid.send_and_receive([make(n) for n in sorted(asked)], timeout=self.timeout))
         state.active_node_ids = {m.metadata.src_node_id for m in msgs if not m.has_error()}
         shares: dict[int, list[bytes]] = {nid: [] for nid in state.sampled_node_ids}
         for msg in msgs:

@@ -385,3 +385,16 @@ def test_a_key_share_altered_in_transit_is_refused_by_its_receiver():
     assert "does not authenticate" in str(failures[0])
     _assert_mean_of_sum(strategy, sorted(p.node_id for p, _ in results))
     assert len(results) == len(NODES) - 1
+
+
+def test_a_liar_still_gives_its_neighbours_shares_at_unmask():
+    """k = 6, t = 4: a liar out of the sum and two devices lost at unmask leave three
+    survivors' shares, one short of t; the liar's own shares of the others make four."""
+    strategy, halts, grid = run_round(
+        {13: "unmask", 14: "unmask"}, screen=lambda rnd, results, malformed: {12}
+    )
+
+    assert halts == [] and dict(grid.dropouts) == {"unmask": 2}
+    _assert_mean_of_sum(strategy, [11, 13, 14, 15, 16])  # 13, 14: their vectors are in
+    seeds, keys = _unmask_lists(grid)
+    assert 12 in keys and 12 not in seeds
