@@ -198,9 +198,16 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
             if msg.has_error():
                 state.failures.append(Exception(msg.error))
                 continue
-            record = msg.content.config_records[RECORD_KEY_CONFIGS]
-            owners = cast(list[int], record[Key.NODE_ID_LIST])
-            for owner, share in zip(owners, cast(list[bytes], record[Key.SHARE_LIST]), strict=True):
+            try:
+                record = msg.content.config_records[RECORD_KEY_CONFIGS]
+                owners = cast(list[int], record[Key.NODE_ID_LIST])
+                given = list(zip(owners, cast(list[bytes], record[Key.SHARE_LIST]), strict=True))
+            except (KeyError, TypeError, ValueError) as exc:  # a reply that is not shares
+                nid = msg.metadata.src_node_id
+                state.active_node_ids.discard(nid)
+                state.failures.append(Exception(f"node {nid}: unreadable key shares ({exc!r})"))
+                continue
+            for owner, share in given:
                 if owner in shares:
                     shares[owner].append(share)
         if any(len(s) < state.threshold for s in shares.values()):
