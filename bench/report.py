@@ -83,7 +83,7 @@ def details_secagg(r: dict[str, Any]) -> str:
         est = up.get("payload_from_flower_primitives", {}).get("bytes")
         fp32 = r.get("fp32_adapter_bytes")
         payload = (
-            f"; SecAgg+ payload from Flower's primitives {_mib(est)} = {est / fp32:.2f}× fp32"
+            f"; Flower 1.39's SecAgg+ payload {_mib(est)} = {est / fp32:.2f}× fp32"
             if est and fp32
             else ""
         )
@@ -93,7 +93,14 @@ def details_secagg(r: dict[str, Any]) -> str:
             f"(plain {plain['uplink_per_device']['vs_fp32']:.2f}×){payload}"
         )
     source = {s["variants"]["secagg"]["uplink_per_device"]["source"] for s in r["sizes"].values()}
-    return "; ".join(parts) + f" [bytes: {', '.join(sorted(source))}]"
+    head = ""
+    if r.get("uplink_figure") is not None:
+        met = "met" if r.get("meets_uplink_target") else "missed"
+        head = (
+            f"uplink ÷ fp32 adapter **{r['uplink_figure']:.3f}** "
+            f"(target ≤ {r.get('uplink_target', 1.05):.2f}: {met}); "
+        )
+    return head + "; ".join(parts) + f" [bytes: {', '.join(sorted(source))}]"
 
 
 def details_efficiency(r: dict[str, Any]) -> str:

@@ -55,7 +55,7 @@ def make_client_app(
         resolved = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
         return DeviceClient(resolved, context, device_root).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[*outer_mods, secagg_mod(required)])
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, secagg_mod(required, cfg)])
 
 
 app = make_client_app()

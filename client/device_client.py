@@ -35,6 +35,7 @@ from fedlora.privacy import DPSGDEvent, PrivacyLedger, calibrate_noise_multiplie
 from fedlora.privacy.noise import RandomSource, SecureRandom, SeededRandom
 from fedlora.privacy.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, encode_events
 from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
+from fedlora.secagg import PROTOCOL_KEY, PROTOCOL_VERSION
 
 
 def plan_noise(
@@ -152,7 +153,11 @@ class DeviceClient(NumPyClient):
         current run, read from its own ledger: how the coordinator learns about a round
         whose training reply it never got (see :mod:`fedlora.server.reconcile`).
         """
-        props: dict[str, Any] = {"device": self.device, "num_records": self._num_train}
+        props: dict[str, Any] = {
+            "device": self.device,
+            "num_records": self._num_train,
+            PROTOCOL_KEY: PROTOCOL_VERSION,  # the SecAgg+ this device speaks
+        }
         if self.cfg.privacy.enabled:
             props["budget_epsilon"] = self.budget_epsilon
         if self.profile is not None:  # simulated: the coordinator applies its availability

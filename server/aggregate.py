@@ -36,6 +36,7 @@ REASONS = (
     "run",  # an update for another run
     "num_examples",  # ≤ 0, or more records than the device reported at discovery
     "privacy_event",  # its DP-SGD event is incomplete, invalid, a replay, or missing
+    "masked_vector",  # SecAgg+: its masked payload is not the size (or range) it must be
 )
 
 #: Room for float32 rounding when a device scales its update to exactly the bound.

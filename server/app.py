@@ -2,8 +2,9 @@
 
 SecAgg+ in Flower 1.39 runs only through the legacy workflow, so ``main``
 wraps the strategy in a ``LegacyContext`` and runs ``DefaultWorkflow`` with
-``SecAggPlusWorkflow`` as its fit workflow (``--no-secagg`` uses Flower's
-default fit workflow with the same strategy, for comparison).
+fedlora's SecAgg+ (:class:`fedlora.server.secagg.FedloraSecAggPlus`) as its fit
+workflow (``--no-secagg`` uses Flower's default fit workflow with the same strategy,
+for comparison).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedlora import runtime
 from fedlora.config import FedloraConfig, config_from_run_config
 from fedlora.errors import ConfigError
 from fedlora.evaluation import mean_token_loss
+from fedlora.secagg.version import check_fleet
 from fedlora.server.budget import FleetBudget
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.server.discovery import discover_devices
@@ -35,7 +37,8 @@ from fedlora.server.resume import (
     file_digest,
     load_ledger_prefix,
 )
-from fedlora.server.rounds import HaltHandler, ReportingSecAggPlus, RoundWorkflow
+from fedlora.server.rounds import HaltHandler, RoundWorkflow
+from fedlora.server.secagg import FedloraSecAggPlus, Screen
 from fedlora.server.strategy import LoraFedAvg, RoundObserver
 
 log = logging.getLogger("server")
@@ -57,18 +60,23 @@ def make_evaluator(cfg: FedloraConfig) -> Any:
 
 
 def secagg_workflow(
-    cfg: FedloraConfig, max_weight: float, on_halt: HaltHandler | None = None
+    cfg: FedloraConfig,
+    max_weight: float,
+    on_halt: HaltHandler | None = None,
+    screen: Screen | None = None,
 ) -> SecAggPlusWorkflow:
     """SecAgg+ with ``max_weight`` = the largest record count a device reported.
 
     SecAgg+ scales each update by num_examples / max_weight before quantizing, so the
     tightest bound is the most precise (and a larger weight would overflow the sum).
-    ``on_halt`` hears why a round stopped (:class:`fedlora.server.rounds.ReportingSecAggPlus`).
+    ``on_halt`` hears why a round stopped (:class:`fedlora.server.rounds.ReportingSecAggPlus`);
+    ``screen`` checks the devices' claims before unmasking and names the liars to leave
+    out of the sum (:class:`fedlora.server.secagg.FedloraSecAggPlus`).
     ``timeout`` bounds each of the four stages; the coordinator's :class:`RoundGrid`
     applies the same bound (and the round deadline) whatever the workflow asks.
     """
     s = cfg.secagg
-    return ReportingSecAggPlus(
+    return FedloraSecAggPlus(
         num_shares=s.num_shares,
         reconstruction_threshold=s.reconstruction_threshold,
         dropout_rate=s.dropout_rate,
@@ -77,6 +85,7 @@ def secagg_workflow(
         quantization_range=s.quantization_range,
         timeout=s.timeout_s,
         on_halt=on_halt or (lambda *_: None),
+        screen=screen,
     )
 
 
@@ -196,6 +205,8 @@ class Coordinator:
             min_nodes=self.cfg.fleet.min_devices,
             timeout_s=self.cfg.secagg.timeout_s,
         )
+        if self.cfg.secagg.enabled:
+            check_fleet(devices)  # every device speaks this coordinator's SecAgg+, or no run
         for node_id, props in devices.items():
             self.budget.register(node_id, props)
         legacy = LegacyContext(
@@ -239,7 +250,9 @@ class Coordinator:
         if cfg.secagg.enabled:
             # max_weight from the record counts just discovered.
             max_weight = self.strategy.secagg_max_weight
-            inner = secagg_workflow(cfg, max_weight, self.strategy.round_failed)
+            inner = secagg_workflow(
+                cfg, max_weight, self.strategy.round_failed, self.strategy.screen_secagg
+            )
         return RoundWorkflow(
             inner,
             self.strategy,

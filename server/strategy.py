@@ -5,10 +5,11 @@ claims (device id, round, run, DP-SGD event, example count) are checked first;
 without SecAgg+ each update is then validated (shapes, dtype, finite, inside
 ±clipping_range, norm ≤ max_update_norm) and the accepted ones averaged by
 example count, so a rejected update has no effect on the mean. With SecAgg+ the
-strategy only ever sees the already-summed mean (every result carries the same
-unmasked aggregate): a rejected device's update is inside that sum and cannot
-be taken out, so the round's aggregate is discarded instead, and so is an
-aggregate that no set of clipped updates could produce. Either way the next
+claims are checked *before* the unmask stage (:meth:`LoraFedAvg.screen_secagg`, called
+by :class:`fedlora.server.secagg.FedloraSecAggPlus`): a rejected device's masked vector
+is left out of the sum and it is unmasked as a dropout, so the aggregate the strategy
+gets is already the mean of the accepted updates; one that no set of clipped updates
+could produce is still discarded. Either way the next
 global adapter is ``global + mean update``, checkpointed each round, and
 evaluated on the coordinator's own held-out set. Rejections are logged and
 counted per reason (:data:`fedlora.server.aggregate.REASONS`) in the round's metrics.
@@ -36,7 +37,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,11 @@ class _RoundState:
     dropouts: dict[str, int] = field(default_factory=dict)
     #: SecAgg+'s share graph this round: (k share holders per device, threshold t).
     secagg_graph: tuple[int, int] | None = None
+    #: SecAgg+: node id → its result's verdict, reached before the unmask stage
+    #: (:meth:`LoraFedAvg.screen_secagg`; None: accepted).
+    verdicts: dict[int, UpdateRejected | None] = field(default_factory=dict)
+    #: SecAgg+: results rejected only after unmasking (no verdict from before): in the sum.
+    rejected_in_sum: int = 0
     skipped_reason: str | None = None
     discarded_reason: str | None = None
     failed_reason: str | None = None
@@ -314,8 +320,15 @@ class LoraFedAvg(Strategy):
                 st.train_s.append(train_s)
             who = f"update from node {proxy.node_id}"
             try:
-                arrays = self._check(server_round, proxy.node_id, res, who)
+                if proxy.node_id in st.verdicts:  # checked before SecAgg+ unmasked the sum
+                    verdict = st.verdicts[proxy.node_id]
+                    if verdict is not None:
+                        raise verdict
+                    arrays: list[np.ndarray] = []
+                else:
+                    arrays = self._check(server_round, proxy.node_id, res, who)
             except UpdateRejected as exc:
+                st.rejected_in_sum += proxy.node_id not in st.verdicts
                 st.rejected_by_reason[exc.reason] += 1
                 log.warning("round %d: rejected (%s): %s", server_round, exc.reason, exc)
                 continue
@@ -332,6 +345,35 @@ class LoraFedAvg(Strategy):
         """SecAgg+'s ``max_weight``: the largest record count a device reported at
         discovery, as :func:`fedlora.server.app.secagg_workflow` sets it."""
         return float(max(1, max(self.budget.num_records.values(), default=0)))
+
+    def screen_secagg(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        malformed: Mapping[int, str],
+    ) -> set[int]:
+        """SecAgg+'s check before unmasking: the node ids whose update must stay out of the sum.
+
+        Each result's claims are checked as in :meth:`aggregate_fit` (and the privacy event
+        of each that holds is recorded: the device trained); a node in ``malformed`` (its
+        masked payload was refused, see :mod:`fedlora.secagg.packing`) is rejected after
+        that. The verdicts are kept for :meth:`aggregate_fit`, which counts them and does
+        not check the same result twice.
+        """
+        st = self._round
+        refused: set[int] = set()
+        for proxy, res in results:
+            nid = proxy.node_id
+            who = f"update from node {nid}"
+            try:
+                self._check(server_round, nid, res, who)
+                if nid in malformed:
+                    raise UpdateRejected("masked_vector", f"{who}: {malformed[nid]}")
+                st.verdicts[nid] = None
+            except UpdateRejected as exc:
+                st.verdicts[nid] = exc
+                refused.add(nid)
+        return refused
 
     def _check(self, server_round: int, node_id: int, res: FitRes, who: str) -> list[np.ndarray]:
         """The update's tensors (empty under SecAgg+, where there is only the aggregate),
@@ -435,16 +477,22 @@ class LoraFedAvg(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         accepted: list[tuple[list[np.ndarray], int]],
     ) -> list[np.ndarray] | None:
-        """The SecAgg+ aggregate, if every update in it was accepted and it is one that
-        clipped updates can produce (within quantization error); else None."""
+        """The SecAgg+ aggregate (the mean of the accepted updates only: rejected ones were
+        left out of the masked sum before unmasking), if it is one that clipped updates can
+        produce (within quantization error); else None. A rejection that was not screened
+        before unmasking (a workflow without :meth:`screen_secagg`) is inside the sum, and
+        discards the round."""
         st = self._round
         if not results:
             return None
-        if st.rejected:
+        if st.rejected_in_sum:
+            # A workflow that did not screen the claims before unmasking (not fedlora's).
             st.discarded_reason = (
-                f"SecAgg+ summed {st.rejected} rejected update(s) with the others; a masked "
-                "update cannot be taken out of the sum"
+                f"SecAgg+ summed {st.rejected_in_sum} rejected update(s) with the others; a "
+                "masked update cannot be taken out of the sum once it is unmasked"
             )
+            return None
+        if not accepted:
             return None
         s = self.cfg.secagg
         err = secagg_error_bound(

@@ -16,7 +16,7 @@ coordinator counted.
 
 A malformed reply is the device's real reply, altered after the device's code ran
 (so it trained, spent and recorded its event as usual): its tensors (``TENSOR_KINDS``,
-plain ``fit`` only: under SecAgg+ the update is masked inside ``secaggplus_mod``,
+plain ``fit`` only: under SecAgg+ the update is masked inside the SecAgg+ mod,
 beneath this mod, and nothing outside the device can alter it unseen) or its
 plaintext claims (``CLAIM_KINDS``, plain or SecAgg+'s masked-vector stage).
 :data:`MALFORMED` maps each kind to the reason the coordinator gives when it rejects
@@ -206,7 +206,7 @@ def fault_mod(faults: Sequence[Fault], log: str | Path | None = None) -> Mod:
         pid = ctxt.node_config.get("partition-id")
         group = msg.metadata.group_id
         rnd = int(group) if group.isdigit() else None
-        stage = message_stage(msg)  # read before secaggplus_mod pops the stage key
+        stage = message_stage(msg)  # read before the SecAgg+ mod pops the stage key
         fault = plan.get((pid, rnd, stage)) if isinstance(pid, int) and rnd is not None else None
         if fault is None:
             return call_next(msg, ctxt)

@@ -119,6 +119,7 @@ def test_a_simulated_device_reports_its_profile_and_budget_without_reading_its_d
     props = client.get_properties({})
 
     assert props["profile"] == "phone" and props["budget_epsilon"] == 3.0
+    assert props["secagg_protocol"] == 1  # fedlora's SecAgg+ v1 (fedlora.secagg.version)
     assert (props["device"], props["num_records"]) == runtime.device_info(cfg, 4)
     assert client._data is None and not runtime._fleets  # nothing read to say so
     assert props["num_records"] == len(client.data.train)

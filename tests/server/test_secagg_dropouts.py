@@ -1,8 +1,10 @@
-"""ReportingSecAggPlus against real SecAgg+ devices, in process: a dropout at every stage.
+"""fedlora's SecAgg+ against real SecAgg+ devices, in process: a dropout at every stage.
 
-Six nodes run Flower's own ``secaggplus_mod`` (real key agreement, Shamir shares,
-masking) around a stub training step that returns a fixed update, behind a scripted
-grid. With every node holding a share of every secret and a threshold of 4, two
+Six nodes run fedlora's SecAgg+ mod (:mod:`fedlora.client.secagg`: Flower's key
+agreement and Shamir shares, ChaCha20 masks, uint32 payloads) around a stub training
+step that returns a fixed update, behind a scripted grid, talking to
+:class:`fedlora.server.secagg.FedloraSecAggPlus` (which keeps ReportingSecAggPlus' graph
+sizing and dropout fixes). With every node holding a share of every secret and a threshold of 4, two
 dropouts at any stage are survived and three are not: the survivors' weighted mean
 comes out, or the strategy hears where and why the round stopped, with the training
 replies that arrived.
@@ -16,7 +18,6 @@ import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.client.mod import secaggplus_mod
 from flwr.common import (
     Code,
     FitIns,
@@ -25,13 +26,17 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
+from fedlora.client.secagg import fedlora_secaggplus_mod
+from fedlora.privacy.noise import SeededRandom
 from fedlora.server.aggregate import weighted_mean
-from fedlora.server.rounds import ReportingSecAggPlus, RoundGrid, stage_of
+from fedlora.server.rounds import RoundGrid, stage_of
+from fedlora.server.secagg import FedloraSecAggPlus, Screen
 from tests.server.fakes import FakeGrid, error, task_identity
 
 __all__ = ["task_identity"]
@@ -80,10 +85,13 @@ def run_round(
     nodes: tuple[int, ...] = NODES,
     shares: tuple[float | None, float | None] = (1.0, 0.6),
     dropout_rate: float = 0.1,
-    workflow_out: list[ReportingSecAggPlus] | None = None,
+    workflow_out: list[FedloraSecAggPlus] | None = None,
+    screen: Screen | None = None,
+    reply: Any = None,
 ):
     """One SecAgg+ round of ``nodes`` (k and t from ``shares`` and ``dropout_rate``) where
-    node n drops out at stage ``drops[n]``; returns (strategy, halts, round grid)."""
+    node n drops out at stage ``drops[n]``; ``screen`` is the strategy's claim check and
+    ``reply(node, reply)`` may alter a device's reply; returns (strategy, halts, round grid)."""
     contexts = {
         n: Context(run_id=7, node_id=n, node_config={}, state=RecordDict(), run_config={})
         for n in nodes
@@ -103,12 +111,17 @@ def run_round(
         node = msg.metadata.dst_node_id
         if drops.get(node) == stage_of(msg):
             return None if silent else error(msg, f"node {node} dropped out")
-        return secaggplus_mod(msg, contexts[node], train)
+        try:
+            out = secaggplus(msg, contexts[node], train)
+        except Exception as exc:  # as Flower's engine does: the device answers with an error
+            return error(msg, f"{type(exc).__name__}: {exc}")
+        return out if reply is None else reply(node, out)
 
+    secaggplus = fedlora_secaggplus_mod(lambda ctxt, rnd: SeededRandom(ctxt.node_id * 1000 + rnd))
     grid = FakeGrid(answer)
     strategy = StubStrategy(grid, nodes)
     halts: list[tuple[int, str, list[Any], list[BaseException]]] = []
-    workflow = ReportingSecAggPlus(
+    workflow = FedloraSecAggPlus(
         *shares,
         dropout_rate=dropout_rate,
         max_weight=60.0,
@@ -116,6 +129,7 @@ def run_round(
         quantization_range=Q,
         timeout=5.0,
         on_halt=lambda *args: halts.append(args),
+        screen=screen,
     )
     context = LegacyContext(
         Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config={}),
@@ -216,7 +230,7 @@ def _thirty_percent(nodes: tuple[int, ...]) -> dict[int, str]:
 def test_thirty_percent_dropouts_give_the_survivors_mean(n, dropout_rate, graph):
     nodes = tuple(range(101, 101 + n))
     drops = _thirty_percent(nodes)
-    workflows: list[ReportingSecAggPlus] = []
+    workflows: list[FedloraSecAggPlus] = []
 
     strategy, halts, grid = run_round(
         drops, nodes=nodes, shares=(None, None), dropout_rate=dropout_rate,
@@ -232,8 +246,155 @@ def test_thirty_percent_dropouts_give_the_survivors_mean(n, dropout_rate, graph)
 
 
 def test_the_full_graph_stays_available_and_means_what_it_meant():
-    workflows: list[ReportingSecAggPlus] = []
+    workflows: list[FedloraSecAggPlus] = []
 
     run_round({}, shares=(1.0, 0.6), workflow_out=workflows)
 
     assert workflows[0].graph == (6, 4)  # round(0.6 · 6): as Flower 1.39 sizes it
+
+
+# ---------------------------------------------------------------- liars
+
+
+def _unmask_lists(grid: RoundGrid) -> tuple[set[int], set[int]]:
+    """(every node id some device was asked for a seed share of, ... for a key share of)."""
+    fake = grid._grid
+    assert isinstance(fake, FakeGrid)
+    seeds: set[int] = set()
+    keys: set[int] = set()
+    for msgs, _ in fake.calls:
+        for msg in msgs:
+            if stage_of(msg) != "unmask":
+                continue
+            cfg = msg.content.config_records[RECORD_KEY_CONFIGS]
+            seeds |= set(cfg[Key.ACTIVE_NODE_ID_LIST])  # type: ignore[arg-type]
+            keys |= set(cfg[Key.DEAD_NODE_ID_LIST])  # type: ignore[arg-type]
+    return seeds, keys
+
+
+def test_one_liar_of_twenty_costs_only_its_update():
+    nodes = tuple(range(201, 221))
+    liar = 207
+    screened: list[list[int]] = []
+
+    def screen(rnd: int, results: list[Any], malformed: Any) -> set[int]:
+        screened.append(sorted(p.node_id for p, _ in results))
+        return {liar}
+
+    workflows: list[FedloraSecAggPlus] = []
+    strategy, halts, grid = run_round(
+        {}, nodes=nodes, shares=(None, None), screen=screen, workflow_out=workflows
+    )
+
+    assert halts == [] and screened == [list(nodes)]  # every result, before unmasking
+    assert workflows[0].liars == {liar: "its claims were rejected"}
+    # The round is aggregated, not discarded: exactly the 19 honest devices' mean.
+    ((results, _),) = strategy.aggregated
+    got = parameters_to_ndarrays(results[0][1].parameters)
+    honest = [n for n in nodes if n != liar]
+    want = weighted_mean([(_update(n), _weight(n)) for n in honest])
+    diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    assert diff <= _tolerance(honest)
+    with_liar = weighted_mean([(_update(n), _weight(n)) for n in nodes])
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, with_liar, strict=True)) > 100 * diff
+    # Its neighbours gave up its key's shares (its pairwise masks), never its seed's.
+    seeds, keys = _unmask_lists(grid)
+    assert liar in keys and liar not in seeds
+
+
+def test_a_payload_of_the_wrong_size_is_refused_and_left_out():
+    """A device speaking Flower's SecAgg+ (int64 .npy arrays) or sending any other size."""
+    from flwr.common import ndarray_to_bytes
+
+    def old_format(node: int, out: Message) -> Message:
+        cfg = out.content.config_records[RECORD_KEY_CONFIGS]
+        if node == 13 and Key.MASKED_PARAMETERS in cfg:
+            cfg[Key.MASKED_PARAMETERS] = [
+                ndarray_to_bytes(np.zeros(s, np.int64)) for s in [(1,), (3,), (2, 2)]
+            ]
+        return out
+
+    workflows: list[FedloraSecAggPlus] = []
+    strategy, halts, grid = run_round({}, reply=old_format, workflow_out=workflows)
+
+    assert halts == []
+    assert "masked array 0 is" in workflows[0].liars[13]
+    _assert_mean_of_sum(strategy, [11, 12, 14, 15, 16])
+    assert 13 in _unmask_lists(grid)[1] and 13 not in _unmask_lists(grid)[0]
+
+
+def _assert_mean_of_sum(strategy: StubStrategy, nodes: list[int]) -> None:
+    ((results, _),) = strategy.aggregated
+    got = parameters_to_ndarrays(results[0][1].parameters)
+    want = weighted_mean([(_update(n), _weight(n)) for n in nodes])
+    diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    assert diff <= _tolerance(nodes)
+
+
+def test_masked_vectors_travel_at_four_bytes_a_value():
+    sizes: list[int] = []
+
+    def measure(node: int, out: Message) -> Message:
+        blobs = out.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS)
+        if blobs is not None:
+            sizes.append(sum(len(b) for b in blobs))  # type: ignore[union-attr]
+        return out
+
+    run_round({}, reply=measure)
+
+    assert sizes == [4 * (1 + 3 + 4)] * len(NODES)  # the weight, then 7 values: uint32
+
+
+# ---------------------------------------------------------------- the device's checks
+
+
+def test_a_stage_out_of_order_is_refused_by_the_device():
+    from flwr.app.message_type import MessageType
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    mod = fedlora_secaggplus_mod(lambda ctxt, rnd: SeededRandom(rnd))
+    ctxt = Context(run_id=7, node_id=11, node_config={}, state=RecordDict(), run_config={})
+    record = ConfigRecord({Key.STAGE: Stage.COLLECT_MASKED_VECTORS})
+    msg = Message(
+        content=RecordDict({RECORD_KEY_CONFIGS: record}),
+        dst_node_id=11,
+        message_type=MessageType.TRAIN,
+        group_id="1",
+    )
+
+    with pytest.raises(ValueError, match="expect setup stage, but receive collect_masked_vectors"):
+        mod(msg, ctxt, lambda m, c: m)
+
+
+def test_a_key_share_altered_in_transit_is_refused_by_its_receiver():
+    """The coordinator relays the sealed shares; one it alters does not open, and its
+    receiver drops out of the round rather than mask with a share it cannot trust."""
+
+    def tamper(node: int, out: Message) -> Message:
+        cfg = out.content.config_records[RECORD_KEY_CONFIGS]
+        if node == 11 and Key.CIPHERTEXT_LIST in cfg:
+            blobs = list(cfg[Key.CIPHERTEXT_LIST])  # type: ignore[arg-type]
+            blobs[0] = blobs[0][:-1] + bytes([blobs[0][-1] ^ 1])
+            cfg[Key.CIPHERTEXT_LIST] = blobs
+        return out
+
+    strategy, halts, grid = run_round({}, reply=tamper)
+
+    assert halts == [] and dict(grid.dropouts) == {"collect_masked_vectors": 1}
+    ((results, failures),) = strategy.aggregated
+    assert "does not authenticate" in str(failures[0])
+    _assert_mean_of_sum(strategy, sorted(p.node_id for p, _ in results))
+    assert len(results) == len(NODES) - 1
+
+
+def test_a_liar_still_gives_its_neighbours_shares_at_unmask():
+    """k = 6, t = 4: a liar out of the sum and two devices lost at unmask leave three
+    survivors' shares, one short of t; the liar's own shares of the others make four."""
+    strategy, halts, grid = run_round(
+        {13: "unmask", 14: "unmask"}, screen=lambda rnd, results, malformed: {12}
+    )
+
+    assert halts == [] and dict(grid.dropouts) == {"unmask": 2}
+    _assert_mean_of_sum(strategy, [11, 13, 14, 15, 16])  # 13, 14: their vectors are in
+    seeds, keys = _unmask_lists(grid)
+    assert 12 in keys and 12 not in seeds

@@ -357,7 +357,8 @@ def test_secagg_aggregate_is_applied_when_every_device_is_accepted(tmp_path: Pat
 def test_secagg_round_with_a_rejected_device_is_discarded(
     change: dict[str, Any], reason: str, tmp_path: Path
 ) -> None:
-    """The rejected update is inside the masked sum and cannot be taken out of it."""
+    """Without screening before unmask (a workflow other than fedlora's), the rejected
+    update is inside the unmasked sum and cannot be taken out of it."""
     strategy = make_strategy(tmp_path, secagg=True)
     before = [a.copy() for a in strategy.global_arrays]
 
@@ -370,6 +371,48 @@ def test_secagg_round_with_a_rejected_device_is_discarded(
     assert "cannot be taken out" in row["discarded"]
     for g, b in zip(strategy.global_arrays, before, strict=True):
         np.testing.assert_array_equal(g, b)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"round": 2}, "round"),
+        ({"num_examples": 10**6}, "num_examples"),
+        ({"noise_multiplier": 1e-9}, "privacy_event"),
+    ],
+)
+def test_secagg_liar_screened_before_unmask_costs_only_its_update(
+    change: dict[str, Any], reason: str, tmp_path: Path
+) -> None:
+    """fedlora's workflow asks ``screen_secagg`` before unmasking and leaves the liar out of
+    the sum: the aggregate it hands over is the honest devices' mean, and it is applied."""
+    strategy = make_strategy(tmp_path, secagg=True)
+    before = [a.copy() for a in strategy.global_arrays]
+    agg = [a.astype(np.float64) for a in update(5)]
+    results = secagg_results(agg, {}, change, {})
+
+    liars = strategy.screen_secagg(1, results, {})
+    got, row = aggregate(strategy, results)
+
+    assert liars == {2}
+    assert got is not None and row["num_devices"] == 2 and "discarded" not in row
+    assert row["rejected_by_reason"] == {reason: 1}
+    assert strategy.budget.ledger.rounds_for("d1") == (1,)  # checked once: no replay refusal
+    assert strategy.budget.ledger.rounds_for("d2") == ()
+    for g, b, a in zip(parameters_to_ndarrays(got), before, agg, strict=True):
+        np.testing.assert_array_equal(g, b + a.astype(np.float32))
+
+
+def test_secagg_malformed_payload_is_rejected_after_its_event_is_recorded(tmp_path: Path) -> None:
+    strategy = make_strategy(tmp_path, secagg=True)
+    results = secagg_results([a.astype(np.float64) for a in update(5)], {}, {}, {})
+
+    liars = strategy.screen_secagg(1, results, {3: "masked array 1 is 24 bytes, expected 12"})
+    got, row = aggregate(strategy, results)
+
+    assert liars == {3} and got is not None and row["num_devices"] == 2
+    assert row["rejected_by_reason"] == {"masked_vector": 1}
+    assert strategy.budget.ledger.rounds_for("d3") == (1,)  # it trained: its spend counts
 
 
 @pytest.mark.parametrize(
