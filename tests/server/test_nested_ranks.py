@@ -18,6 +18,9 @@ from fedlora.config import FedloraConfig
 from fedlora.server.aggregate import nested_column_scale, rescale_columns, weighted_mean
 from fedlora.server.budget import FleetBudget
 from fedlora.server.strategy import LoraFedAvg
+from tests.server.fakes import task_identity
+
+__all__ = ["task_identity"]
 
 R = 4
 SHAPES = [(5, R), (3, R)]  # lora_B tensors only: what FFA exchanges
@@ -184,3 +187,38 @@ def test_a_device_without_a_profile_trains_every_column(tmp_path: Path) -> None:
     strategy.aggregate_fit(1, [_result(n) for n in NODES], [])
 
     assert strategy._round.rejected_by_reason == {"lora_rank": 2}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_nested_ranks_through_real_secagg_masking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six devices run Flower's own secaggplus_mod (key agreement, shares, masking); each
+    sends zeros beyond its tier. The unmasked weighted mean, rescaled per column, is
+    the per-column mean of the devices that trained each column, to SecAgg+'s
+    quantization error times that column's factor."""
+    from tests.server import test_secagg_dropouts as real
+
+    ranks = dict(zip(real.NODES, (2, 2, 1, 2, 1, 1), strict=True))
+
+    def zero_padded(node: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(node)
+        b = rng.uniform(-1, 1, (2, 2)).astype(np.float32)
+        b[:, ranks[node] :] = 0
+        return [np.zeros(3, np.float32), b]
+
+    monkeypatch.setattr(real, "_update", zero_padded)
+    strategy, halts, _ = real.run_round({})
+
+    assert not halts
+    ((results, _),) = strategy.aggregated
+    masked_mean = parameters_to_ndarrays(results[0][1].parameters)[1]
+    tiers = [(real._weight(n), ranks[n]) for n in real.NODES]
+    scale = nested_column_scale(tiers, 2)
+    (got,) = rescale_columns([masked_mean], scale)
+    want = np.zeros((2, 2))
+    for j in range(2):
+        trained = [n for n in real.NODES if ranks[n] > j]
+        total = sum(real._weight(n) for n in trained)
+        want[:, j] = sum(real._weight(n) * zero_padded(n)[1][:, j] for n in trained) / total
+    tolerance = real._tolerance(list(real.NODES)) * float(scale.max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+    assert scale.tolist() == [1.0, 210 / 70]  # nodes 11, 12, 14 (10 + 20 + 40) train column 1
