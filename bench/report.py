@@ -124,7 +124,8 @@ def details_utility(r: dict[str, Any]) -> str:
     summary = r["summary"]
     parts = []
     for adapter, rows in summary.items():
-        base = next(iter(r["runs"][adapter]["central"].values()))["eval_loss_by_round"][0]
+        bases = [v["eval_loss_by_round"][0] for v in r["runs"][adapter]["central"].values()]
+        base = sum(bases) / len(bases)
         cells = [f"base {base:.2f}"]
         for name, v in rows.items():
             share = "" if name == "central" else f" ({_n(v['recovered_share']['mean'])})"

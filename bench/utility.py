@@ -304,6 +304,10 @@ def summarize(runs: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> dict[str
     return out
 
 
+def cfg_rounds(variants: dict[str, Any]) -> int:
+    return len(next(iter(next(iter(variants.values())).values()))["eval_loss_by_round"]) - 1
+
+
 def plot(runs: dict[str, Any], path: Path, title: str) -> str | None:
     try:
         import matplotlib
@@ -321,6 +325,7 @@ def plot(runs: dict[str, Any], path: Path, title: str) -> str | None:
             mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
             style = "--" if name.startswith("central") else "-"
             ax.plot(range(len(mean)), mean, style, marker="o", markersize=3, label=name)
+        ax.set_xticks(range(cfg_rounds(runs[adapter]) + 1))
         ax.set_xlabel("round")
         ax.set_ylabel("held-out loss, private roles (nats/token)")
         ax.set_title(f"{adapter}: {title}", fontsize=8)
@@ -352,15 +357,23 @@ def run_all(args: argparse.Namespace, data: Path, out: Path) -> dict[str, Any]:
     return runs
 
 
-def merged(paths: list[Path]) -> dict[str, Any]:
-    """The runs of several earlier outputs of this bench, adapter → variant → seed."""
+def merged(paths: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The runs of several earlier outputs of this bench, adapter → variant → seed, the first
+    of each (adapter, variant, seed) in the order given; later runs of the same one are
+    returned apart, as repeats (DP noise from the OS differs from run to run)."""
     runs: dict[str, Any] = {}
+    repeats: dict[str, Any] = {}
     for path in paths:
         for adapter, variants in json.loads(path.read_text())["runs"].items():
             for name, by_seed in variants.items():
                 for seed, res in by_seed.items():
-                    runs.setdefault(adapter, {}).setdefault(name, {})[int(seed)] = res
-    return runs
+                    slot = runs.setdefault(adapter, {}).setdefault(name, {})
+                    if int(seed) in slot:
+                        again = repeats.setdefault(adapter, {}).setdefault(name, {})
+                        again.setdefault(int(seed), []).append(res["eval_loss_by_round"])
+                    else:
+                        slot[int(seed)] = res
+    return runs, repeats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="fedlora-bench-utility-"))
     records, roles = private_roles(PLAY, args.devices)
     data = write_jsonl(records, out / "private_roles.jsonl")
+    repeats: dict[str, Any] = {}
     if args.merge:
-        runs = merged(args.merge)
+        runs, repeats = merged(args.merge)
         args.adapters = list(runs)
         args.seeds = sorted({int(s) for v in runs.values() for r in v.values() for s in r})
     else:
@@ -408,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             runs,
             args.plot,
             f"{args.devices} roles, {args.per_round}/round, {cfg0.training.local_steps} local "
-            f"steps, lr {cfg0.training.learning_rate:g}; mean of {len(args.seeds)} seed(s)",
+            f"steps, lr {cfg0.training.learning_rate:g}; mean over seeds {args.seeds}",
         )
     bk.emit(
         {
@@ -452,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "runs": runs,
             **({"merged_from": [str(p) for p in args.merge]} if args.merge else {}),
+            **({"repeats": repeats} if repeats else {}),
             **({"plot": str(args.plot)} if args.plot and not note else {}),
             **({"plot_note": note} if note else {}),
             "quick": args.quick,
