@@ -38,8 +38,9 @@ WHAT = {
     "local-training s ÷ worker slots)",
     "fleet_scale": "`bench/fleet_scale.py` — peak RSS of the run's process tree (driver + Ray "
     "+ workers) at 1,000 ÷ 100 devices, the same number sampled per round",
-    "utility": "`bench/utility.py` — tinyshakespeare by role: share of the centralized "
-    "non-DP loss reduction recovered by federated DP (ε = 8)",
+    "utility": "`bench/utility.py` — tinyshakespeare roles on the embedded base (never saw "
+    "the play): share of the centralized non-DP loss reduction recovered by federated "
+    "DP FFA-LoRA (ε = 8)",
     "export_formats": "`bench/export_formats.py RUN_DIR` — each on-device format's size and "
     "quality against the merged fp32 model",
 }
@@ -127,13 +128,24 @@ def details_scale(r: dict[str, Any]) -> str:
 def details_utility(r: dict[str, Any]) -> str:
     if "skipped" in r:
         return f"skipped: {r['skipped']}"
-    final = r.get("final_loss", {})
-    eps = {k: v.get("max_epsilon") for k, v in r.get("variants", {}).items()}
-    parts = [f"base {r['base_loss']:.3f}"]
-    for k, v in final.items():
-        e = f", ε {eps[k]:.2f}" if eps.get(k) is not None else ""
-        parts.append(f"{k} {v:.3f} ({_n(r['recovered_share'].get(k))}{e})")
-    return "; ".join(parts) + " — final held-out loss (share recovered)"
+    summary = r["summary"]
+    parts = []
+    for adapter, rows in summary.items():
+        bases = [v["eval_loss_by_round"][0] for v in r["runs"][adapter]["central"].values()]
+        base = sum(bases) / len(bases)
+        cells = [f"base {base:.2f}"]
+        for name, v in rows.items():
+            share = "" if name == "central" else f" ({_n(v['recovered_share']['mean'])})"
+            cells.append(f"{name} {v['final_loss']['mean']:.2f}{share}")
+        parts.append(f"{adapter}: " + ", ".join(cells))
+    ratio = r.get("uplink_ffa_over_lora")
+    tail = f"; uplink ffa ÷ lora {_n(ratio)}" if ratio is not None else ""
+    seeds = len(r.get("schedule", {}).get("seeds", [])) or "?"
+    return (
+        "; ".join(parts)
+        + tail
+        + f" — final held-out loss, mean of {seeds} seed(s) (share of central's gain)"
+    )
 
 
 def details_export(r: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ Each bench runs as its own process; its one JSON object goes to
 ``bench/results/<name>.json`` with a ``suite`` entry added (mode, command, exit
 code, elapsed seconds), its stderr to ``runs/bench/logs/<name>.err`` and its run
 directories under ``runs/bench/<name>/``. The export bench measures the adapter
-of a run the suite made earlier (the SecAgg+ bench's, or the utility bench's).
+of a run the suite made earlier (the SecAgg+ bench's or the efficiency bench's).
 Then ``bench/report.py`` renders ``bench/results/*.json`` into README.md.
 
     .venv/bin/python bench/run_all.py [--quick] [--only NAME ...] [--skip NAME ...]

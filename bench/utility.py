@@ -1,118 +1,122 @@
 """Utility under privacy: how much of the centralized gain does federated DP LoRA keep?
 
-tinyshakespeare (``../shared/data/tinyshakespeare.txt``), one speech = one record:
+Base: the embedded default model (a tiny LLaMA pretrained on synthetic notes; it never
+saw Shakespeare), so there is something to learn. Private data: tinyshakespeare
+(``../shared/data/tinyshakespeare.txt``), one speech = one record, the ``--devices``
+roles with the most speeches, one role = one device (natural partition). Held-out:
+the coordinator's server slice of every role (``data.server_fraction`` of its
+speeches), never trained on. Loss is nats per token; perplexity is exp(loss).
 
-* **public split**: the speeches of the first ``--public-fraction`` of the file
-  (the plays there). A tiny LLaMA like the embedded default (byte-level BPE
-  tokenizer, hidden 128, 2 layers) is built from config and pretrained briefly
-  on it, non-privately, then saved and cached (``$FEDLORA_CACHE/bench``); the
-  federated runs use it through ``model.path``.
-* **private split**: the ``--devices`` roles with the most speeches in the rest of
-  the file that never speak in the public part; one role = one device (JSONL,
-  natural partition). Held-out loss is the coordinator's: every role's server
-  slice, never trained on.
+For each adapter variant (``lora``: A and B trained; ``ffa``: FFA-LoRA, A frozen from
+the seed, B trained and sent) and each seed, from the same base and schedule:
 
-Then, from the same base, LoRA adapter, seed and schedule:
+* ``central``: non-DP LoRA on every role's training records pooled; per "round"
+  ``local_steps`` steps of expected batch ``batch_size × per_round`` (the examples one
+  federated round uses), the same learning rate;
+* ``central_dp_eps8``: the same with DP-SGD at ε = 8 (δ = 1e-5) on the pooled records;
+* ``fed_nondp`` and ``fed_dp_eps{2,4,8}``: federated rounds, DP-SGD at that ε per device,
+  σ calibrated by each device for the whole schedule.
 
-* ``base``: no fine-tuning (round 0);
-* ``central``: non-DP LoRA on all private roles' training records pooled, in this
-  process; per "round" ``local_steps`` SGD steps of expected batch
-  ``batch_size × devices_per_round`` (what one federated round aggregates), the
-  same learning rate;
-* ``fed_nondp``, ``fed_dp_eps8``, ``fed_dp_eps2`` (DP-SGD at that ε per device,
-  δ = 1e-5, σ calibrated to the whole schedule), and each ``…_secagg`` with SecAgg+.
+The federated rounds run in this process through the product's own device and
+coordinator code: ``DeviceClient.fit`` (budget check, σ calibration, DP-SGD, ledger,
+update clipping) and ``LoraFedAvg.aggregate_fit`` / ``evaluate`` (claims and update
+validation, the weighted mean, FFA's per-column weights); what is left out is Flower's
+transport and SecAgg+'s masking, whose sum is the same weighted mean up to its
+quantization (``fedlora simulate`` runs exercise those; ``uplink`` bytes are the update
+tensors as serialized). Devices are sampled per round with the seed.
 
-Figure: (base − fed_dp_eps8) ÷ (base − central) after the last round, the share of
-the centralized non-DP loss reduction the federated DP run recovers. The curves
-(held-out loss by round) go to ``--plot`` (PNG, matplotlib's Agg backend).
-Without the play it prints ``{"skipped": ...}`` and exits 0.
+Figure: (base − fed_dp_eps8) ÷ (base − central) for ``--headline-variant`` (ffa), mean
+over seeds. Without the play it prints ``{"skipped": ...}`` and exits 0.
 
-    .venv/bin/python bench/utility.py [--quick] [--rounds 5] [--variants ...]
-                                      [--plot docs/img/utility_shakespeare.png] [--out DIR]
+    .venv/bin/python bench/utility.py [--quick] [--seeds 0 1 2] [--adapters lora ffa]
+        [--variants ...] [--learning-rate LR] [--plot docs/img/utility_shakespeare.png]
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import math
 import os
+import statistics
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import benchkit as bk
 
 PLAY = bk.REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-TARGET = 0.70
+TARGETS = {"central_gain_nats": 0.5, "eps8": 0.70, "eps2": 0.40}
 HEADLINE = "fed_dp_eps8"
-BASE_RECIPE = 1  # bump when the base build below changes (part of its cache key)
-
-VARIANTS: dict[str, dict[str, Any]] = {
-    "fed_nondp": {"privacy": {"enabled": False}, "secagg": {"enabled": False}},
-    "fed_dp_eps8": {"privacy": {"enabled": True, "epsilon": 8.0}, "secagg": {"enabled": False}},
-    "fed_dp_eps2": {"privacy": {"enabled": True, "epsilon": 2.0}, "secagg": {"enabled": False}},
-    "fed_nondp_secagg": {"privacy": {"enabled": False}, "secagg": {"enabled": True}},
-    "fed_dp_eps8_secagg": {
-        "privacy": {"enabled": True, "epsilon": 8.0},
-        "secagg": {"enabled": True},
-    },
-    "fed_dp_eps2_secagg": {
-        "privacy": {"enabled": True, "epsilon": 2.0},
-        "secagg": {"enabled": True},
-    },
-}
-QUICK_VARIANTS = ("fed_dp_eps8",)
+RECIPE_LR = 0.5
+FED = {"fed_nondp": None, "fed_dp_eps8": 8.0, "fed_dp_eps4": 4.0, "fed_dp_eps2": 2.0}
+CENTRAL = {"central": None, "central_dp_eps8": 8.0}
+VARIANTS = (*CENTRAL, *FED)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/utility.py", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_VARIANTS)}")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None)
-    p.add_argument("--devices", type=int, default=20, help="private roles (devices)")
-    p.add_argument("--per-round", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=10)
-    p.add_argument("--public-fraction", type=float, default=0.5)
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", type=Path, default=None, help="PNG of the curves")
-    p.add_argument("--out", type=Path, default=None)
     p.add_argument(
-        "--reuse",
-        action="store_true",
-        help="take a variant's completed run under --out (same config) instead of rerunning it",
+        "--quick", action="store_true", help="6 roles, 3/round, 3 rounds, 1 seed, central + ε=8"
+    )
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    p.add_argument("--adapters", nargs="+", choices=("lora", "ffa"), default=["lora", "ffa"])
+    p.add_argument("--headline-variant", choices=("lora", "ffa"), default="ffa")
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--devices", type=int, default=None, help="private roles (devices)")
+    p.add_argument("--per-round", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--local-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=RECIPE_LR,
+        help=f"local learning rate (default {RECIPE_LR}, the best of 0.2/0.5/1.0 measured "
+        "at ε = 8 for both adapters; training.learning_rate's default is 0.2)",
+    )
+    p.add_argument("--max-grad-norm", type=float, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="PNG of the curves by round")
+    p.add_argument("--out", type=Path, default=None, help="where the roles' JSONL goes")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="report the runs of these earlier outputs (same schedule) together, run nothing",
     )
     args = p.parse_args(argv)
-    if args.variants is None:
-        args.variants = list(QUICK_VARIANTS) if args.quick else list(VARIANTS)
+    sizes: dict[str, Any] = (
+        {"seeds": [0], "devices": 6, "per_round": 3, "rounds": 3, "variants": ["central", HEADLINE]}
+        if args.quick
+        else {"seeds": [0, 1, 2], "devices": 8, "per_round": 4, "rounds": 4, "variants": VARIANTS}
+    )
+    for key, value in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, list(value) if isinstance(value, (list, tuple)) else value)
     if HEADLINE not in args.variants:
-        args.variants.insert(0, HEADLINE)
+        args.variants.append(HEADLINE)
+    if "central" not in args.variants:
+        args.variants.insert(0, "central")
     return args
 
 
 # ------------------------------------------------------------------ data
 
 
-def split_play(path: Path, public_fraction: float, devices: int) -> tuple[list[str], list[Any]]:
-    """Public speeches (first part of the file) and the private roles' records."""
+def private_roles(path: Path, devices: int) -> tuple[list[Any], list[str]]:
+    """The speeches of the ``devices`` roles with the most speeches, and those roles."""
     from fedlora.data.shakespeare import shakespeare_records
 
     records = shakespeare_records(path)
-    cut = int(len(records) * public_fraction)
-    public, rest = records[:cut], records[cut:]
-    public_roles = {r.device for r in public}
     counts: dict[str, int] = {}
-    for r in rest:
-        if r.device not in public_roles:
-            counts[r.device] = counts.get(r.device, 0) + 1
-    chosen = sorted(counts, key=lambda d: (-counts[d], d))[:devices]
-    if len(chosen) < devices:
-        raise SystemExit(f"only {len(chosen)} private roles; ask for fewer --devices")
-    keep = set(chosen)
-    return [r.text for r in public], [r for r in rest if r.device in keep]
+    for r in records:
+        counts[r.device] = counts.get(r.device, 0) + 1
+    roles = sorted(counts, key=lambda d: (-counts[d], d))[:devices]
+    keep = set(roles)
+    return [r for r in records if r.device in keep], sorted(roles)
 
 
 def write_jsonl(records: list[Any], path: Path) -> Path:
@@ -123,143 +127,188 @@ def write_jsonl(records: list[Any], path: Path) -> Path:
     return path
 
 
-# ------------------------------------------------------------------ base model
+def config(args: argparse.Namespace, data: Path, adapter: str, seed: int, eps: float | None):
+    from fedlora.config import FedloraConfig
 
-
-def build_base(public: list[str], steps: int, seed: int) -> tuple[Path, dict[str, Any]]:
-    """A tiny LLaMA pretrained on the public speeches, cached by recipe and text."""
-
-    from fedlora.model import (
-        BaseModelSpec,
-        _portable_tokenizer_class,
-        mean_token_loss,
-        pretrained_llama,
-        train_tokenizer,
+    training: dict[str, Any] = {"rounds": args.rounds}
+    for key in ("local_steps", "batch_size", "learning_rate"):  # None: the config default
+        if getattr(args, key) is not None:
+            training[key] = getattr(args, key)
+    privacy: dict[str, Any] = {"enabled": eps is not None, "reproducible_noise": False}
+    if eps is not None:
+        privacy["epsilon"] = eps
+    if args.max_grad_norm is not None:
+        privacy["max_grad_norm"] = args.max_grad_norm
+    return FedloraConfig().replace(
+        seed=seed,
+        lora={"variant": adapter},
+        data={"path": str(data), "partition": "natural"},
+        fleet={
+            "num_devices": args.devices,
+            "devices_per_round": args.per_round,
+            "min_devices": min(3, args.per_round),
+        },
+        training=training,
+        privacy=privacy,
+        secagg={"enabled": False},
+        export={"enabled": False},
     )
-
-    spec = BaseModelSpec(name="shakespeare-public", pretrain_steps=steps, seed=seed)
-    digest = hashlib.sha256(
-        json.dumps({"spec": asdict(spec), "recipe": BASE_RECIPE}).encode()
-        + "\0".join(public).encode()
-    ).hexdigest()[:12]
-    root = Path(os.environ.get("FEDLORA_CACHE", "/tmp/fc")) / "bench"
-    final = root / f"{spec.name}-{digest}"
-    info_file = final / "bench_base.json"
-    if info_file.is_file():
-        return final, json.loads(info_file.read_text())
-    t0 = time.perf_counter()
-    held = public[-500:]
-    train = public[:-500]
-    tokenizer = train_tokenizer(train, spec.vocab_size, spec.max_positions)
-    model, losses = pretrained_llama(tokenizer, train, spec)
-    info = {
-        "public_speeches": len(train),
-        "pretrain_steps": steps,
-        "pretrain_first_loss": losses[0] if losses else None,
-        "pretrain_last_loss": losses[-1] if losses else None,
-        "public_heldout_loss": mean_token_loss(model, tokenizer, held, seq_len=spec.seq_len),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=root))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    _portable_tokenizer_class(tmp / "tokenizer_config.json")
-    info["build_s"] = round(time.perf_counter() - t0, 1)
-    (tmp / "bench_base.json").write_text(json.dumps(info, indent=2))
-    tmp.chmod(0o755)
-    os.replace(tmp, final)
-    return final, info
 
 
 # ------------------------------------------------------------------ runs
 
 
-def fed_config(args: argparse.Namespace, data: Path, model: Path, **sections: Any) -> dict:
-    base: dict[str, Any] = {
-        "seed": args.seed,
-        "model": {"path": str(model)},
-        "data": {"path": str(data), "partition": "natural"},
-        "fleet": {"num_devices": args.devices, "devices_per_round": args.per_round},
-        "training": {"rounds": args.rounds, "local_steps": args.local_steps},
-        "export": {"enabled": False},
-    }
-    for name, values in sections.items():
-        base[name] = {**base.get(name, {}), **values}
-    return bk.config_dict(**base)
-
-
-def reused(run_dir: Path, cfg: dict[str, Any]) -> bk.ChildRun | None:
-    """The completed run in ``run_dir`` if it ran this config (secagg.timeout_s aside)."""
-    run = bk.finished_run(run_dir)
-    if run is None:
-        return None
-    ran = json.loads((run_dir / "config.json").read_text())
-
-    def key(c: dict[str, Any]) -> dict[str, Any]:
-        sections = ("model", "data", "fleet", "training", "privacy", "lora", "seed")
-        out = {k: c.get(k) for k in sections}
-        out["secagg"] = c["secagg"]["enabled"]
-        return out
-
-    return run if key(ran) == key(cfg) else None
-
-
-def central(cfg_dict: dict[str, Any], rounds: int) -> dict[str, Any]:
-    """Non-DP LoRA on every private training record pooled, evaluated like the coordinator."""
-    import torch
+def federated(cfg: Any, work: Path) -> dict[str, Any]:
+    """``cfg.training.rounds`` rounds through DeviceClient and LoraFedAvg, in process."""
+    import numpy as np
+    from flwr.app import Context, RecordDict
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
     from fedlora import runtime
-    from fedlora.client.train import LocalTrainingPlan, train_lora
-    from fedlora.config import FedloraConfig
-    from fedlora.evaluation import mean_token_loss
+    from fedlora.client.device_client import DeviceClient
+    from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
+    from fedlora.server.app import make_evaluator
+    from fedlora.server.budget import FleetBudget
+    from fedlora.server.strategy import LoraFedAvg
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    cfg = FedloraConfig.from_dict(cfg_dict)
+    bundle = runtime.model_bundle(cfg)
+    clients = {}
+    budget = FleetBudget(
+        cfg.privacy, steps_per_round=cfg.training.local_steps, batch_size=cfg.training.batch_size
+    )
+    for i in range(cfg.fleet.num_devices):
+        ctx = Context(
+            run_id=1, node_id=i + 1, node_config={"partition-id": i}, state=RecordDict(),
+            run_config={},
+        )  # fmt: skip
+        clients[i + 1] = DeviceClient(cfg, ctx, device_root=work / "devices")
+        budget.register(i + 1, clients[i + 1].get_properties({}))
+    strategy = LoraFedAvg(
+        cfg, [a.copy() for a in bundle.initial_arrays], bundle.names, make_evaluator(cfg),
+        budget, work, run_id="1",
+    )  # fmt: skip
+    strategy.evaluate(0, ndarrays_to_parameters(strategy.global_arrays))
+    rng = np.random.default_rng(cfg.seed)
+    uplink: list[int] = []
+    started = time.perf_counter()
+    for rnd in range(1, cfg.training.rounds + 1):
+        nodes = sorted(int(n) + 1 for n in rng.choice(len(clients), cfg.fleet.devices_per_round,
+                                                      replace=False))  # fmt: skip
+        results = []
+        for node in nodes:
+            update, n, metrics = clients[node].fit(
+                [a.copy() for a in strategy.global_arrays],
+                {ROUND_KEY: rnd, NUM_ROUNDS_KEY: cfg.training.rounds},
+            )
+            params = ndarrays_to_parameters(update)
+            uplink.append(sum(len(t) for t in params.tensors))
+            res = FitRes(Status(Code.OK, ""), params, n, metrics)
+            results.append((SimpleNamespace(node_id=node), res))
+        new, _ = strategy.aggregate_fit(rnd, results, [])  # type: ignore[arg-type]
+        strategy.evaluate(rnd, new or ndarrays_to_parameters(strategy.global_arrays))
+    rows = strategy.rows
+    out = {
+        "eval_loss_by_round": [r["eval_loss"] for r in rows],
+        "devices_aggregated": [r["num_devices"] for r in rows[1:]],
+        "rejected": sum(r["rejected"] for r in rows),
+        "clipped_updates": sum(r["clipped"] for r in rows),
+        "uplink_bytes_per_device": statistics.mean(uplink),
+        "adapter_values_sent": int(sum(a.size for a in bundle.initial_arrays)),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    if cfg.privacy.enabled:
+        out["max_epsilon"] = budget.worst_epsilon()
+    runtime.clear()
+    return out
+
+
+def central(cfg: Any, eps: float | None) -> dict[str, Any]:
+    """LoRA on every role's training records pooled (DP-SGD at ``eps`` when given)."""
+    from fedlora import runtime
+    from fedlora.client.train import LocalTrainingPlan, train_lora
+    from fedlora.evaluation import mean_token_loss
+    from fedlora.privacy import calibrate_noise_multiplier
+
     fleet = runtime.fleet(cfg)
     bundle = runtime.model_bundle(cfg)
     pooled = tuple(t for d in fleet.devices for t in d.train)
     ids, mask = runtime.encoded(cfg, "central-train", pooled)
     eval_ids, eval_mask = runtime.encoded(cfg, "server-eval", fleet.server_eval)
-    t0 = time.perf_counter()
+    t = cfg.training
+    batch = t.batch_size * cfg.fleet.devices_per_round
+    sigma = None
+    if eps is not None:
+        q = min(1.0, batch / len(pooled))
+        sigma = calibrate_noise_multiplier(eps, cfg.privacy.delta, q, t.local_steps, t.rounds)
+    started = time.perf_counter()
     curve = [mean_token_loss(bundle.model, eval_ids, eval_mask)]
-    batch = cfg.training.batch_size * cfg.fleet.devices_per_round
-    for r in range(1, rounds + 1):
+    for r in range(1, t.rounds + 1):
         plan = LocalTrainingPlan(
-            steps=cfg.training.local_steps,
+            steps=t.local_steps,
             expected_batch_size=batch,
-            learning_rate=cfg.training.learning_rate,
+            learning_rate=t.learning_rate,
             max_grad_norm=cfg.privacy.max_grad_norm,
-            noise_multiplier=None,
+            noise_multiplier=sigma,
             seed=cfg.seed * 1000 + r,
         )
         train_lora(bundle.model, ids, mask, plan)
         curve.append(mean_token_loss(bundle.model, eval_ids, eval_mask))
     runtime.clear()
-    return {
+    out: dict[str, Any] = {
         "eval_loss_by_round": curve,
         "train_records": len(pooled),
         "expected_batch": batch,
-        "wall_s": round(time.perf_counter() - t0, 1),
+        "wall_s": round(time.perf_counter() - started, 1),
     }
-
-
-def fed(run: bk.ChildRun) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "eval_loss_by_round": [r["eval_loss"] for r in run.rows],
-        "devices_aggregated": [r["num_devices"] for r in run.rows[1:]],
-        "wall_s": round(run.wall_s, 1),
-        "run_dir": str(run.run_dir),
-    }
-    privacy = run.summary.get("privacy")
-    if privacy:
-        out["max_epsilon"] = privacy["max_epsilon"]
-        out["budget_epsilon"] = privacy["budget_epsilon"]
-        out["delta"] = privacy["delta"]
+    if sigma is not None:
+        out["noise_multiplier"] = sigma
     return out
 
 
-def plot(curves: dict[str, list[float]], base: float, path: Path, title: str) -> str | None:
+# ------------------------------------------------------------------ report
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": round(statistics.mean(values), 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
+
+
+def summarize(runs: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> dict[str, Any]:
+    """Per adapter and variant: final loss, perplexity, gain over base and share of the
+    centralized non-DP gain, each as mean/min/max over seeds (shares per seed)."""
+    out: dict[str, Any] = {}
+    for adapter, variants in runs.items():
+        central_runs = variants["central"]
+        rows: dict[str, Any] = {}
+        for name, by_seed in variants.items():
+            finals, gains, shares = [], [], []
+            for seed, res in by_seed.items():
+                base = res["eval_loss_by_round"][0]
+                final = res["eval_loss_by_round"][-1]
+                central_gain = base - central_runs[seed]["eval_loss_by_round"][-1]
+                finals.append(final)
+                gains.append(base - final)
+                shares.append((base - final) / central_gain if central_gain > 0 else math.nan)
+            rows[name] = {
+                "seeds": sorted(by_seed),
+                "final_loss": _stats(finals),
+                "final_perplexity": round(math.exp(statistics.mean(finals)), 2),
+                "gain_nats": _stats(gains),
+                "recovered_share": _stats(shares),
+                "ends_worse_than_base": any(g < 0 for g in gains),
+            }
+        out[adapter] = rows
+    return out
+
+
+def cfg_rounds(variants: dict[str, Any]) -> int:
+    return len(next(iter(next(iter(variants.values())).values()))["eval_loss_by_round"]) - 1
+
+
+def plot(runs: dict[str, Any], path: Path, title: str) -> str | None:
     try:
         import matplotlib
 
@@ -267,21 +316,64 @@ def plot(curves: dict[str, list[float]], base: float, path: Path, title: str) ->
         from matplotlib.figure import Figure
     except ImportError:
         return "matplotlib is not installed: no plot"
-    fig = Figure(figsize=(7, 4.2), dpi=110)
-    ax = fig.add_subplot()
-    ax.axhline(base, color="grey", linestyle=":", label="base (public pretraining only)")
-    for name, ys in curves.items():
-        style = "--" if name == "central" else ("-." if name.endswith("secagg") else "-")
-        ax.plot(range(len(ys)), ys, style, marker="o", markersize=3, label=name)
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out loss on private roles (nats/token)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    adapters = list(runs)
+    fig = Figure(figsize=(6.2 * len(adapters), 4.4), dpi=100)
+    for k, adapter in enumerate(adapters):
+        ax = fig.add_subplot(1, len(adapters), k + 1)
+        for name, by_seed in runs[adapter].items():
+            curves = [v["eval_loss_by_round"] for v in by_seed.values()]
+            mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
+            style = "--" if name.startswith("central") else "-"
+            ax.plot(range(len(mean)), mean, style, marker="o", markersize=3, label=name)
+        ax.set_xticks(range(cfg_rounds(runs[adapter]) + 1))
+        ax.set_xlabel("round")
+        ax.set_ylabel("held-out loss, private roles (nats/token)")
+        ax.set_title(f"{adapter}: {title}", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return None
+
+
+def run_all(args: argparse.Namespace, data: Path, out: Path) -> dict[str, Any]:
+    runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for adapter in args.adapters:
+        runs[adapter] = {}
+        for name in args.variants:
+            by_seed = runs[adapter].setdefault(name, {})
+            for seed in args.seeds:
+                eps = CENTRAL[name] if name in CENTRAL else FED[name]
+                cfg = config(args, data, adapter, seed, eps)
+                bk.log(f"utility: {adapter} {name} seed {seed}")
+                with bk.stdout_to_stderr():
+                    if name in CENTRAL:
+                        by_seed[seed] = central(cfg, eps)
+                    else:
+                        work = Path(tempfile.mkdtemp(prefix=f"{adapter}-{name}-", dir=out))
+                        by_seed[seed] = federated(cfg, work)
+                bk.log(f"  → {by_seed[seed]['eval_loss_by_round']}")
+    return runs
+
+
+def merged(paths: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The runs of several earlier outputs of this bench, adapter → variant → seed, the first
+    of each (adapter, variant, seed) in the order given; later runs of the same one are
+    returned apart, as repeats (DP noise from the OS differs from run to run)."""
+    runs: dict[str, Any] = {}
+    repeats: dict[str, Any] = {}
+    for path in paths:
+        for adapter, variants in json.loads(path.read_text())["runs"].items():
+            for name, by_seed in variants.items():
+                for seed, res in by_seed.items():
+                    slot = runs.setdefault(adapter, {}).setdefault(name, {})
+                    if int(seed) in slot:
+                        again = repeats.setdefault(adapter, {}).setdefault(name, {})
+                        again.setdefault(int(seed), []).append(res["eval_loss_by_round"])
+                    else:
+                        slot[int(seed)] = res
+    return runs, repeats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,77 +382,91 @@ def main(argv: list[str] | None = None) -> int:
     if not PLAY.is_file():
         bk.emit({"bench": "utility", "skipped": f"{PLAY} not found (tinyshakespeare is optional)"})
         return 0
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     started = time.perf_counter()
     out = args.out or Path(tempfile.mkdtemp(prefix="fedlora-bench-utility-"))
-    public, private = split_play(PLAY, args.public_fraction, args.devices)
-    data = write_jsonl(private, out / "private_roles.jsonl")
-    bk.log(f"utility: base model on {len(public)} public speeches")
-    with bk.stdout_to_stderr():
-        model, base_info = build_base(public, args.pretrain_steps, args.seed)
-    results: dict[str, dict[str, Any]] = {}
-    for name in args.variants:
-        cfg = fed_config(args, data, model, **VARIANTS[name])
-        run = reused(out / name, cfg) if args.reuse else None
-        if run is None:
-            bk.log(f"utility: {name}")
-            run = bk.simulate_child(cfg, out / name)
-        else:
-            bk.log(f"utility: {name} reused from {run.run_dir}")
-        results[name] = {**fed(run), **({"reused": True} if args.reuse else {})}
-    bk.log("utility: central")
-    with bk.stdout_to_stderr():
-        results["central"] = central(fed_config(args, data, model), args.rounds)
-    base = results[HEADLINE]["eval_loss_by_round"][0]
-    central_gain = base - results["central"]["eval_loss_by_round"][-1]
-    for res in results.values():
-        final = res["eval_loss_by_round"][-1]
-        res["final_loss"] = final
-        res["recovered_share"] = (
-            round((base - final) / central_gain, 3) if central_gain > 0 else None
-        )
-    figure = results[HEADLINE]["recovered_share"]
+    records, roles = private_roles(PLAY, args.devices)
+    data = write_jsonl(records, out / "private_roles.jsonl")
+    repeats: dict[str, Any] = {}
+    if args.merge:
+        runs, repeats = merged(args.merge)
+        args.adapters = list(runs)
+        args.seeds = sorted({int(s) for v in runs.values() for r in v.values() for s in r})
+    else:
+        runs = run_all(args, data, out)
+    summary = summarize(runs)
+    headline = args.headline_variant if args.headline_variant in summary else next(iter(summary))
+    head = summary[headline]
+    figure = head[HEADLINE]["recovered_share"]["mean"]
+    checks = {
+        "central_gain_nats": head["central"]["gain_nats"]["mean"],
+        "eps8_share": figure,
+        "eps2_share": head.get("fed_dp_eps2", {}).get("recovered_share", {}).get("mean"),
+        "no_eps_worse_than_base": not any(
+            v["ends_worse_than_base"] for k, v in head.items() if k.startswith("fed_dp")
+        ),
+    }
+    met = {
+        "central_gain": checks["central_gain_nats"] >= TARGETS["central_gain_nats"],
+        "eps8": figure >= TARGETS["eps8"],
+        "eps2": checks["eps2_share"] is not None and checks["eps2_share"] >= TARGETS["eps2"],
+        "no_eps_worse_than_base": checks["no_eps_worse_than_base"],
+    }
+    uplink = {a: next(iter(runs[a][HEADLINE].values()))["uplink_bytes_per_device"] for a in runs}
+    cfg0 = config(args, data, headline, args.seeds[0], None)
     note = None
     if args.plot is not None:
-        curves = {k: v["eval_loss_by_round"] for k, v in results.items()}
         note = plot(
-            curves,
-            base,
+            runs,
             args.plot,
-            f"tinyshakespeare, {args.devices} private roles, {args.per_round}/round, "
-            f"{args.local_steps} local steps; δ = 1e-5",
+            f"{args.devices} roles, {args.per_round}/round, {cfg0.training.local_steps} local "
+            f"steps, lr {cfg0.training.learning_rate:g}; mean over seeds {args.seeds}",
         )
-    roles = sorted({r.device for r in private})
     bk.emit(
         {
             "bench": "utility",
-            "figure": figure,
+            "figure": round(figure, 3),
             "unit": "ratio ((base − federated DP ε=8) ÷ (base − centralized non-DP) held-out loss)",
             "comparison": (
-                "share of the centralized non-DP LoRA loss reduction recovered by federated "
-                f"DP-SGD LoRA at ε = 8, δ = 1e-5 (no SecAgg+), after {args.rounds} rounds, on "
-                "held-out speeches of private roles the base never saw"
+                f"share of the centralized non-DP LoRA gain recovered by federated DP-SGD "
+                f"{headline} at ε = 8, δ = 1e-5, after {args.rounds} rounds, on "
+                f"held-out speeches of {args.devices} Shakespeare roles (mean of "
+                f"{len(args.seeds)} seeds); base: the embedded model, which never saw the play"
             ),
-            "target": TARGET,
-            "meets_target": bool(figure is not None and figure >= TARGET),
-            "base_loss": base,
-            "final_loss": {k: round(v["final_loss"], 4) for k, v in results.items()},
-            "recovered_share": {k: v["recovered_share"] for k, v in results.items()},
-            "base_model": {"path": str(model), **base_info},
+            "target": TARGETS["eps8"],
+            "targets": TARGETS,
+            "meets_target": bool(met["eps8"]),
+            "checks": checks,
+            "met": met,
+            "summary": summary,
+            "uplink_bytes_per_device": uplink,
+            "uplink_ffa_over_lora": round(uplink["ffa"] / uplink["lora"], 3)
+            if {"ffa", "lora"} <= set(uplink)
+            else None,
             "data": {
                 "play": str(PLAY),
-                "public_fraction": args.public_fraction,
-                "public_speeches": len(public),
-                "private_roles": len(roles),
-                "private_speeches": len(private),
                 "roles": roles,
+                "speeches": len(records),
+                "server_fraction": cfg0.data.server_fraction,
+                "heldout_fraction": cfg0.data.heldout_fraction,
             },
             "schedule": {
                 "rounds": args.rounds,
+                "devices": args.devices,
                 "devices_per_round": args.per_round,
-                "local_steps": args.local_steps,
-                "seed": args.seed,
+                "local_steps": cfg0.training.local_steps,
+                "batch_size": cfg0.training.batch_size,
+                "learning_rate": cfg0.training.learning_rate,
+                "max_grad_norm": cfg0.privacy.max_grad_norm,
+                "max_update_norm": cfg0.privacy.max_update_norm,
+                "lora_r": cfg0.lora.r,
+                "seeds": args.seeds,
             },
-            "variants": results,
+            "runs": runs,
+            **({"merged_from": [str(p) for p in args.merge]} if args.merge else {}),
+            **({"repeats": repeats} if repeats else {}),
             **({"plot": str(args.plot)} if args.plot and not note else {}),
             **({"plot_note": note} if note else {}),
             "quick": args.quick,

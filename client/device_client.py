@@ -222,8 +222,11 @@ class DeviceClient(NumPyClient):
             }
         )
 
+        # FFA-LoRA's nested ranks: a simulated device of a lower tier trains only the first
+        # `rank` columns of each lora_B and sends zeros in the rest.
+        rank = fleetsim.tier_rank(self.profile, cfg.lora.r)
         started = time.perf_counter()
-        result = train_lora(bundle.model, ids, mask, plan)
+        result = train_lora(bundle.model, ids, mask, plan, rank=rank if rank < cfg.lora.r else None)
         train_s = time.perf_counter() - started
         local = get_adapter_arrays(bundle.model)
         raw = [(lo - gl).astype(np.float32) for lo, gl in zip(local, parameters, strict=True)]
@@ -246,6 +249,8 @@ class DeviceClient(NumPyClient):
             # Seconds of local training compute (DP-SGD steps), as this device measured it.
             "train_s": train_s,
         }
+        if cfg.lora.variant == "ffa":
+            metrics["lora_rank"] = rank  # the coordinator weighs B's columns by it
         if sigma is not None:
             event = DPSGDEvent(
                 device=self.device,

@@ -293,6 +293,32 @@ class InjectedNoiseDPOptimizer(DPOptimizer):
             _mark_as_processed(summed)
 
 
+class _TierColumns:
+    """The columns ``rank:`` of every trainable ``lora_B``, kept out of training."""
+
+    def __init__(self, model: nn.Module, rank: int | None) -> None:
+        self.rank = rank
+        self.frozen: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        if rank is None:
+            return
+        for name, p in model.named_parameters():
+            if p.requires_grad and ".lora_B." in name and p.shape[-1] > rank:
+                self.frozen.append((p, p.detach()[:, rank:].clone()))
+
+    def zero_gradients(self) -> None:
+        for p, _ in self.frozen:
+            sample = getattr(p, "grad_sample", None)
+            if sample is not None:
+                sample[..., self.rank :] = 0
+            if p.grad is not None:
+                p.grad[:, self.rank :] = 0
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, kept in self.frozen:
+                p[:, self.rank :] = kept
+
+
 def train_lora(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -300,6 +326,7 @@ def train_lora(
     plan: LocalTrainingPlan,
     *,
     per_sample: Literal["auto", "opacus"] = "auto",
+    rank: int | None = None,
 ) -> LocalTrainingResult:
     """Train the model's trainable (LoRA) parameters in place for ``plan.steps`` steps.
 
@@ -311,12 +338,17 @@ def train_lora(
     The batches and the noise come from ``plan.randomness`` (see :class:`LocalTrainingPlan`).
     ``per_sample`` picks how per-sample gradients are computed (:func:`grad_sampler`);
     ``"opacus"`` forces Opacus' ``GradSampleModule``, for comparisons.
+    ``rank`` (a device tier with FFA-LoRA's nested ranks): only the first ``rank`` columns
+    of every trainable ``lora_B`` train; the others keep their values. Their (per-sample)
+    gradients are zeroed before clipping, so the clipping norm is spent on what trains,
+    and the noise DP-SGD adds to them is discarded (post-processing).
     """
     num_records = int(input_ids.shape[0])
     q = plan.sample_rate(num_records)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters: attach a LoRA adapter first")
+    tier = _TierColumns(model, rank)
 
     dp = plan.noise_multiplier is not None
     base_optimizer = torch.optim.SGD(params, lr=plan.learning_rate)
@@ -355,6 +387,7 @@ def train_lora(
                     for p in params:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
                     optimizer.step()
+                    tier.restore()
                 continue
             ids, mask = input_ids[batch], attention_mask[batch]
             if sampler is not None:
@@ -363,7 +396,9 @@ def train_lora(
             else:
                 per_seq = sequence_losses(model, ids, mask)
                 per_seq.mean().backward()
+            tier.zero_gradients()
             optimizer.step()
+            tier.restore()
             losses.append(float(per_seq.detach().mean()))
     finally:
         if sampler is not None:

@@ -7,6 +7,12 @@ process that builds the same base model with the same settings).
 :func:`set_adapter_arrays` checks a whole update before it writes any of it,
 so a malformed update leaves the model untouched.
 
+With ``lora.variant: "ffa"`` (FFA-LoRA) every ``lora_A`` is frozen at a value drawn from
+the run's seed and its module's name (:func:`ffa_lora_a`), so every process that attaches
+the adapter with the same seed holds the same A; only the ``lora_B`` tensors train and
+travel (:func:`adapter_names` lists B only), and :func:`save_adapter` still writes A and B
+in PEFT format.
+
 Which linear layers get LoRA is the settings' list, or by default the model family's
 attention and MLP projections (:func:`default_targets`); the saved adapter records the
 list that was used (PEFT's ``adapter_config.json`` and ``fedlora_adapter.json``).
@@ -14,7 +20,9 @@ list that was used (PEFT's ``adapter_config.json`` and ``fedlora_adapter.json``)
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -71,9 +79,48 @@ def attach_lora(model: Any, settings: LoraSettings, *, seed: int | None = None) 
         if seed is not None:
             torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
+    if settings.variant == "ffa":
+        _freeze_ffa_a(peft_model, 0 if seed is None else seed)
+    exchanged = _exchanged_test(settings.variant)
     for name, param in peft_model.named_parameters():
-        param.requires_grad_(_is_lora(name))
+        param.requires_grad_(exchanged(name))
     return peft_model
+
+
+#: Attribute on a PEFT model that says which LoRA variant was attached (``"ffa"`` only).
+_VARIANT_ATTR = "fedlora_lora_variant"
+
+
+def ffa_lora_a(seed: int, module_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """FFA-LoRA's frozen ``lora_A`` of one module: PEFT's default (Kaiming-uniform,
+    bound 1/√in_features) drawn from a generator keyed by the run's seed and the module's
+    name, so it depends on nothing else (not the device, not the order of modules)."""
+    key = hashlib.blake2b(f"ffa-lora-A\x1f{seed}\x1f{module_name}".encode(), digest_size=8)
+    gen = torch.Generator().manual_seed(int.from_bytes(key.digest(), "big") & (2**63 - 1))
+    bound = 1.0 / math.sqrt(shape[1])
+    return (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).float()
+
+
+def _freeze_ffa_a(peft_model: Any, seed: int) -> None:
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if not isinstance(lora_a, torch.nn.ModuleDict):
+                continue
+            for layer in lora_a.values():
+                w: torch.Tensor = layer.weight  # type: ignore[assignment]
+                w.copy_(ffa_lora_a(seed, name, tuple(w.shape)).to(w.dtype))
+    setattr(peft_model, _VARIANT_ATTR, "ffa")
+
+
+def lora_variant(peft_model: Any) -> str:
+    """``"ffa"`` for a model :func:`attach_lora` gave a frozen ``lora_A``, else ``"lora"``."""
+    return "ffa" if getattr(peft_model, _VARIANT_ATTR, None) == "ffa" else "lora"
+
+
+def _exchanged_test(variant: str) -> Any:
+    """Which parameter names are trained and exchanged: A and B, or B only (FFA)."""
+    return _is_lora_b if variant == "ffa" else _is_lora
 
 
 def resolve_targets(model: Any, settings: LoraSettings) -> tuple[str, ...]:
@@ -132,16 +179,19 @@ def _is_lora(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
+def _is_lora_b(name: str) -> bool:
+    return ".lora_B." in name
+
+
 def adapter_names(peft_model: Any) -> list[str]:
-    """Names of the LoRA tensors, in the model's registration order."""
-    names = [name for name, _ in peft_model.named_parameters() if _is_lora(name)]
-    if not names:
-        raise ModelError("the model has no LoRA tensors; call attach_lora() first")
-    return names
+    """Names of the LoRA tensors that train and travel, in the model's registration order
+    (``lora_A`` and ``lora_B``; ``lora_B`` only with FFA)."""
+    return [name for name, _ in _lora_params(peft_model)]
 
 
 def _lora_params(peft_model: Any) -> list[tuple[str, torch.nn.Parameter]]:
-    params = [(n, p) for n, p in peft_model.named_parameters() if _is_lora(n)]
+    exchanged = _exchanged_test(lora_variant(peft_model))
+    params = [(n, p) for n, p in peft_model.named_parameters() if exchanged(n)]
     if not params:
         raise ModelError("the model has no LoRA tensors; call attach_lora() first")
     return params
@@ -187,6 +237,8 @@ def save_adapter(
     """
     out = Path(out_dir)
     meta = {**(metadata or {}), "lora_target_modules": lora_targets(peft_model)}
+    if lora_variant(peft_model) == "ffa":
+        meta["lora_variant"] = "ffa"  # lora_A is the seeded, frozen one (saved with B)
     try:
         meta_text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as err:

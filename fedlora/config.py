@@ -45,6 +45,10 @@ class ModelSection:
     path: str | None = None
 
 
+#: ``lora.variant``: plain LoRA (A and B trained), or FFA-LoRA (A frozen, B trained).
+LORA_VARIANTS = ("lora", "ffa")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA rank, scaling (``alpha / r``), dropout and the linear layers it adapts.
@@ -55,14 +59,25 @@ class LoraSettings:
     was before it depended on the model; qkv/o + gate_up/down for Phi-3), never the
     embeddings or ``lm_head``. The adapter records what was targeted. A list is used as
     given: each entry names a linear layer exactly or by a dotted suffix.
+
+    ``variant``: ``"lora"`` (the default) trains and exchanges both ``lora_A`` and
+    ``lora_B``; ``"ffa"`` (FFA-LoRA, Sun et al. 2024) freezes every ``lora_A`` at a value
+    drawn from the run's seed and the module's name (the same on every device and on the
+    coordinator) and trains and exchanges ``lora_B`` only, so the mean of the devices'
+    updates is exactly the mean of their ``ΔW = ΔB·A``.
     """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
+    variant: str = "lora"
 
     def __post_init__(self) -> None:
+        if self.variant not in LORA_VARIANTS:
+            raise ConfigError(
+                f"lora variant must be one of {', '.join(LORA_VARIANTS)}, got {self.variant!r}"
+            )
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"lora r must be a positive integer, got {self.r!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
@@ -143,6 +158,9 @@ class DeviceProfile:
       (null: the run's).
     - ``data_scale``: multiplies the device's number of records in the embedded
       fleet (log-normal, median 100); 1 with ``data.path`` set.
+    - ``lora_rank``: the device's tier with ``lora.variant: "ffa"``: it trains only the
+      first ``lora_rank`` columns of every ``lora_B`` (of ``lora.r``) and sends zeros in
+      the others (null: all ``lora.r``).
     """
 
     name: str
@@ -152,9 +170,14 @@ class DeviceProfile:
     dropout: float = 0.0
     budget_epsilon: float | None = None
     data_scale: float = 1.0
+    lora_rank: int | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "name must be a non-empty string")
+        _require(
+            self.lora_rank is None or self.lora_rank >= 1,
+            f"lora_rank must be a positive integer (or null), got {self.lora_rank}",
+        )
         _require(0 < self.share <= 1, f"share must be in (0, 1], got {self.share}")
         _require(0 < self.speed <= 1, f"speed must be in (0, 1], got {self.speed}")
         for key in ("availability", "dropout"):
@@ -436,6 +459,20 @@ class FedloraConfig:
                     f"fleet.profiles[{i}].data_scale applies to the embedded fleet only "
                     f"(data.path is set): remove it or set it to 1, got {p.data_scale:g}",
                 )
+        for i, p in enumerate(self.fleet.profiles):
+            if p.lora_rank is None:
+                continue
+            _require(
+                self.lora.variant == "ffa",
+                f'fleet.profiles[{i}].lora_rank needs lora.variant "ffa" (nested ranks '
+                "aggregate exactly only with lora_A frozen and shared), got "
+                f"{self.lora.variant!r}",
+            )
+            _require(
+                p.lora_rank <= self.lora.r,
+                f"fleet.profiles[{i}].lora_rank ({p.lora_rank}) exceeds lora.r "
+                f"({self.lora.r}), the rank every device's lora_A has",
+            )
         norm = self.privacy.max_update_norm
         if norm is not None:
             _require(

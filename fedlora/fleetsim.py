@@ -55,6 +55,13 @@ def profile_of(fleet: FleetSection, seed: int, device: str) -> DeviceProfile | N
     return fleet.profiles[-1]  # shares sum to 1 up to rounding
 
 
+def tier_rank(profile: DeviceProfile | None, lora_r: int) -> int:
+    """The LoRA rank a device of ``profile`` trains (its ``lora_rank``, else ``lora_r``)."""
+    if profile is None or profile.lora_rank is None:
+        return lora_r
+    return profile.lora_rank
+
+
 def is_online(fleet: FleetSection, seed: int, device: str, server_round: int) -> bool:
     """Whether the device is online in ``server_round`` (always, without profiles)."""
     p = profile_of(fleet, seed, device)

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from fedlora import fleetsim
+from fedlora.config import FedloraConfig
 from fedlora.errors import PrivacyError, UpdateError
 from fedlora.privacy import DPSGDEvent, epsilon_for
 
@@ -37,6 +39,7 @@ REASONS = (
     "num_examples",  # ≤ 0, or more records than the device reported at discovery
     "privacy_event",  # its DP-SGD event is incomplete, invalid, a replay, or missing
     "masked_vector",  # SecAgg+: its masked payload is not the size (or range) it must be
+    "lora_rank",  # FFA: a rank other than its tier's, or values in columns it does not train
 )
 
 #: Room for float32 rounding when a device scales its update to exactly the bound.
@@ -266,6 +269,74 @@ def weighted_mean(updates: Sequence[tuple[Sequence[np.ndarray], int]]) -> list[n
         for slot, a in zip(acc, arrays, strict=True):
             slot += np.asarray(a, dtype=np.float64) * n
     return [(slot / total).astype(np.float32) for slot in acc]
+
+
+def check_tier(
+    cfg: FedloraConfig,
+    metrics: Mapping[str, Any],
+    profiles: Mapping[str, str],
+    arrays: Sequence[np.ndarray],
+    who: str,
+) -> int:
+    """The LoRA rank an accepted update was trained at: ``lora.r``, or with FFA-LoRA the
+    device's tier, which the coordinator draws itself for a simulated device with a
+    profile (``profiles``: device → profile name, from discovery), checked by
+    :func:`validate_tier`. A device without a profile (a deployed one) trains all ``lora.r``."""
+    r = cfg.lora.r
+    if cfg.lora.variant != "ffa":
+        return r
+    device = str(metrics.get("device"))
+    profile = fleetsim.profile_of(cfg.fleet, cfg.seed, device) if device in profiles else None
+    return validate_tier(metrics, fleetsim.tier_rank(profile, r), arrays, who)
+
+
+def validate_tier(
+    metrics: Mapping[str, Any], rank: int, arrays: Sequence[np.ndarray], who: str
+) -> int:
+    """``rank``, the device's tier (FFA-LoRA's nested ranks), if the update says so and,
+    when its tensors are at hand (plain aggregation), has only zeros in every ``lora_B``
+    column from ``rank`` on; otherwise :class:`UpdateRejected` ("lora_rank").
+
+    The coordinator knows the tier (from the config's profiles) and checks the plaintext
+    claim against it: the claim sets how much the device's columns weigh in the mean.
+    """
+    claimed = metrics.get("lora_rank")
+    if not _is_int(claimed) or claimed != rank:
+        raise UpdateRejected(
+            "lora_rank", f"{who} claims LoRA rank {claimed!r}, its tier's is {rank}"
+        )
+    for i, a in enumerate(arrays):
+        if a.ndim == 2 and a.shape[1] > rank and np.any(a[:, rank:]):
+            raise UpdateRejected(
+                "lora_rank", f"{who}: tensor {i} has values in lora_B columns ≥ its rank {rank}"
+            )
+    return rank
+
+
+def nested_column_scale(tiers: Sequence[tuple[int, int]], r_max: int) -> np.ndarray:
+    """Per ``lora_B`` column j, Σ_all n ÷ Σ_{devices with rank > j} n (0 if none trained it).
+
+    ``tiers`` holds each aggregated device's (num_examples, rank). The weighted mean of
+    all updates, Σ n_i u_i ÷ Σ n_i (what plain averaging and SecAgg+ both give), has in
+    column j only the devices that trained it in the numerator (the others sent zeros);
+    times this factor it is their own weighted mean.
+    """
+    total = float(sum(n for n, _ in tiers))
+    scale = np.zeros(r_max, dtype=np.float64)
+    for j in range(r_max):
+        trained = float(sum(n for n, r in tiers if r > j))
+        scale[j] = total / trained if trained > 0 else 0.0
+    return scale
+
+
+def rescale_columns(mean: Sequence[np.ndarray], scale: np.ndarray) -> list[np.ndarray]:
+    """Each ``lora_B`` tensor ``[out, r]`` of a mean update with column j times ``scale[j]``."""
+    out = []
+    for a in mean:
+        if a.ndim != 2 or a.shape[1] != scale.shape[0]:
+            raise UpdateError(f"a lora_B tensor has shape {a.shape}, not [*, {scale.shape[0]}]")
+        out.append((a.astype(np.float64) * scale[None, :]).astype(np.float32))
+    return out
 
 
 def apply_update(

@@ -65,6 +65,9 @@ from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
 from fedlora.server.aggregate import (
     UpdateRejected,
     apply_update,
+    check_tier,
+    nested_column_scale,
+    rescale_columns,
     secagg_error_bound,
     validate_claims,
     validate_event,
@@ -111,6 +114,8 @@ class _RoundState:
     verdicts: dict[int, UpdateRejected | None] = field(default_factory=dict)
     #: SecAgg+: results rejected only after unmasking (no verdict from before): in the sum.
     rejected_in_sum: int = 0
+    #: (num_examples, LoRA rank) of each accepted update (FFA-LoRA's nested ranks).
+    tiers: list[tuple[int, int]] = field(default_factory=list)
     skipped_reason: str | None = None
     discarded_reason: str | None = None
     failed_reason: str | None = None
@@ -249,6 +254,8 @@ class LoraFedAvg(Strategy):
             mean = self._secagg_mean(results, accepted)
         else:
             mean = self._plain_mean(accepted)
+        if mean is not None and self.cfg.lora.variant == "ffa":  # nested ranks: per column
+            mean = rescale_columns(mean, nested_column_scale(st.tiers, self.cfg.lora.r))
         if mean is None:
             if st.discarded_reason:
                 log.error("round %d: aggregate discarded: %s", server_round, st.discarded_reason)
@@ -327,12 +334,14 @@ class LoraFedAvg(Strategy):
                     arrays: list[np.ndarray] = []
                 else:
                     arrays = self._check(server_round, proxy.node_id, res, who)
+                rank = check_tier(self.cfg, res.metrics, self.budget.profiles, arrays, who)
             except UpdateRejected as exc:
                 st.rejected_in_sum += proxy.node_id not in st.verdicts
                 st.rejected_by_reason[exc.reason] += 1
                 log.warning("round %d: rejected (%s): %s", server_round, exc.reason, exc)
                 continue
             accepted.append((arrays, res.num_examples))
+            st.tiers.append((res.num_examples, rank))
             loss = res.metrics.get("train_loss")
             if isinstance(loss, float) and math.isfinite(loss) and loss >= 0:
                 st.train_losses.append(loss)
@@ -367,6 +376,8 @@ class LoraFedAvg(Strategy):
             who = f"update from node {nid}"
             try:
                 self._check(server_round, nid, res, who)
+                # a tier claim that does not hold would weigh its columns wrongly in the mean
+                check_tier(self.cfg, res.metrics, self.budget.profiles, [], who)
                 if nid in malformed:
                     raise UpdateRejected("masked_vector", f"{who}: {malformed[nid]}")
                 st.verdicts[nid] = None
