@@ -49,7 +49,7 @@ def test_cli_audit_writes_the_bound_and_the_report_shows_it(tmp_path, capsys):
     from fedlora.cli import main
 
     config = tmp_path / "cfg.json"
-    cfg = tiny_config(8.0, rounds=2)
+    cfg = tiny_config(8.0, rounds=1)
     config.write_text(json.dumps(cfg.to_dict()))
     out = tmp_path / "audit"
     try:
