@@ -28,6 +28,7 @@ ORDER = (
     "fleet_scale",
     "utility",
     "export_formats",
+    "audit",
 )
 WHAT = {
     "dp_overhead": "`bench/dp_overhead.py` — CPU s per optimizer step, DP-SGD ÷ plain SGD, "
@@ -43,6 +44,8 @@ WHAT = {
     "DP FFA-LoRA (ε = 8)",
     "export_formats": "`bench/export_formats.py RUN_DIR` — each on-device format's size and "
     "quality against the merged fp32 model",
+    "audit": "`bench/audit.py` — empirical privacy audit (one run, canaries, 95%): ε lower "
+    "bound ÷ claimed ε at ε = 8, default fleet",
 }
 
 
@@ -163,6 +166,17 @@ def details_export(r: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def details_audit(r: dict[str, Any]) -> str:
+    parts = [f"{r['canaries']} canaries, {r['rounds']} rounds"]
+    for name, v in r.get("variants", {}).items():
+        parts.append(
+            f"{name}: ε ≥ {v['epsilon_lower_bound']:.2f} vs claimed {v['claimed_epsilon']:.2f} "
+            f"({v['correct']}/{v['guesses']} right, at most {v['max_possible']:.2f} showable; "
+            f"{v['wall_s']:.0f} s)"
+        )
+    return "; ".join(parts)
+
+
 DETAILS: dict[str, Callable[[dict[str, Any]], str]] = {
     "dp_overhead": details_dp,
     "secagg_overhead": details_secagg,
@@ -170,6 +184,7 @@ DETAILS: dict[str, Callable[[dict[str, Any]], str]] = {
     "fleet_scale": details_scale,
     "utility": details_utility,
     "export_formats": details_export,
+    "audit": details_audit,
 }
 
 

@@ -48,6 +48,7 @@ SUITE: tuple[Bench, ...] = (
         "export_formats", "export_formats.py", quick=("--formats", "int8", "gguf-q8_0"), runs=False
     ),
     Bench("fleet_scale", "fleet_scale.py"),
+    Bench("audit", "audit.py"),
 )
 
 

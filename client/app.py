@@ -20,6 +20,7 @@ from flwr.clientapp.typing import Mod
 from fedlora.client.mods import secagg_mod
 
 if TYPE_CHECKING:
+    from fedlora.client.device_client import DataHook
     from fedlora.config import FedloraConfig
 
 
@@ -27,6 +28,7 @@ def make_client_app(
     cfg: FedloraConfig | None = None,
     device_root: Path | None = None,
     outer_mods: Sequence[Mod] = (),
+    data_hook: DataHook | None = None,
 ) -> ClientApp:
     """The ClientApp; with ``cfg`` None it reads the config from the run config.
 
@@ -37,7 +39,9 @@ def make_client_app(
     ``device_root`` gives each simulated device a directory of its own
     (``device_root/<device>/ledger.json``) standing in for its local disk.
     ``outer_mods`` run outside SecAgg+ (``fedlora simulate`` puts the simulated fleet's
-    :func:`fedlora.client.simulated.simulated_fleet_mod` there).
+    :func:`fedlora.client.simulated.simulated_fleet_mod` there). ``data_hook`` changes
+    each simulated device's records (``fedlora audit`` inserts its canaries with it; a
+    normal run has none).
     """
     required = cfg.secagg.enabled if cfg is not None else False
 
@@ -53,7 +57,7 @@ def make_client_app(
 
         torch.set_num_threads(1)  # one core per simulated device; Ray gives each actor one
         resolved = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
-        return DeviceClient(resolved, context, device_root).to_client()
+        return DeviceClient(resolved, context, device_root, data_hook).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[*outer_mods, secagg_mod(required, cfg)])
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,20 @@ def plan_noise(
     return p.noise_multiplier
 
 
+#: ``hook(partition_id, records) -> records`` changes a simulated device's records before
+#: it uses them; only ``fedlora audit`` passes one (its canaries, :mod:`fedlora.data.canaries`).
+DataHook = Callable[[int, DeviceData], DeviceData]
+
+
 class DeviceClient(NumPyClient):
     """One device: its data, its model replica (shared per worker), its ledger."""
 
     def __init__(
-        self, cfg: FedloraConfig, context: Context, device_root: Path | None = None
+        self,
+        cfg: FedloraConfig,
+        context: Context,
+        device_root: Path | None = None,
+        data_hook: DataHook | None = None,
     ) -> None:
         self.cfg = cfg
         self.context = context
@@ -123,6 +133,9 @@ class DeviceClient(NumPyClient):
             self.index = int(pid)
             self.device, self._num_train = runtime.device_info(cfg, self.index)
             self._data = None
+            if data_hook is not None:  # the audit's canaries: the records change, so read now
+                self._data = data_hook(self.index, runtime.device_data(cfg, self.index))
+                self._num_train = len(self._data.train)
             self.profile = fleetsim.profile_of(cfg.fleet, cfg.seed, self.device)
         # The device's own cap: it never trains past min(its budget, the run's budget).
         own = node.get("budget-epsilon")

@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ class ExportAfterTrainingError(ExportError):
             f"`fedlora export {run_dir}`"
         )
         self.summary = summary
+
+
+#: What ``run.json`` says of a run whose devices' records were changed (``fedlora audit``).
+AUDIT_RUN = "canaries inserted by fedlora audit (not resumable)"
 
 
 def prepare(cfg: FedloraConfig) -> dict[str, Any]:
@@ -103,8 +108,15 @@ def simulate(
     force: bool = False,
     verbose: bool = False,
     show_progress: bool = True,
+    data_hook: Any = None,
+    client_mods: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Run the simulated fleet; returns the run summary (also written to ``run.json``)."""
+    """Run the simulated fleet; returns the run summary (also written to ``run.json``).
+
+    ``data_hook`` (:data:`fedlora.client.device_client.DataHook`) changes each simulated
+    device's records: only ``fedlora audit`` passes one, to insert its canaries.
+    ``client_mods``: more ClientApp mods, outermost (tests' faults; none in a normal run).
+    """
     import shutil
 
     if not verbose:
@@ -125,7 +137,11 @@ def simulate(
         "started": time.time(),
         **_process_id(),
     }
-    return _run_and_record(cfg, run_dir, info, status, verbose, show_progress, None)
+    if data_hook is not None:
+        status["audit"] = AUDIT_RUN
+    return _run_and_record(
+        cfg, run_dir, info, status, verbose, show_progress, None, data_hook, client_mods
+    )
 
 
 def resume_simulation(
@@ -151,6 +167,11 @@ def resume_simulation(
             f"run {run_dir} is still running (pid {status.get('pid')}): stop it first, or "
             "wait for it to finish"
         )
+    if isinstance(status, dict) and status.get("audit"):
+        raise ConfigError(
+            f"{run_dir} is a `fedlora audit` run: resuming it would train on without its "
+            "canaries; run the audit again with --force"
+        )
     cfg, state = resumable_run(run_dir, statuses=("interrupted", "failed", "running"))
     info = prepare(cfg)
     status.pop("error", None)
@@ -167,11 +188,15 @@ def _run_and_record(
     verbose: bool,
     show_progress: bool,
     resume: Any,
+    data_hook: Any = None,
+    client_mods: Sequence[Any] = (),
 ) -> dict[str, Any]:
     write_json(run_dir / "run.json", status)
     t0 = time.perf_counter()
     try:
-        rows, coordinator = _run_engine(cfg, run_dir, info, verbose, show_progress, resume)
+        rows, coordinator = _run_engine(
+            cfg, run_dir, info, verbose, show_progress, resume, data_hook, client_mods
+        )
     except BaseException as exc:  # record the failure, then let the CLI report it
         status.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         write_json(run_dir / "run.json", status)
@@ -254,6 +279,8 @@ def _run_engine(
     verbose: bool,
     show_progress: bool,
     resume: Any = None,
+    data_hook: Any = None,
+    client_mods: Sequence[Any] = (),
 ) -> tuple[list[dict[str, Any]], Any]:
     from flwr.simulation import run_simulation
 
@@ -268,8 +295,10 @@ def _run_engine(
             cfg, run_dir, observer=progress.on_round, result=result, resume=resume
         )
         # Simulation only: profiles' dropouts and speeds (no-op without fleet.profiles).
-        outer = [simulated_fleet_mod(cfg)] if cfg.fleet.profiles else []
-        client_app = make_client_app(cfg, device_root=run_dir / "devices", outer_mods=outer)
+        outer = [*client_mods, *([simulated_fleet_mod(cfg)] if cfg.fleet.profiles else [])]
+        client_app = make_client_app(
+            cfg, device_root=run_dir / "devices", outer_mods=outer, data_hook=data_hook
+        )
         run_simulation(
             server_app=server_app,
             client_app=client_app,

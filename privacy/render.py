@@ -113,6 +113,27 @@ def fleet_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def audit_lines(report: dict[str, Any]) -> list[str]:
+    """The empirical audit beside the claim (``fedlora audit``), or nothing without one."""
+    audit = report.get("audit")
+    if not audit:
+        return []
+    claimed = audit.get("claimed") or {}
+    lines = [
+        f"measured lower bound: ε ≥ {audit['epsilon_lower_bound']:.3f} at δ = "
+        f"{audit['delta']:g}, {audit['confidence']:.0%} confidence",
+        f"claimed: ε = {fmt_epsilon(claimed.get('epsilon'))} at δ = {claimed.get('delta', 0):g} "
+        f"({claimed.get('accountant', '?')} accountant)",
+        f"{audit['canaries']} canaries ({audit['included']} inserted), {audit['guesses']} "
+        f"guesses, {audit['correct']} right; these canaries could show at most "
+        f"ε ≥ {audit['max_possible']:.2f}",
+        f"score: {audit['score']}; method: {audit['method']}",
+        "a lower bound, not a guarantee: a bound at or below the claim is what a correct "
+        "run shows, one above it refutes the claim",
+    ]
+    return lines
+
+
 def round_table(report: dict[str, Any]) -> list[list[str]]:
     """Per federated round: devices trained, and the fleet's worst-case and median ε after it."""
     return [
@@ -152,6 +173,8 @@ def render_table(report: dict[str, Any]) -> str:
         "Fleet: " + "\n       ".join(fleet_lines(report)),
         f"Exhausted means: {report['exhaustion_rule']}.",
     ]
+    if report.get("audit"):
+        parts += ["", "Audit: " + "\n       ".join(audit_lines(report))]
     if report["fleet"]["rounds"]:
         rounds_numeric = frozenset(ROUND_COLUMNS)
         parts += ["", _text_table(ROUND_COLUMNS, round_table(report), rounds_numeric)]
@@ -191,6 +214,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         *(f"- {line}" for line in fleet_lines(report)),
         f"- exhausted means: {report['exhaustion_rule']}",
     ]
+    if report.get("audit"):
+        parts += ["", "## Empirical audit", "", *(f"- {line}" for line in audit_lines(report))]
     if report["fleet"]["rounds"]:
         parts += [
             "",

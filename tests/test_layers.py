@@ -34,6 +34,7 @@ RANKS = {
     "fedlora.reporting": 1,
     "fedlora.client": 2,
     "fedlora.server": 2,
+    "fedlora.audit": 3,
     "fedlora.cli": 3,
     "fedlora.simulate": 3,
     "fedlora.testing": 3,

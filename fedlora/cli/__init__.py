@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_report_arguments(report)
 
+    from fedlora.cli.audit import add_audit_parser
+
+    add_audit_parser(sub)
     from fedlora.cli.export import add_export_parser
 
     add_export_parser(sub)

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from fedlora.privacy.render import (
     DEVICE_COLUMNS,
     ROUND_COLUMNS,
+    audit_lines,
     device_table,
     fleet_lines,
     headline,
@@ -97,6 +98,14 @@ def _data_block(report: dict[str, Any]) -> str:
     return f'<script type="application/json" id="report-data">{text}</script>'
 
 
+def _audit(report: dict[str, Any]) -> str:
+    lines = audit_lines(report)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{escape(line)}</li>" for line in lines)
+    return f"<h2>Empirical audit</h2><ul>{items}</ul>"
+
+
 def render_html(
     report: dict[str, Any],
     figures: Mapping[str, Figure] | None = None,
@@ -121,6 +130,7 @@ def render_html(
         notes,
         "<h2>Fleet</h2>",
         f"<ul>{fleet}<li>exhausted means: {escape(report['exhaustion_rule'])}</li></ul>",
+        _audit(report),
         _figure("epsilon_by_round", report, figures),
         _figure("epsilon_distribution", report, figures),
         _figure("budget_remaining", report, figures),

@@ -152,9 +152,13 @@ def report_for(
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """The privacy report of a run at ``delta`` (default: the run's δ)."""
+    """The privacy report of a run at ``delta`` (default: the run's δ); with the run's
+    ``audit.json`` (``fedlora audit``), its lower bound beside the claim (``report["audit"]``,
+    at the run's δ)."""
+    from fedlora.reporting.audit import audit_summary, read_audit
+
     privacy = run.config.privacy
-    return build_report(
+    report = build_report(
         run.ledger,
         {device: privacy.epsilon for device in run.ledger.devices()},
         privacy.delta if delta is None else delta,
@@ -165,3 +169,7 @@ def report_for(
         workers=workers,
         progress=progress,
     )
+    audit = read_audit(run.path)
+    if audit is not None:
+        report["audit"] = audit_summary(audit)
+    return report

@@ -439,3 +439,47 @@ def max_abs_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
         float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max())
         for x, y in zip(a, b, strict=True)
     )
+
+
+# ------------------------------------------------------------------ noise switched off
+
+
+class _ZeroNoise:
+    """A device's randomness with the Gaussian noise taken out (Poisson batches unchanged)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.source = inner.source
+        self.reproducible = inner.reproducible
+
+    def uniform(self, n: int) -> np.ndarray:
+        return self._inner.uniform(n)
+
+    def bernoulli(self, p: float, n: int) -> np.ndarray:
+        return self._inner.bernoulli(p, n)
+
+    def gaussian(self, n: int, std: float) -> np.ndarray:
+        return np.zeros(n, dtype=np.float64)
+
+
+def noiseless_mod() -> Mod:
+    """A ClientApp mod under which DP-SGD adds no noise, while the device still calibrates
+    σ, clips, and records the ε it believes it spent: a broken mechanism whose claim is
+    false. For the privacy audit's power test only (``fedlora.audit.run_audit``'s
+    ``client_mods``); it patches the device class inside the worker for one message."""
+
+    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        from fedlora.client.device_client import DeviceClient
+
+        original = DeviceClient.randomness
+
+        def silent(self: Any, server_round: int) -> Any:
+            return _ZeroNoise(original(self, server_round))
+
+        DeviceClient.randomness = silent  # type: ignore[method-assign]
+        try:
+            return call_next(msg, ctxt)
+        finally:
+            DeviceClient.randomness = original  # type: ignore[method-assign]
+
+    return mod
