@@ -45,7 +45,8 @@ WHAT = {
     "export_formats": "`bench/export_formats.py RUN_DIR` — each on-device format's size and "
     "quality against the merged fp32 model",
     "audit": "`bench/audit.py` — empirical privacy audit (one run, canaries, 95%): ε lower "
-    "bound ÷ claimed ε at ε = 8, default fleet",
+    "bound ÷ claimed ε at ε = 8, default fleet (≤ 1 is soundness, not power: the noiseless "
+    "variant's bound says whether the audit can see anything at this size)",
 }
 
 
