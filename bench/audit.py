@@ -9,8 +9,8 @@ show what the audit can detect at this size. Figure: lower bound ÷ claimed ε a
 ε = 8 (≤ 1 for a correct run; ``max_possible`` is the most these canaries could
 show).
 
-``--quick``: 128 canaries, 1 round (about 1 minute a variant on 2 idle cores, so that
-``make bench-quick`` keeps near its 10 minutes); full: 512 canaries, the default 5 rounds.
+``--quick``: 128 canaries, 1 round (with 2 rounds a variant took 69–149 s at load 16,
+too much for ``make bench-quick``'s 10 minutes); full: 512 canaries, the default 5 rounds.
 
     .venv/bin/python bench/audit.py [--quick] [--canaries M] [--rounds R] [--out DIR]
 """
