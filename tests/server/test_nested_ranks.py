@@ -222,3 +222,26 @@ def test_nested_ranks_through_real_secagg_masking(monkeypatch: pytest.MonkeyPatc
     tolerance = real._tolerance(list(real.NODES)) * float(scale.max())
     np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
     assert scale.tolist() == [1.0, 210 / 70]  # nodes 11, 12, 14 (10 + 20 + 40) train column 1
+
+
+def test_under_secagg_a_false_rank_claim_is_screened_out_before_unmasking(
+    tmp_path: Path,
+) -> None:
+    """The tier claim sets how much a device's columns weigh, so SecAgg+'s check before
+    the unmask stage refuses a false one: the liar is left out of the sum, and the round
+    is aggregated without it instead of being discarded after unmasking."""
+    strategy = _strategy(tmp_path, secagg=True)
+    # What SecAgg+ unmasks without the liar: the honest devices' weighted mean (float64).
+    honest = [a.astype(np.float64) for a in weighted_mean([(_update(1), 50), (_update(3), 64)])]
+    results = [_result(1, honest), _result(2, honest, lora_rank=4), _result(3, honest)]
+
+    liars = strategy.screen_secagg(1, results, {})
+    params, _ = strategy.aggregate_fit(1, results, [])
+
+    assert liars == {2}
+    assert strategy._round.rejected_by_reason == {"lora_rank": 1}
+    assert strategy._round.rejected_in_sum == 0 and strategy._round.discarded_reason is None
+    assert params is not None
+    want = rescale_columns(honest, nested_column_scale([(50, 4), (64, 1)], R))
+    for got, w in zip(parameters_to_ndarrays(params), want, strict=True):
+        np.testing.assert_allclose(got, 0.25 + w, rtol=0, atol=1e-6)
