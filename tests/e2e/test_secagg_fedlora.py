@@ -14,6 +14,7 @@ are identical to the bit.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fedlora.config import FedloraConfig
 from fedlora.testing.faults import (
@@ -25,6 +26,8 @@ from fedlora.testing.faults import (
     run_with_faults,
     secagg_tolerance,
 )
+
+pytestmark = pytest.mark.slow  # simulations: not in `make unit`
 
 N = 5
 LIAR = 2
