@@ -15,6 +15,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def open_unit_interval(text: str) -> float:
+    """A number strictly between 0 and 1 (a δ, a confidence)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -12,36 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from fedlora.config import FedloraConfig
 from fedlora.errors import FedloraError
-
-
-@torch.no_grad()
-def record_losses(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 64
-) -> np.ndarray:
-    """Mean next-token cross-entropy (nats) of each row over its own real target tokens."""
-    was_training = model.training
-    model.eval()
-    out: list[np.ndarray] = []
-    try:
-        for start in range(0, int(input_ids.shape[0]), batch_size):
-            ids = input_ids[start : start + batch_size]
-            mask = attention_mask[start : start + batch_size]
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            targets = ids[:, 1:]
-            tmask = mask[:, 1:].to(logits.dtype)
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
-            ).view_as(targets)
-            per_row = (loss * tmask).sum(1) / tmask.sum(1).clamp(min=1)
-            out.append(per_row.double().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(out) if out else np.zeros(0)
+from fedlora.evaluation import record_losses
 
 
 def vocabulary_words(tokenizer: Any, min_letters: int = 3) -> list[str]:

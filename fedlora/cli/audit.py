@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedlora.argtypes import positive_int
+from fedlora.argtypes import open_unit_interval, positive_int
 from fedlora.errors import ConfigError
 
 EPILOG = """\
@@ -34,16 +34,6 @@ examples:
   fedlora audit --out runs/audit --canaries 512 --seed 3 --force
   fedlora report runs/audit --format md              # the audit beside the claimed ε
 """
-
-
-def _confidence(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
 
 
 def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -82,7 +72,7 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--confidence",
-        type=_confidence,
+        type=open_unit_interval,
         default=0.95,
         metavar="C",
         help="confidence of the lower bound (default 0.95)",

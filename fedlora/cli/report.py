@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedlora.argtypes import positive_int
+from fedlora.argtypes import open_unit_interval, positive_int
 
 FORMATS = ("table", "json", "html", "md")
 
@@ -24,16 +24,6 @@ examples:
   fedlora report runs/demo --format md > privacy.md
   fedlora report runs/demo --delta 1e-6        # ε at another δ, files under privacy/delta-1e-06/
 """
-
-
-def _delta(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +37,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--delta",
-        type=_delta,
+        type=open_unit_interval,
         metavar="D",
         help="report ε at this δ instead of the run's (budgets stay those set for the run's δ)",
     )
