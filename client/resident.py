@@ -16,9 +16,10 @@ What it keeps from a fresh process per task:
   (:func:`fedlora.appguard.check_fab`); the ClientApp that runs is the installed one it
   names (:data:`fedlora.appguard.COMPONENTS`), never anything from the bundle, and a
   foreign bundle is refused, with one line in ``clientapp.log``, as the task's error.
-- **No state between tasks but caches.** Everything a task may change travels in its
-  Context (SecAgg+'s per-round secrets, the node state) and is pushed back with the task;
-  the device's ledger is a file it reads and writes per round.
+- **No state between tasks but caches**, and those of one run at a time
+  (:class:`RunCaches`). Everything a task may change travels in its Context (SecAgg+'s
+  per-round secrets, the node state) and is pushed back with the task; the device's
+  ledger is a file it reads and writes per round.
 - **One task at a time**, in the order the SuperNode handed them out: a device's SecAgg+
   stages and ledger queries never race for its state.
 
@@ -42,6 +43,32 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.appguard import COMPONENTS, ForeignAppError, check_fab, fab_digest
+
+
+class RunCaches:
+    """What the runner keeps loaded belongs to one run at a time: when a task of another
+    run arrives, :func:`fedlora.runtime.clear` drops the previous run's models and data
+    first, so a device that serves run after run (each with its own model or LoRA
+    settings) holds one run's caches, not every run's it ever saw."""
+
+    def __init__(self, clear: Any = None) -> None:
+        self._clear = clear
+        self.run_id: int | None = None
+        #: How many times the caches were dropped for a new run.
+        self.cleared = 0
+
+    def enter(self, run_id: int) -> None:
+        if self.run_id is not None and run_id != self.run_id:
+            if self._clear is None:
+                from fedlora import runtime
+
+                self._clear = runtime.clear
+            self._clear()
+            self.cleared += 1
+        self.run_id = run_id
+
+
+_caches = RunCaches()
 
 
 def installed_client_app() -> Any:
@@ -85,6 +112,7 @@ def run_task(runtime_api_address: str, token: str, root_cert: bytes | None) -> s
     try:
         heartbeat.start()
         message, context, _run, fab = pull_task_input(client)
+        _caches.enter(context.run_id)
         try:
             check_fab(fab.content)
         except ForeignAppError as err:

@@ -147,3 +147,16 @@ def test_resident_runner_refuses_to_run_serverapp_tasks():
 
     with pytest.raises(ValueError, match="only ClientApp tasks"):
         serve_tasks("serverapp", "127.0.0.1:9", None, threading.Event(), resident=True)
+
+
+def test_the_resident_runner_keeps_one_runs_caches_at_a_time():
+    from fedlora.client.resident import RunCaches
+
+    cleared: list[int] = []
+    caches = RunCaches(clear=lambda: cleared.append(1))
+
+    for run_id in (7, 7, 7, 8, 8, 7):
+        caches.enter(run_id)
+
+    assert caches.cleared == len(cleared) == 2  # 7 -> 8, 8 -> 7; never within a run
+    assert caches.run_id == 7
