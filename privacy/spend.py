@@ -62,7 +62,7 @@ def decode_events(
 ) -> list[PrivacyEvent]: ...
 def decode_events(
     text: object, who: str, *, max_events: int, unit: str | None = RECORD
-) -> list[PrivacyEvent]:
+) -> Sequence[PrivacyEvent]:  # a list; Sequence so that each overload's list fits
     """The ``unit`` events in a device's reply, or :class:`UpdateError` saying what is wrong.
 
     Anything from the network is refused unless it is a JSON list of well-formed
