@@ -178,7 +178,7 @@ def test_a_stored_ledger_with_a_duplicate_device_level_round_is_refused():
     doubled = [ddg_event(round=1).to_dict(), ddg_event(round=1, survivors=3).to_dict()]
     ledger = PrivacyLedger().to_dict() | {"events": doubled, "sha256": events_digest(doubled)}
 
-    with pytest.raises(PrivacyError, match="event 1: .*accounted once"):
+    with pytest.raises(PrivacyError, match=r"event 1: .*accounted once"):
         PrivacyLedger.from_dict(ledger)
 
 
