@@ -127,9 +127,14 @@ class PrivacyLedger:
             e for e in self._events if e.device == device and (unit is None or e.unit == unit)
         )
 
-    def devices(self) -> tuple[str, ...]:
-        """Every device with at least one event (of either unit), sorted."""
-        return tuple(sorted({d for d, _ in self._delta}))
+    def devices(self, unit: str | None = RECORD) -> tuple[str, ...]:
+        """Every device with at least one ``unit`` event (None: of either unit), sorted.
+
+        Record-level by default, as :meth:`events_for`: the coordinator's budgets and the
+        record-level report list the devices that trained with DP-SGD.
+        """
+        _check_unit(unit)
+        return tuple(sorted({d for d, u in self._delta if unit is None or u == unit}))
 
     def rounds_for(
         self, device: str, run: str | None = None, unit: str | None = RECORD
@@ -160,7 +165,7 @@ class PrivacyLedger:
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
-        return f"PrivacyLedger({len(self._events)} events, {len(self.devices())} devices)"
+        return f"PrivacyLedger({len(self._events)} events, {len(self.devices(None))} devices)"
 
     # ------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from fedlora.privacy.events import (
     event_from_dict,
 )
 from fedlora.privacy.ledger import PrivacyLedger, events_digest
+from fedlora.privacy.report import build_report
 from fedlora.privacy.spend import decode_events, encode_events
 from tests.privacy._helpers import ddg_event, event
 
@@ -196,7 +197,9 @@ def test_accessors_default_to_record_level_events():
     assert ledger.rounds_for("b") == ()
     assert ledger.rounds_for("b", run="r", unit="device") == (2,)
     assert ledger.rounds_for("a", unit=None) == (1, 2)
-    assert ledger.devices() == ("a", "b")
+    assert ledger.devices() == ("a",)  # b has no record-level event
+    assert ledger.devices(unit="device") == ("a", "b")
+    assert ledger.devices(None) == ("a", "b")
     assert [type(e) for e in ledger.events_of("record")] == [DPSGDEvent, DPSGDEvent]
     assert [e.device for e in ledger.events_of("device")] == ["a", "b"]
     assert len(ledger.events_of(None)) == len(ledger) == 4
@@ -285,3 +288,19 @@ def test_spend_report_counts_events_of_the_unit_asked_for():
 
     with pytest.raises(UpdateError, match="3 events; at most 2"):
         decode_events(text, "d", max_events=2, unit="device")
+
+
+def test_the_record_level_report_reads_only_record_level_events():
+    record_only = PrivacyLedger([event(device="a", round=1), event(device="a", round=2)])
+    both = PrivacyLedger(
+        [
+            *record_only.events,
+            ddg_event(device="a", round=1, delta=1e-7),
+            ddg_event(device="b", round=2, delta=1e-7),  # b: device-level only, no budget
+        ]
+    )
+
+    report = build_report(both, {"a": 8.0}, 1e-5, "rdp")
+
+    assert report == build_report(record_only, {"a": 8.0}, 1e-5, "rdp")
+    assert report["ledger_deltas"] == [1e-5]
