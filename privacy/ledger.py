@@ -1,4 +1,11 @@
-"""The privacy ledger: an append-only list of :class:`DPSGDEvent`, saved as checksummed JSON.
+"""The privacy ledger: an append-only list of privacy events, saved as checksummed JSON.
+
+It records both kinds of event: record-level :class:`DPSGDEvent` and device-level
+:class:`DDGEvent`. The file format is unchanged by the second kind (a list of event
+dicts, each naming its mechanism), so old ledgers read as before. The accessors a
+record-level accountant is fed from (:meth:`PrivacyLedger.events_for`,
+:meth:`PrivacyLedger.rounds_for`) default to record-level events, so a ledger of a
+run that also accounts device-level DP hands DP-SGD code only DP-SGD events.
 
 Each device keeps a ledger of its own rounds and the coordinator keeps one for
 the whole fleet; there is no merge — ε is always recomputed from events, never
@@ -13,10 +20,17 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from fedlora.errors import PrivacyError
-from fedlora.privacy.events import DPSGDEvent
+from fedlora.privacy.events import (
+    RECORD,
+    UNITS,
+    DDGEvent,
+    DPSGDEvent,
+    PrivacyEvent,
+    event_from_dict,
+)
 from fedlora.runfiles import write_json_atomic
 
 LEDGER_FORMAT = "fedlora.privacy.ledger"
@@ -30,58 +44,114 @@ def events_digest(event_dicts: list[Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-class PrivacyLedger:
-    """Append-only record of the DP-SGD rounds of one device or of a fleet.
+def _check_unit(unit: object) -> None:
+    if unit is not None and unit not in UNITS:
+        raise PrivacyError(f"unit must be one of {', '.join(UNITS)} or None, got {unit!r}")
 
-    A (device, run, round) triple may appear once, and one device's events must all
+
+class PrivacyLedger:
+    """Append-only record of the privacy events of one device or of a fleet.
+
+    A (device, run, round, unit) key may appear once: a device may have a
+    record-level and a device-level event for the same round (a run that accounts
+    both), never two of the same unit. One device's events of one unit must all
     carry the same δ (a device's target δ is fixed for a run).
     """
 
-    def __init__(self, events: Iterable[DPSGDEvent] = ()) -> None:
-        self._events: list[DPSGDEvent] = []
-        self._keys: set[tuple[str, str, int]] = set()
-        self._delta: dict[str, float] = {}
+    def __init__(self, events: Iterable[PrivacyEvent] = ()) -> None:
+        self._events: list[PrivacyEvent] = []
+        self._keys: set[tuple[str, str, int, str]] = set()
+        self._delta: dict[tuple[str, str], float] = {}
         for event in events:
             self.append(event)
 
-    def append(self, event: DPSGDEvent) -> None:
-        """Record ``event``; a duplicate (device, run, round) or a changed δ is refused."""
-        if not isinstance(event, DPSGDEvent):
-            raise PrivacyError(f"a ledger only records DPSGDEvent, got {type(event).__name__}")
-        key = (event.device, event.run, event.round)
+    def append(self, event: PrivacyEvent) -> None:
+        """Record ``event``; a duplicate (device, run, round, unit) or a changed δ is refused."""
+        if not isinstance(event, DPSGDEvent | DDGEvent):
+            raise PrivacyError(
+                f"a ledger only records DPSGDEvent or DDGEvent, got {type(event).__name__}"
+            )
+        key = (event.device, event.run, event.round, event.unit)
         if key in self._keys:
             where = f" of run {event.run}" if event.run else ""
             raise PrivacyError(
                 f"ledger already has an event for device {event.device!r} in round "
-                f"{event.round}{where}; a round is accounted once"
+                f"{event.round}{where} ({event.unit}-level); a round is accounted once per unit"
             )
-        known_delta = self._delta.get(event.device)
+        known_delta = self._delta.get((event.device, event.unit))
         if known_delta is not None and known_delta != event.delta:
             raise PrivacyError(
-                f"device {event.device!r} trained with delta={known_delta!r} before and now "
-                f"with delta={event.delta!r}; a device's delta is fixed for a run"
+                f"device {event.device!r} had {event.unit}-level delta={known_delta!r} before "
+                f"and now delta={event.delta!r}; a device's delta is fixed for a run"
             )
         self._events.append(event)
         self._keys.add(key)
-        self._delta[event.device] = event.delta
+        self._delta[(event.device, event.unit)] = event.delta
 
     @property
-    def events(self) -> tuple[DPSGDEvent, ...]:
-        """Every event, in the order appended."""
+    def events(self) -> tuple[PrivacyEvent, ...]:
+        """Every event of either unit, in the order appended (what the file holds).
+
+        Feed :meth:`events_for` or :meth:`events_of` to an accountant instead: those
+        select one unit.
+        """
         return tuple(self._events)
 
-    def events_for(self, device: str) -> tuple[DPSGDEvent, ...]:
-        """The events of one device, in the order appended (empty if it never trained)."""
-        return tuple(e for e in self._events if e.device == device)
+    @overload
+    def events_of(self, unit: Literal["record"]) -> tuple[DPSGDEvent, ...]: ...
+    @overload
+    def events_of(self, unit: Literal["device"]) -> tuple[DDGEvent, ...]: ...
+    @overload
+    def events_of(self, unit: str | None) -> tuple[PrivacyEvent, ...]: ...
+    def events_of(self, unit: str | None) -> tuple[PrivacyEvent, ...]:
+        """Every event of ``unit`` (``"record"`` or ``"device"``; None: both), in order."""
+        _check_unit(unit)
+        return tuple(e for e in self._events if unit is None or e.unit == unit)
 
-    def devices(self) -> tuple[str, ...]:
-        """Every device with at least one event, sorted."""
-        return tuple(sorted(self._delta))
+    @overload
+    def events_for(self, device: str) -> tuple[DPSGDEvent, ...]: ...
+    @overload
+    def events_for(self, device: str, unit: Literal["record"]) -> tuple[DPSGDEvent, ...]: ...
+    @overload
+    def events_for(self, device: str, unit: Literal["device"]) -> tuple[DDGEvent, ...]: ...
+    @overload
+    def events_for(self, device: str, unit: str | None) -> tuple[PrivacyEvent, ...]: ...
+    def events_for(self, device: str, unit: str | None = RECORD) -> tuple[PrivacyEvent, ...]:
+        """The events of one device of ``unit`` (None: both), in the order appended.
 
-    def rounds_for(self, device: str, run: str | None = None) -> tuple[int, ...]:
-        """The rounds a device has events for (in ``run``, when given), sorted."""
+        The default is record-level (DP-SGD) events, what every caller fed a record-level
+        accountant before device-level events existed; empty if the device never trained.
+        """
+        _check_unit(unit)
         return tuple(
-            sorted(r for d, u, r in self._keys if d == device and (run is None or u == run))
+            e for e in self._events if e.device == device and (unit is None or e.unit == unit)
+        )
+
+    def devices(self, unit: str | None = RECORD) -> tuple[str, ...]:
+        """Every device with at least one ``unit`` event (None: of either unit), sorted.
+
+        Record-level by default, as :meth:`events_for`: the coordinator's budgets and the
+        record-level report list the devices that trained with DP-SGD.
+        """
+        _check_unit(unit)
+        return tuple(sorted({d for d, u in self._delta if unit is None or u == unit}))
+
+    def rounds_for(
+        self, device: str, run: str | None = None, unit: str | None = RECORD
+    ) -> tuple[int, ...]:
+        """The rounds a device has ``unit`` events for (in ``run``, when given), sorted.
+
+        ``unit`` defaults to record-level, as :meth:`events_for`; None: either unit.
+        """
+        _check_unit(unit)
+        return tuple(
+            sorted(
+                {
+                    r
+                    for d, u, r, k in self._keys
+                    if d == device and (run is None or u == run) and (unit is None or k == unit)
+                }
+            )
         )
 
     def __len__(self) -> int:
@@ -95,7 +165,7 @@ class PrivacyLedger:
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
-        return f"PrivacyLedger({len(self._events)} events, {len(self._delta)} devices)"
+        return f"PrivacyLedger({len(self._events)} events, {len(self.devices(None))} devices)"
 
     # ------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -149,7 +219,7 @@ class PrivacyLedger:
         ledger = cls()
         for i, event_dict in enumerate(event_dicts):
             try:
-                ledger.append(DPSGDEvent.from_dict(event_dict))
+                ledger.append(event_from_dict(event_dict))
             except PrivacyError as err:
                 raise PrivacyError(f"{where}: event {i}: {err}") from None
         return ledger

@@ -26,7 +26,7 @@ from typing import Any
 from fedlora.errors import ConfigError, PrivacyError
 from fedlora.privacy.accountants.base import History, check_delta
 from fedlora.privacy.accountants.registry import DEFAULT_ACCOUNTANT, epsilon_for, get_accountant
-from fedlora.privacy.events import DPSGDEvent
+from fedlora.privacy.events import RECORD, DPSGDEvent
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.noise import SECURE_SOURCE, SEEDED_SOURCE
 from fedlora.runfiles import write_json_atomic
@@ -450,7 +450,7 @@ def build_report(
         )
         for d in names
     ]
-    ledger_deltas = sorted({e.delta for e in ledger.events})
+    ledger_deltas = sorted({e.delta for e in ledger.events_of(RECORD)})
     return {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,

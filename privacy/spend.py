@@ -18,11 +18,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Literal, overload
 
 from fedlora.errors import PrivacyError, UpdateError
-from fedlora.privacy import DPSGDEvent
+from fedlora.privacy.events import (
+    RECORD,
+    UNITS,
+    DDGEvent,
+    DPSGDEvent,
+    PrivacyEvent,
+    event_from_dict,
+)
 
-#: Properties-request config key: "report your DP-SGD events of this run".
+#: Properties-request config key: "report your privacy events of this run".
 QUERY_KEY = "fedlora-ledger"
 #: Properties-request config key: "report your events of *these* runs" (comma-separated
 #: Flower run ids; a resumed run asks for the spend of the runs it continues).
@@ -33,19 +41,40 @@ EVENTS_KEY = "ledger_events"
 MAX_CHARS = 1_000_000
 
 
-def encode_events(events: Sequence[DPSGDEvent]) -> str:
+def encode_events(events: Sequence[PrivacyEvent]) -> str:
     """``events`` as the JSON text a device sends under :data:`EVENTS_KEY`."""
     return json.dumps([e.to_dict() for e in events], sort_keys=True, allow_nan=False)
 
 
-def decode_events(text: object, who: str, *, max_events: int) -> list[DPSGDEvent]:
-    """The events in a device's reply, or :class:`UpdateError` saying what is wrong.
+@overload
+def decode_events(text: object, who: str, *, max_events: int) -> list[DPSGDEvent]: ...
+@overload
+def decode_events(
+    text: object, who: str, *, max_events: int, unit: Literal["record"]
+) -> list[DPSGDEvent]: ...
+@overload
+def decode_events(
+    text: object, who: str, *, max_events: int, unit: Literal["device"]
+) -> list[DDGEvent]: ...
+@overload
+def decode_events(
+    text: object, who: str, *, max_events: int, unit: str | None
+) -> list[PrivacyEvent]: ...
+def decode_events(
+    text: object, who: str, *, max_events: int, unit: str | None = RECORD
+) -> Sequence[PrivacyEvent]:  # a list; Sequence so that each overload's list fits
+    """The ``unit`` events in a device's reply, or :class:`UpdateError` saying what is wrong.
 
-    Anything from the network is refused unless it is a JSON list of at most
-    ``max_events`` well-formed events (every field typed and in range, as
-    :meth:`DPSGDEvent.from_dict` checks); whether the coordinator may *record* an
-    event is decided by the caller, which knows the device, the run and the rounds.
+    Anything from the network is refused unless it is a JSON list of well-formed
+    events of either kind (every field typed and in range, as
+    :func:`~fedlora.privacy.events.event_from_dict` checks) with at most
+    ``max_events`` of ``unit``. Events of the other unit are read and checked, then
+    left out: ``unit`` defaults to record-level, what DP-SGD reconciliation records
+    (None: both). Whether the coordinator may *record* an event is decided by the
+    caller, which knows the device, the run and the rounds.
     """
+    if unit is not None and unit not in UNITS:
+        raise PrivacyError(f"unit must be one of {', '.join(UNITS)} or None, got {unit!r}")
     if not isinstance(text, str):
         raise UpdateError(f"{who} sent no ledger report ({EVENTS_KEY!r} is not a string)")
     if len(text) > MAX_CHARS:
@@ -56,9 +85,13 @@ def decode_events(text: object, who: str, *, max_events: int) -> list[DPSGDEvent
         raise UpdateError(f"{who} sent a ledger report that is not JSON") from None
     if not isinstance(items, list):
         raise UpdateError(f"{who} sent a ledger report that is not a list of events")
-    if len(items) > max_events:
+    if len(items) > max_events * len(UNITS):
         raise UpdateError(f"{who} reports {len(items)} events; at most {max_events} fit this run")
     try:
-        return [DPSGDEvent.from_dict(item) for item in items]
+        events = [event_from_dict(item) for item in items]
     except (PrivacyError, TypeError) as exc:
         raise UpdateError(f"{who} sent a malformed ledger event: {exc}") from None
+    wanted = [e for e in events if unit is None or e.unit == unit]
+    if len(wanted) > max_events:
+        raise UpdateError(f"{who} reports {len(wanted)} events; at most {max_events} fit this run")
+    return wanted

@@ -7,7 +7,7 @@ from fedlora import privacy
 def test_privacy_imports_no_torch_and_no_flower():
     code = (
         "import sys, fedlora.privacy, fedlora.privacy.report, fedlora.privacy.calibrate, "
-        "fedlora.privacy.noise; "
+        "fedlora.privacy.noise, fedlora.privacy.calibrate_ddg, fedlora.privacy.accountants.ddg; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'flwr', 'opacus'}))"
     )
 
@@ -34,6 +34,13 @@ def test_public_names():
         "RandomSource",
         "SecureRandom",
         "SeededRandom",
+        "DDGEvent",
+        "PrivacyEvent",
+        "event_from_dict",
+        "DDGAccountant",
+        "epsilon_for_device",
+        "calibrate_ddg_noise",
+        "ddg_noise_multiplier",
     ):
         assert name in privacy.__all__
         assert getattr(privacy, name) is not None
