@@ -30,9 +30,17 @@ from fedlora.client.ledger import load_device_ledger, save_device_ledger
 from fedlora.client.train import LocalTrainingPlan, train_lora
 from fedlora.config import DeviceProfile, FedloraConfig
 from fedlora.data.fleet import DeviceData
+from fedlora.ddp.wire import from_fit_config
 from fedlora.errors import BudgetExhaustedError, DataError, PrivacyError, UpdateError
 from fedlora.evaluation import mean_token_loss
-from fedlora.privacy import DPSGDEvent, PrivacyLedger, calibrate_noise_multiplier, epsilon_for
+from fedlora.privacy import (
+    DDGEvent,
+    DPSGDEvent,
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    epsilon_for,
+    epsilon_for_device,
+)
 from fedlora.privacy.noise import RandomSource, SecureRandom, SeededRandom
 from fedlora.privacy.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, encode_events
 from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
@@ -56,7 +64,7 @@ def plan_noise(
     keeps ε within the budget.
     """
     p = cfg.privacy
-    if not p.enabled:
+    if not p.record_level:
         return None
     budget = p.epsilon if budget_epsilon is None else budget_epsilon
     history = ledger.events_for(device)
@@ -92,6 +100,51 @@ def plan_noise(
             f"> budget {budget:g} (δ={p.delta:g}, {p.accountant})"
         )
     return p.noise_multiplier
+
+
+def plan_device_level(
+    cfg: FedloraConfig,
+    ledger: PrivacyLedger,
+    device: str,
+    server_round: int,
+    run: str,
+    config: dict[str, Any],
+) -> DDGEvent | None:
+    """The device-level event this round will cost (None without device-level DP), or
+    raise: :class:`BudgetExhaustedError` (a decline) if it would take the device past
+    ``privacy.device.epsilon``, :class:`UpdateError` if the request lacks the parameters.
+
+    The event counts the noise of ``min_survivors`` devices, the least the coordinator
+    may unmask: the device's own ledger is the bound that holds whatever the round's
+    dropouts, the coordinator's records the survivors there were.
+    """
+    p = cfg.privacy
+    if not p.device_level:
+        return None
+    wired = from_fit_config(config)
+    if wired is None:
+        raise UpdateError(
+            f"device {device}: round {server_round} of a device-level DP run came without "
+            "the noise parameters; nothing was trained"
+        )
+    params, _seed, min_survivors = wired
+    event = DDGEvent(
+        device=device,
+        round=server_round,
+        noise_stddev=float(params.noise_stddev),
+        survivors=min_survivors,
+        l2_sensitivity=float(params.l2_sensitivity),
+        dimension=int(params.padded_dimension),
+        delta=p.device.delta,
+        run=run,
+    )
+    eps = epsilon_for_device((*ledger.events_for(device, unit="device"), event), p.device.delta)
+    if eps > p.device.epsilon * (1 + 1e-9):
+        raise BudgetExhaustedError(
+            f"device {device} declines round {server_round}: its device-level ε would reach "
+            f"{eps:.3f} > budget {p.device.epsilon:g} (δ={p.device.delta:g})"
+        )
+    return event
 
 
 #: ``hook(partition_id, records) -> records`` changes a simulated device's records before
@@ -168,10 +221,14 @@ class DeviceClient(NumPyClient):
         """
         props: dict[str, Any] = {
             "device": self.device,
-            "num_records": self._num_train,
             PROTOCOL_KEY: PROTOCOL_VERSION,  # the SecAgg+ this device speaks
         }
-        if self.cfg.privacy.enabled:
+        privacy = self.cfg.privacy
+        if privacy.unit != "device" or not privacy.enabled:
+            # Under device-level DP alone the record count is the device's data too: the
+            # coordinator gets nothing but the noisy sum (every update weighs 1).
+            props["num_records"] = self._num_train
+        if privacy.record_level:
             props["budget_epsilon"] = self.budget_epsilon
         if self.profile is not None:  # simulated: the coordinator applies its availability
             props[fleetsim.PROFILE_PROPERTY] = self.profile.name
@@ -180,7 +237,7 @@ class DeviceClient(NumPyClient):
             runs = set(str(asked).split(",")) if asked else {str(self.context.run_id)}
             ledger = load_device_ledger(self.context, self.ledger_path)
             props[EVENTS_KEY] = encode_events(
-                [e for e in ledger.events_for(self.device) if e.run in runs]
+                [e for e in ledger.events_for(self.device, unit="record") if e.run in runs]
             )
         return props
 
@@ -219,7 +276,7 @@ class DeviceClient(NumPyClient):
 
         ledger = load_device_ledger(self.context, self.ledger_path)
         run = str(self.context.run_id)
-        if server_round in ledger.rounds_for(self.device, run=run):
+        if server_round in ledger.rounds_for(self.device, run=run, unit=None):
             raise BudgetExhaustedError(
                 f"device {self.device} already trained in round {server_round}; "
                 "a replayed request is refused so no step is counted twice"
@@ -227,6 +284,7 @@ class DeviceClient(NumPyClient):
         sigma = plan_noise(
             cfg, ledger, self.device, server_round, num_rounds, q, self.budget_epsilon
         )
+        device_event = plan_device_level(cfg, ledger, self.device, server_round, run, config)
         plan = LocalTrainingPlan(
             **{
                 **plan_base.__dict__,
@@ -250,18 +308,28 @@ class DeviceClient(NumPyClient):
             "device": self.device,
             "round": server_round,
             "run": run,
-            "train_loss": result.mean_loss if math.isfinite(result.mean_loss) else -1.0,
-            "empty_batches": result.empty_batches,
             "steps": result.steps,
-            "sample_rate": result.sample_rate,
             "dp": sigma is not None,
-            # Post-processing of the DP-SGD output, so it costs no privacy; SecAgg+ hides
-            # the update itself but not these two numbers.
-            "update_norm": norm,
-            "clipped": update is not raw,
             # Seconds of local training compute (DP-SGD steps), as this device measured it.
             "train_s": train_s,
         }
+        if device_event is None:
+            metrics.update(
+                train_loss=result.mean_loss if math.isfinite(result.mean_loss) else -1.0,
+                empty_batches=result.empty_batches,
+                sample_rate=result.sample_rate,
+                # Post-processing of the DP-SGD output, so it costs no privacy; SecAgg+
+                # hides the update itself but not these two numbers.
+                update_norm=norm,
+                clipped=update is not raw,
+            )
+        else:
+            # Device-level DP covers only what goes through the noisy sum: nothing the
+            # device's data decides travels beside it (loss, norm, record count).
+            ledger.append(device_event)
+            save_device_ledger(self.context, ledger, self.ledger_path)
+            if sigma is not None:  # "both": the coordinator checks the DP-SGD event's q
+                metrics["sample_rate"] = result.sample_rate
         if cfg.lora.variant == "ffa":
             metrics["lora_rank"] = rank  # the coordinator weighs B's columns by it
         if sigma is not None:
@@ -280,7 +348,9 @@ class DeviceClient(NumPyClient):
                 noise_multiplier=sigma,
                 delta=cfg.privacy.delta,
                 epsilon=epsilon_for(
-                    ledger.events_for(self.device), cfg.privacy.delta, cfg.privacy.accountant
+                    ledger.events_for(self.device, unit="record"),
+                    cfg.privacy.delta,
+                    cfg.privacy.accountant,
                 ),
                 budget_epsilon=self.budget_epsilon,
             )
@@ -291,7 +361,9 @@ class DeviceClient(NumPyClient):
                 f"device {self.device}: training in round {server_round} diverged (the update "
                 "has NaN or Inf values); nothing was sent, lower training.learning_rate"
             )
-        return update, int(ids.shape[0]), metrics
+        # Under device-level DP alone every update weighs 1 (the record count stays here).
+        weight = 1 if device_event is not None and sigma is None else int(ids.shape[0])
+        return update, weight, metrics
 
     def randomness(self, server_round: int) -> RandomSource:
         """Where this device's DP noise and Poisson batches come from in ``server_round``."""

@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from typing import cast
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.app.typing import ConfigRecordValues
@@ -47,6 +48,8 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
 from flwr.compat.common import recorddict_compat as compat
 
 from fedlora.config import FedloraConfig, config_from_run_config
+from fedlora.ddp.encoding import encode as ddp_encode
+from fedlora.ddp.wire import Wired, from_fit_config
 from fedlora.errors import UpdateError
 from fedlora.secagg import masks, packing, shares
 from fedlora.secagg.quantize import UniformSource, encode
@@ -114,6 +117,7 @@ def fedlora_secaggplus_mod(
             out_msg = call_next(msg, ctxt)
             out_content = out_msg.content
             fitres = compat.recorddict_to_fitres(out_content, keep_input=True)
+            fit_config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
             res = collect_masked_vectors(
                 state,
                 configs,
@@ -121,6 +125,7 @@ def fedlora_secaggplus_mod(
                 fitres.num_examples,
                 server_round,
                 rounding(ctxt, server_round),
+                device_level=from_fit_config(fit_config),
             )
             for arr_record in out_content.array_records.values():
                 arr_record.clear()
@@ -187,9 +192,15 @@ def collect_masked_vectors(
     num_examples: int,
     server_round: int,
     source: UniformSource,
+    device_level: Wired | None = None,
 ) -> dict[str, ConfigRecordValues]:
     """Store the neighbours' shares, then send ``[w, w·update]`` quantized and masked,
-    packed at the modulus' width."""
+    packed at the modulus' width.
+
+    With ``device_level`` (the round's distributed-DP parameters, :mod:`fedlora.ddp.wire`)
+    the vector is ``[1, encoding]`` instead: the whole update clipped, rotated, rounded
+    onto the grid with this device's share of discrete Gaussian noise added
+    (:func:`fedlora.ddp.encoding.encode`), drawing from ``source``."""
     ciphertexts = cast(list[bytes], configs[Key.CIPHERTEXT_LIST])
     srcs = cast(list[int], configs[Key.SOURCE_LIST])
     if len(ciphertexts) + 1 < state.threshold:
@@ -211,14 +222,27 @@ def collect_masked_vectors(
         neighbours.append(src)
 
     mod_range = state.mod_range
-    vector = encode(
-        update,
-        num_examples,
-        max_weight=state.max_weight,
-        clipping_range=state.clipping_range,
-        target_range=state.target_range,
-        source=source,
-    )
+    if device_level is not None:
+        params, rotation_seed, _ = device_level
+        if params.modulus != mod_range:
+            raise ValueError(
+                f"Node {state.nid}: the noise was planned for 2^{params.bits}, "
+                f"SecAgg+ sums mod {mod_range}"
+            )
+        flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in update])
+        vector = [
+            np.array([1], dtype=np.uint64),
+            ddp_encode(flat, params, rotation_seed, source).astype(np.uint64),
+        ]
+    else:
+        vector = encode(
+            update,
+            num_examples,
+            max_weight=state.max_weight,
+            clipping_range=state.clipping_range,
+            target_range=state.target_range,
+            source=source,
+        )
     shapes = [a.shape for a in vector]
     vector = masks.add(
         vector,

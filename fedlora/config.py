@@ -279,6 +279,71 @@ class TrainingSection:
 
 
 @dataclass(frozen=True)
+class DeviceLevelSection:
+    """Device-level DP (``privacy.unit`` "device" or "both"): the distributed discrete
+    Gaussian of Kairouz, Liu & Steinke (ICML 2021) inside SecAgg+.
+
+    Every sampled device clips its whole update (all tensors) to L2 norm ``clip_norm``,
+    rotates it (randomized Walsh–Hadamard, signs from a seed the coordinator draws per
+    round), scales it onto an integer grid, rounds it, adds its own share of discrete
+    Gaussian noise drawn from its OS CSPRNG, and masks the result mod 2^``bits``: the
+    coordinator only ever sees the noisy sum. Each device's share is sized so that the
+    noise of ``min_survivors`` devices meets the budget; the coordinator halts a round
+    with fewer survivors instead of unmasking it.
+
+    ``epsilon`` at ``delta`` is the budget of one device's whole contribution over the
+    run; the noise is calibrated so that ``participations`` rounds fit it, and the
+    coordinator samples no device whose next round would exceed it. No amplification by
+    sampling is claimed (a device cannot check the coordinator's draw).
+    ``participations`` null: ceil(rounds · devices_per_round / num_devices), a device's
+    expected share of the rounds. ``min_survivors`` null: ceil((1 − secagg.dropout_rate) ·
+    devices_per_round). ``wrap_probability``: the largest probability the integer sum may
+    wrap around the modulus in a round (the grid is chosen so that it does not, with honest
+    devices).
+    """
+
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    bits: int = 16
+    participations: int | None = None
+    min_survivors: int | None = None
+    wrap_probability: float = 1e-9
+
+    def __post_init__(self) -> None:
+        _require(
+            self.epsilon > 0 and math.isfinite(self.epsilon),
+            f"privacy.device.epsilon must be a positive number, got {self.epsilon}",
+        )
+        _require(0 < self.delta < 1, f"privacy.device.delta must be in (0, 1), got {self.delta}")
+        _require(
+            self.clip_norm > 0 and math.isfinite(self.clip_norm),
+            f"privacy.device.clip_norm must be a positive number, got {self.clip_norm}",
+        )
+        _require(
+            8 <= self.bits <= 32,
+            f"privacy.device.bits must be between 8 and 32 (the SecAgg+ modulus is 2^bits), "
+            f"got {self.bits}",
+        )
+        _require(
+            self.participations is None or self.participations >= 1,
+            f"privacy.device.participations must be ≥ 1 (or null), got {self.participations}",
+        )
+        _require(
+            self.min_survivors is None or self.min_survivors >= 1,
+            f"privacy.device.min_survivors must be ≥ 1 (or null), got {self.min_survivors}",
+        )
+        _require(
+            0 < self.wrap_probability < 1,
+            f"privacy.device.wrap_probability must be in (0, 1), got {self.wrap_probability}",
+        )
+
+
+PRIVACY_UNITS = ("record", "device", "both")
+"""``privacy.unit``: what one DP guarantee protects (a record, a device's whole data, both)."""
+
+
+@dataclass(frozen=True)
 class PrivacySection:
     """Record-level DP-SGD on each device.
 
@@ -320,8 +385,27 @@ class PrivacySection:
     #: deployed device refuses to train with it and ``fedlora run`` refuses to submit it.
     #: false (default): the OS CSPRNG, unknown to everyone but the device.
     reproducible_noise: bool = False
+    #: What the guarantee protects: "record" (each device's DP-SGD, ``epsilon``/``delta``
+    #: above), "device" (a device's whole update, distributed noise under SecAgg+:
+    #: ``device``), or "both".
+    unit: str = "record"
+    device: DeviceLevelSection = field(default_factory=DeviceLevelSection)
+
+    @property
+    def record_level(self) -> bool:
+        """Whether devices train with DP-SGD (record-level DP)."""
+        return self.enabled and self.unit in ("record", "both")
+
+    @property
+    def device_level(self) -> bool:
+        """Whether devices add distributed noise to their whole update (device-level DP)."""
+        return self.enabled and self.unit in ("device", "both")
 
     def __post_init__(self) -> None:
+        _require(
+            self.unit in PRIVACY_UNITS,
+            f"privacy.unit must be one of {', '.join(PRIVACY_UNITS)}, got {self.unit!r}",
+        )
         _require(
             isinstance(self.reproducible_noise, bool),
             f"privacy.reproducible_noise must be true or false, got {self.reproducible_noise!r}",
@@ -482,12 +566,46 @@ class FedloraConfig:
                 "leave SecAgg+'s range and be clipped silently; lower the first or raise "
                 "the second",
             )
+        if self.privacy.device_level:
+            self._check_device_level()
         if self.secagg.enabled:
             _require(
                 self.fleet.min_devices >= 3,
                 "SecAgg+ needs at least 3 devices per round: raise fleet.min_devices "
                 "or disable secagg",
             )
+
+    def _check_device_level(self) -> None:
+        unit = self.privacy.unit
+        _require(
+            self.secagg.enabled,
+            f'privacy.unit "{unit}" adds each device\'s share of the noise inside SecAgg+, '
+            "which is disabled: enable secagg (without it the coordinator would see every "
+            "device's update)",
+        )
+        _require(
+            not any(p.lora_rank is not None for p in self.fleet.profiles),
+            f'privacy.unit "{unit}" gives every device the same weight in the sum; '
+            "fleet.profiles[].lora_rank (nested ranks, weighed per column) does not combine "
+            "with it yet",
+        )
+        participations, survivors = resolve_device_level(self)
+        d = self.privacy.device
+        _require(
+            participations <= self.training.rounds,
+            f"privacy.device.participations ({participations}) exceeds training.rounds "
+            f"({self.training.rounds})",
+        )
+        _require(
+            survivors <= self.fleet.devices_per_round,
+            f"privacy.device.min_survivors ({survivors}) exceeds fleet.devices_per_round "
+            f"({self.fleet.devices_per_round}): no round could be aggregated",
+        )
+        _require(
+            d.min_survivors is None or d.min_survivors >= 2,
+            "privacy.device.min_survivors must be ≥ 2: the sum of one device's update is "
+            "that update",
+        )
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
@@ -724,9 +842,25 @@ _SECTIONS: dict[str, type] = {
     "FleetSection": FleetSection,
     "TrainingSection": TrainingSection,
     "PrivacySection": PrivacySection,
+    "DeviceLevelSection": DeviceLevelSection,
     "SecAggSection": SecAggSection,
     "ExportSection": ExportSection,
 }
+
+
+def resolve_device_level(cfg: FedloraConfig) -> tuple[int, int]:
+    """``(participations, min_survivors)`` of device-level DP, nulls resolved
+    (:class:`DeviceLevelSection`)."""
+    d, fleet = cfg.privacy.device, cfg.fleet
+    participations = d.participations
+    if participations is None:
+        share = cfg.training.rounds * fleet.devices_per_round / fleet.num_devices
+        participations = max(1, math.ceil(share - 1e-9))
+    survivors = d.min_survivors
+    if survivors is None:
+        wanted = (1 - cfg.secagg.dropout_rate) * fleet.devices_per_round
+        survivors = max(2, min(fleet.devices_per_round, math.ceil(wanted - 1e-9)))
+    return participations, survivors
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> FedloraConfig:

@@ -38,11 +38,19 @@ class RunProgress:
     def __enter__(self) -> RunProgress:
         if self.enabled:
             c, i = self.cfg, self.info
-            privacy = (
-                f"DP-SGD ε≤{c.privacy.epsilon:g}, δ={c.privacy.delta:g} ({c.privacy.accountant})"
-                if c.privacy.enabled
-                else "[red]no DP[/red]"
-            )
+            parts = []
+            if c.privacy.record_level:
+                parts.append(
+                    f"DP-SGD ε≤{c.privacy.epsilon:g}, δ={c.privacy.delta:g} "
+                    f"({c.privacy.accountant}) per record"
+                )
+            if c.privacy.device_level:
+                d = c.privacy.device
+                parts.append(
+                    f"distributed DP ε≤{d.epsilon:g}, δ={d.delta:g} per device "
+                    f"({d.bits}-bit SecAgg+)"
+                )
+            privacy = " + ".join(parts) or "[red]no DP[/red]"
             self.console.print(
                 f"[bold]fedlora[/bold] {i['devices']} devices "
                 f"({i['train_records']} training records), {c.fleet.devices_per_round} per round, "
@@ -71,8 +79,10 @@ class RunProgress:
                     line += f" of {row['online']} online"
                 if row.get("train_loss") is not None:
                     line += f"  train loss {row['train_loss']:.4f}"
-                if self.cfg.privacy.enabled:
+                if self.cfg.privacy.record_level:
                     line += f"  max ε {row['max_epsilon']:.3f}"
+                if self.cfg.privacy.device_level:
+                    line += f"  max device ε {row['max_device_epsilon']:.3f}"
                 line += f"  {row['round_s']:.1f}s"
                 if row.get("train_s_max"):
                     line += f" (slowest training {row['train_s_max']:.1f}s)"

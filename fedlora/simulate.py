@@ -80,6 +80,11 @@ def prepare(cfg: FedloraConfig) -> dict[str, Any]:
     from fedlora.adapter import lora_targets
 
     bundle = runtime.model_bundle(cfg)
+    if cfg.privacy.device_level:
+        from fedlora.server.ddp import plan
+
+        # before training: a modulus too small for the noise is refused in one line
+        plan(cfg, int(sum(a.size for a in bundle.initial_arrays)))
     return {
         "devices": len(fleet.devices),
         "train_records": sum(len(d.train) for d in fleet.devices),
@@ -329,7 +334,7 @@ def _summary(
         "eval_loss_round0": first["eval_loss"],
         "eval_loss_final": last["eval_loss"],
         "secagg": cfg.secagg.enabled,
-        "dp": cfg.privacy.enabled,
+        "dp": cfg.privacy.record_level,
         "wall_s": round(wall, 2),
         "artefacts": {
             "adapter": str(run_dir / "adapter"),
@@ -339,13 +344,23 @@ def _summary(
     }
     if cfg.privacy.enabled:
         report = json.loads((run_dir / "privacy" / "report.json").read_text())
-        summary["privacy"] = {
-            "accountant": report["accountant"],
-            "delta": report["delta"],
-            "max_epsilon": report["fleet"]["max_epsilon"],
-            "budget_epsilon": cfg.privacy.epsilon,
-            "reproducible_noise": cfg.privacy.reproducible_noise,
-        }
+        summary["privacy"] = {"unit": cfg.privacy.unit}
+        if cfg.privacy.record_level:
+            summary["privacy"].update(
+                accountant=report["accountant"],
+                delta=report["delta"],
+                max_epsilon=report["fleet"]["max_epsilon"],
+                budget_epsilon=cfg.privacy.epsilon,
+            )
+        if cfg.privacy.device_level:
+            section = report["device_level"]
+            summary["privacy"]["device_level"] = {
+                "accountant": "ddg-rdp",
+                "delta": section["delta"],
+                "max_epsilon": section["max_epsilon"],
+                "budget_epsilon": section["budget_epsilon"],
+            }
+        summary["privacy"]["reproducible_noise"] = cfg.privacy.reproducible_noise
         summary["artefacts"]["privacy_report"] = str(run_dir / "privacy" / "report.json")
     manifest = getattr(coordinator, "export_manifest", None)
     if cfg.export.enabled and manifest:

@@ -54,8 +54,16 @@ def device_table(report: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def record_level(report: dict[str, Any]) -> bool:
+    """Whether the run trained with record-level DP-SGD (every report before device-level
+    DP did: they have no ``units``)."""
+    return "record" in report.get("units", ("record",))
+
+
 def headline(report: dict[str, Any]) -> str:
     """The accountant, δ and privacy unit in one sentence."""
+    if not record_level(report):
+        return "device-level DP only (distributed discrete Gaussian in SecAgg+); no DP-SGD"
     return (
         f"ε by the {report['accountant'].upper()} accountant at δ = {report['delta']:g}; "
         f"privacy unit: {report['privacy_unit']}"
@@ -134,6 +142,33 @@ def audit_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def device_lines(report: dict[str, Any]) -> list[str]:
+    """The device-level section in sentences (nothing when the run had none)."""
+    section = report.get("device_level")
+    if not section:
+        return []
+    lines = [
+        f"privacy unit: {section['unit']}; ε at δ = {section['delta']:g}, budget "
+        f"{section['budget_epsilon']:g}",
+        f"{section['num_devices']} devices in unmasked sums; worst-case ε "
+        f"{section['max_epsilon']:.3f}, median ε {section['median_epsilon']:.3f}",
+    ]
+    if section["rounds"]:
+        survivors = ", ".join(f"r{r['round']}: {r['survivors']}" for r in section["rounds"])
+        lines.append(f"devices whose noise each unmasked sum held: {survivors}")
+    m = section.get("mechanism")
+    if m:
+        lines.append(
+            f"mechanism: distributed discrete Gaussian, {m['bits']}-bit SecAgg+ sum, whole "
+            f"update clipped to L2 {m['clip_norm']:g}, σ = {m['noise_stddev']:.4g} per "
+            f"device on a grid of {m['scale']:.4g} steps per clip norm, noise sized for "
+            f"{m['min_survivors']} survivors and {m['participations']} rounds per device, "
+            f"wrap-around ≤ {m['wrap_probability']:g} per round"
+        )
+    lines.append(f"accountant: {section['accountant']}")
+    return lines
+
+
 def round_table(report: dict[str, Any]) -> list[list[str]]:
     """Per federated round: devices trained, and the fleet's worst-case and median ε after it."""
     return [
@@ -165,20 +200,21 @@ def _text_table(headers: tuple[str, ...], rows: list[list[str]], numeric: frozen
 
 def render_table(report: dict[str, Any]) -> str:
     """The report as plain text for a terminal."""
-    parts = [
-        "Privacy report",
-        headline(report),
-        run_line(report),
-        "",
-        "Fleet: " + "\n       ".join(fleet_lines(report)),
-        f"Exhausted means: {report['exhaustion_rule']}.",
-    ]
+    parts = ["Privacy report", headline(report), run_line(report)]
+    if record_level(report):
+        parts += [
+            "",
+            "Fleet: " + "\n       ".join(fleet_lines(report)),
+            f"Exhausted means: {report['exhaustion_rule']}.",
+        ]
+    if report.get("device_level"):
+        parts += ["", "Device-level: " + "\n              ".join(device_lines(report))]
     if report.get("audit"):
         parts += ["", "Audit: " + "\n       ".join(audit_lines(report))]
-    if report["fleet"]["rounds"]:
+    if record_level(report) and report["fleet"]["rounds"]:
         rounds_numeric = frozenset(ROUND_COLUMNS)
         parts += ["", _text_table(ROUND_COLUMNS, round_table(report), rounds_numeric)]
-    if report["devices"]:
+    if record_level(report) and report["devices"]:
         parts += ["", _text_table(DEVICE_COLUMNS, device_table(report), _NUMERIC)]
     if report["notes"]:
         parts += ["", "Notes:", *(f"- {n}" for n in report["notes"])]
@@ -209,21 +245,26 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         run_line(report) + ".",
         "",
-        "## Fleet",
-        "",
-        *(f"- {line}" for line in fleet_lines(report)),
-        f"- exhausted means: {report['exhaustion_rule']}",
     ]
+    if record_level(report):
+        parts += [
+            "## Fleet",
+            "",
+            *(f"- {line}" for line in fleet_lines(report)),
+            f"- exhausted means: {report['exhaustion_rule']}",
+        ]
+    if report.get("device_level"):
+        parts += ["", "## Device-level privacy", "", *(f"- {x}" for x in device_lines(report))]
     if report.get("audit"):
         parts += ["", "## Empirical audit", "", *(f"- {line}" for line in audit_lines(report))]
-    if report["fleet"]["rounds"]:
+    if record_level(report) and report["fleet"]["rounds"]:
         parts += [
             "",
             "## ε by round",
             "",
             _md_table(ROUND_COLUMNS, round_table(report), frozenset(ROUND_COLUMNS)),
         ]
-    if report["devices"]:
+    if record_level(report) and report["devices"]:
         parts += ["", "## Devices", "", _md_table(DEVICE_COLUMNS, device_table(report), _NUMERIC)]
     if report["notes"]:
         parts += ["", "## Notes", "", *(f"- {n}" for n in report["notes"])]

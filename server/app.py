@@ -25,9 +25,12 @@ from fedlora import runtime
 from fedlora.config import FedloraConfig, config_from_run_config
 from fedlora.errors import ConfigError
 from fedlora.evaluation import mean_token_loss
+from fedlora.privacy.device_report import PLAN_FILE
+from fedlora.runfiles import write_json_atomic
 from fedlora.secagg.version import check_fleet
 from fedlora.server.budget import FleetBudget
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
+from fedlora.server.ddp import DeviceLevelDP
 from fedlora.server.discovery import discover_devices
 from fedlora.server.reconcile import LedgerReconciler
 from fedlora.server.resume import (
@@ -64,6 +67,7 @@ def secagg_workflow(
     max_weight: float,
     on_halt: HaltHandler | None = None,
     screen: Screen | None = None,
+    device_level: DeviceLevelDP | None = None,
 ) -> SecAggPlusWorkflow:
     """SecAgg+ with ``max_weight`` = the largest record count a device reported.
 
@@ -86,6 +90,7 @@ def secagg_workflow(
         timeout=s.timeout_s,
         on_halt=on_halt or (lambda *_: None),
         screen=screen,
+        device_level=device_level,
     )
 
 
@@ -145,6 +150,13 @@ class Coordinator:
             run_dir=run_dir,
             observer=self._on_round,
         )
+        if self.strategy.device_level is not None:
+            # The run's resolved device-level plan (grid, σ, survivors), for the report and
+            # for whoever reproduces the run.
+            (run_dir / "privacy").mkdir(parents=True, exist_ok=True)
+            write_json_atomic(
+                self.strategy.device_level.plan.to_dict(), run_dir / "privacy" / PLAN_FILE
+            )
         if resume is not None:
             ckpt = run_dir / resume.checkpoint
             self.strategy.restore(
@@ -251,7 +263,11 @@ class Coordinator:
             # max_weight from the record counts just discovered.
             max_weight = self.strategy.secagg_max_weight
             inner = secagg_workflow(
-                cfg, max_weight, self.strategy.round_failed, self.strategy.screen_secagg
+                cfg,
+                max_weight,
+                self.strategy.round_failed,
+                self.strategy.screen_secagg,
+                device_level=self.strategy.device_level,
             )
         return RoundWorkflow(
             inner,
@@ -266,6 +282,7 @@ class Coordinator:
         """Write the run's artefacts: final adapter, ledger, privacy report, export."""
         from fedlora.adapter import save_adapter, set_adapter_arrays
         from fedlora.privacy import build_report
+        from fedlora.privacy.device_report import attach_device_level
         from fedlora.privacy.report import RunInfo
         from fedlora.reporting.artefacts import write_artefacts
 
@@ -297,6 +314,15 @@ class Coordinator:
                     reproducible_noise=cfg.privacy.reproducible_noise,
                 ),
             )
+            if self.strategy.device_level is not None:
+                attach_device_level(
+                    report,
+                    self.budget.ledger,
+                    budget_epsilon=cfg.privacy.device.epsilon,
+                    delta=cfg.privacy.device.delta,
+                    mechanism=self.strategy.device_level.plan.to_dict(),
+                    record_level=cfg.privacy.record_level,
+                )
             # report.json, report.html (self-contained, with plots) and the PNG plots
             write_artefacts(report, self.run_dir / "privacy")
         self.export_manifest, self.export_status = export_after_training(cfg, self.run_dir)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fedlora.config import PrivacySection
 from fedlora.errors import UpdateError
-from fedlora.privacy import DPSGDEvent, PrivacyLedger, epsilon_for
+from fedlora.privacy import DDGEvent, DPSGDEvent, PrivacyLedger, epsilon_for, epsilon_for_device
 
 #: How a device's budget refusal reads (see ``fedlora.client.device_client.plan_noise``).
 DECLINE_PATTERN = re.compile(r"device (\S+) declines round (\d+)")
@@ -56,6 +56,9 @@ class FleetBudget:
         #: "Does one more round fit?" by what decides it (the spend's parameters, not whose
         #: it is): a fleet of thousands has far fewer distinct histories than devices.
         self._fits_cache: dict[tuple[Any, ...], bool] = {}
+        #: Device-level DP: the event one more round would add for a device (set by the
+        #: strategy from its plan, :meth:`fedlora.server.ddp.DeviceLevelDP.event`).
+        self.next_device_event: Callable[[str], DDGEvent] | None = None
 
     def register(self, node_id: int, props: Mapping[str, Any]) -> None:
         """What a device said about itself at discovery: its id and how many records it has."""
@@ -77,11 +80,11 @@ class FleetBudget:
 
     def devices(self) -> list[str]:
         """Every device known from discovery or the ledger, sorted."""
-        return sorted(set(self.node_device.values()) | set(self.ledger.devices()))
+        return sorted(set(self.node_device.values()) | set(self.ledger.devices(unit=None)))
 
     def expect(self, node_id: int, server_round: int) -> None:
         """A training request went to ``node_id``: what it spends in that round is owed."""
-        if self.privacy.enabled:
+        if self.privacy.record_level:
             self.owed.setdefault(node_id, set()).add(server_round)
 
     def settle(self, node_id: int, server_round: int) -> None:
@@ -130,8 +133,17 @@ class FleetBudget:
         self.node_device.setdefault(node_id, event.device)
         self.settle(node_id, event.round)
 
+    def add_device_level(self, event: DDGEvent) -> None:
+        """Append a device-level event (the coordinator's own: a sum it unmasked)."""
+        self.ledger.append(event)
+
+    def device_epsilon(self, device: str) -> float:
+        """The device's device-level ε so far (its whole updates in the sums unmasked)."""
+        events = self.ledger.events_for(device, unit="device")
+        return epsilon_for_device(events, self.privacy.device.delta) if events else 0.0
+
     def epsilon(self, device: str) -> float:
-        events = self.ledger.events_for(device)
+        events = self.ledger.events_for(device, unit="record")
         hit = self._eps_cache.get(device)
         if hit is not None and hit[0] == len(events):
             return hit[1]
@@ -157,12 +169,17 @@ class FleetBudget:
         return device
 
     def can_train_again(self, device: str) -> bool:
-        """Whether one more round (like its last one) keeps the device within budget."""
+        """Whether one more round (like its last one) keeps the device within budget
+        (both budgets, under ``privacy.unit`` "both")."""
         if not self.privacy.enabled:
             return True
         if device in self.declined:
             return False
-        events = self.ledger.events_for(device)
+        if self.privacy.device_level and not self._device_round_fits(device):
+            return False
+        if not self.privacy.record_level:
+            return True
+        events = self.ledger.events_for(device, unit="record")
         budget = self.budget(device)
         if self.privacy.noise_multiplier is None:
             # Calibrating devices spread the budget over the whole run; only a spent one stops.
@@ -191,6 +208,20 @@ class FleetBudget:
             fits = self._fits_cache[key] = eps <= budget
         return fits
 
+    def _device_round_fits(self, device: str) -> bool:
+        """Whether one more device-level round, with the fewest survivors the coordinator
+        unmasks, keeps the device within ``privacy.device.epsilon``."""
+        if self.next_device_event is None:
+            return True
+        events = self.ledger.events_for(device, unit="device")
+        nxt = self.next_device_event(device)
+        key = ("device", *(_device_spend(e) for e in (*events, nxt)))
+        fits = self._fits_cache.get(key)
+        if fits is None:
+            eps = epsilon_for_device((*events, nxt), self.privacy.device.delta)
+            fits = self._fits_cache[key] = eps <= self.privacy.device.epsilon * (1 + 1e-9)
+        return fits
+
     def eligible(self, node_ids: list[int]) -> list[int]:
         """Nodes that may be sampled: unknown ones, and known devices with budget left."""
         return [
@@ -199,12 +230,18 @@ class FleetBudget:
             if nid not in self.node_device or self.can_train_again(self.node_device[nid])
         ]
 
+    def worst_device_epsilon(self) -> float:
+        """The largest device-level ε of any device in the ledger."""
+        return max(
+            (self.device_epsilon(d) for d in self.ledger.devices(unit="device")), default=0.0
+        )
+
     def worst_epsilon(self) -> float:
         return max((self.epsilon(d) for d in self.ledger.devices()), default=0.0)
 
     def num_exhausted(self) -> int:
         """Devices that cannot afford another round (known from discovery or the ledger)."""
-        known = set(self.node_device.values()) | set(self.ledger.devices())
+        known = set(self.node_device.values()) | set(self.ledger.devices(unit=None))
         return sum(not self.can_train_again(d) for d in known)
 
     def save(self, path: Path) -> None:
@@ -215,6 +252,16 @@ class FleetBudget:
 def _spend(event: DPSGDEvent) -> tuple[Any, ...]:
     """What an event's privacy cost depends on (not the device, round or run)."""
     return (event.mechanism, event.noise_multiplier, event.sample_rate, event.steps, event.delta)
+
+
+def _device_spend(event: DDGEvent) -> tuple[Any, ...]:
+    return (
+        event.noise_stddev,
+        event.survivors,
+        event.l2_sensitivity,
+        event.dimension,
+        event.delta,
+    )
 
 
 def finite_or(value: float, default: float) -> float:

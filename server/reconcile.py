@@ -100,7 +100,7 @@ class LedgerReconciler:
         own ledger still holds the spend, and its next reply's history will show it).
         """
         counts = {"asked": len(node_ids), "answered": 0, "recorded": 0}
-        if not runs or not node_ids or not self.cfg.privacy.enabled:
+        if not runs or not node_ids or not self.cfg.privacy.record_level:
             return counts
         wanted = set(runs)
         replies = grid.send_and_receive(
@@ -252,6 +252,6 @@ class LedgerReconciler:
             delta=p.delta,
             noise_multiplier=p.noise_multiplier,
             accountant=p.accountant,
-            history=self.budget.ledger.events_for(device),
+            history=self.budget.ledger.events_for(device, unit="record"),
             budget=self.budget.budget(device),
         )

@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 
 from fedlora.errors import UpdateError
 from fedlora.secagg import masks, packing, quantize
+from fedlora.server.ddp import DeviceLevelDP
 from fedlora.server.rounds import ReportingSecAggPlus, current_round
 
 log = logging.getLogger("server")
@@ -77,8 +78,23 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
     devices whose payload is malformed. :attr:`liars` is the current round's.
     """
 
-    def __init__(self, *args: Any, screen: Screen | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        screen: Screen | None = None,
+        device_level: DeviceLevelDP | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if device_level is not None:
+            kwargs["modulus_range"] = device_level.params.modulus
+            # Flower's quantization is not used (devices send the DDP encoding); its range
+            # only has to be below the modulus for Flower's checks.
+            kwargs["quantization_range"] = device_level.params.modulus // 2
         super().__init__(*args, **kwargs)
+        #: Device-level DP (:mod:`fedlora.server.ddp`): vectors are ``[count, encoding]``
+        #: mod 2^bits, a sum of fewer than its minimum survivors is never unmasked, and
+        #: the unmasked sum is decoded by it.
+        self.device_level = device_level
         if self.modulus_range > 2**masks.MAX_MODULUS_BITS:
             raise ValueError(
                 f"fedlora's SecAgg+ needs a modulus of at most 2^32, got {self.modulus_range}"
@@ -114,7 +130,8 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
             grid.send_and_receive([make(n) for n in state.active_node_ids], timeout=self.timeout)
         )
         del state.forward_ciphertexts, state.forward_srcs, state.nid_to_fitins
-        shapes = [(1,), *adapter_shapes(context)]
+        ddp = self.device_level
+        shapes = ddp.vector_shapes if ddp is not None else [(1,), *adapter_shapes(context)]
         vectors: dict[int, list[np.ndarray]] = {}
         malformed: dict[int, str] = {}
         for msg in msgs:
@@ -158,7 +175,12 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
         # them at unmask like any share holder (never for its own seed's: it is "dead").
         self._helpers = refused
         ok = bool(state.active_node_ids) and holders_suffice(state, state.active_node_ids | refused)
-        if ok and not quantize.fits(
+        if ok and ddp is not None:
+            why = ddp.enough(len(state.active_node_ids))
+            if why is not None:
+                log.error("round %d: %s", rnd, why)
+                ok = False
+        elif ok and not quantize.fits(
             len(state.active_node_ids), state.quantization_range, state.mod_range
         ):
             log.error(
@@ -219,12 +241,20 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
             log.error("round %d: SecAgg+ could not unmask the sum: %s", rnd, exc)
             self._halt(context, "unmask", state)
             return False
-        mean = quantize.decode(
-            total,
-            len(summed),
-            clipping_range=state.clipping_range,
-            target_range=state.quantization_range,
-        )
+        if self.device_level is not None:
+            try:
+                mean = self.device_level.decode(rnd, total, len(summed))
+            except UpdateError as exc:
+                log.error("round %d: %s", rnd, exc)
+                self._halt(context, "unmask", state)
+                return False
+        else:
+            mean = quantize.decode(
+                total,
+                len(summed),
+                clipping_range=state.clipping_range,
+                target_range=state.quantization_range,
+            )
         parameters = ndarrays_to_parameters(mean)
         for _, fitres in state.legacy_results:
             fitres.parameters = parameters

@@ -77,6 +77,7 @@ from fedlora.server.aggregate import (
 )
 from fedlora.server.budget import FleetBudget
 from fedlora.server.checkpoint import save_checkpoint
+from fedlora.server.ddp import DeviceLevelDP
 
 log = logging.getLogger("server")
 
@@ -116,6 +117,8 @@ class _RoundState:
     rejected_in_sum: int = 0
     #: (num_examples, LoRA rank) of each accepted update (FFA-LoRA's nested ranks).
     tiers: list[tuple[int, int]] = field(default_factory=list)
+    #: Node ids of the accepted updates (under SecAgg+: the devices in the unmasked sum).
+    summed: list[int] = field(default_factory=list)
     skipped_reason: str | None = None
     discarded_reason: str | None = None
     failed_reason: str | None = None
@@ -156,6 +159,11 @@ class LoraFedAvg(Strategy):
         self._round = _RoundState()
         #: The file holding the current global adapter (None until one is written).
         self.checkpoint: Path | None = None
+        #: Device-level DP (``privacy.unit`` "device" or "both"), planned for this adapter.
+        self.device_level = DeviceLevelDP(cfg, self.shapes) if cfg.privacy.device_level else None
+        if self.device_level is not None:
+            ddp, survivors = self.device_level, self.device_level.plan.min_survivors
+            budget.next_device_event = lambda device: ddp.event(device, 1, survivors, "")
 
     def restore(
         self,
@@ -218,10 +226,13 @@ class LoraFedAvg(Strategy):
         picked = self._rng.choice(len(pool), size=k, replace=False)
         chosen = sorted(pool[int(i)] for i in picked)
         self._round.sampled = k
-        ins = FitIns(
-            parameters,
-            {ROUND_KEY: server_round, NUM_ROUNDS_KEY: self.cfg.training.rounds},
-        )
+        fit_config: dict[str, Scalar] = {
+            ROUND_KEY: server_round,
+            NUM_ROUNDS_KEY: self.cfg.training.rounds,
+        }
+        if self.device_level is not None:
+            fit_config.update(self.device_level.fit_config(server_round))
+        ins = FitIns(parameters, fit_config)
         return [(proxies[nid], ins) for nid in chosen]
 
     def _online(self, device: str | None, server_round: int) -> bool:
@@ -250,6 +261,10 @@ class LoraFedAvg(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         st = self._round
         accepted = self._account(server_round, results, failures)
+        if self.device_level is not None and accepted:
+            # The sum was unmasked: each device in it spent one device-level round, with
+            # the noise of every device in it (the liars were left out before unmasking).
+            self._record_device_level(server_round, st.summed)
         if self.cfg.secagg.enabled:
             mean = self._secagg_mean(results, accepted)
         else:
@@ -341,12 +356,23 @@ class LoraFedAvg(Strategy):
                 log.warning("round %d: rejected (%s): %s", server_round, exc.reason, exc)
                 continue
             accepted.append((arrays, res.num_examples))
+            st.summed.append(proxy.node_id)
             st.tiers.append((res.num_examples, rank))
             loss = res.metrics.get("train_loss")
             if isinstance(loss, float) and math.isfinite(loss) and loss >= 0:
                 st.train_losses.append(loss)
             st.clipped += res.metrics.get("clipped") is True
         return accepted
+
+    def _record_device_level(self, server_round: int, node_ids: list[int]) -> None:
+        ddp = self.device_level
+        assert ddp is not None
+        run = self.run_id or ""
+        for nid in node_ids:
+            device = self.budget.node_device.get(nid)
+            if device is None:  # pragma: no cover - _check registered every accepted node
+                continue
+            self.budget.add_device_level(ddp.event(device, server_round, len(node_ids), run))
 
     # ------------------------------------------------------------ validation
     @property
@@ -405,7 +431,7 @@ class LoraFedAvg(Strategy):
         who = f"{who} (device {device})"
         metrics = res.metrics
         p = self.cfg.privacy
-        if p.enabled and metrics["dp"] is not True:
+        if p.record_level and metrics["dp"] is not True:
             raise UpdateRejected("privacy_event", f"{who} trained without DP-SGD in a DP run")
         at_most = self.budget.num_records.get(device)
         if at_most is None and self.budget.num_records:
@@ -429,7 +455,7 @@ class LoraFedAvg(Strategy):
                 delta=p.delta,
                 noise_multiplier=p.noise_multiplier,
                 accountant=p.accountant,
-                history=self.budget.ledger.events_for(device),
+                history=self.budget.ledger.events_for(device, unit="record"),
                 budget=self.budget.budget(device),
             )
         try:
@@ -505,6 +531,16 @@ class LoraFedAvg(Strategy):
             return None
         if not accepted:
             return None
+        if self.device_level is not None:
+            # The decoded sum carries the devices' noise on purpose: its norm says nothing
+            # about clipping. Only its shape and finiteness are checked.
+            try:
+                arrays = parameters_to_ndarrays(results[0][1].parameters)
+                validate_update(arrays, self.shapes, "decoded sum", dtype=np.float64)
+            except UpdateRejected as exc:
+                st.discarded_reason = str(exc)
+                return None
+            return [a.astype(np.float32) for a in arrays]
         s = self.cfg.secagg
         err = secagg_error_bound(
             [n for _, n in accepted], self.secagg_max_weight, s.clipping_range, s.quantization_range
@@ -578,13 +614,18 @@ class LoraFedAvg(Strategy):
             # which rebuild them (null without SecAgg+, or before a round sampled anyone)
             "secagg_shares": st.secagg_graph[0] if st.secagg_graph else None,
             "secagg_threshold": st.secagg_graph[1] if st.secagg_graph else None,
-            "dp": self.cfg.privacy.enabled,
+            "dp": self.cfg.privacy.record_level,
             "max_epsilon": self.budget.worst_epsilon(),
             "devices_exhausted": self.budget.num_exhausted(),
             "round_s": round_s,
             "wall_s": now - self._t0,
             **_round_costs(st, round_s, eval_s),
         }
+        if self.device_level is not None:
+            # Device-level DP: each device's ε over its whole updates, and how many devices'
+            # noise this round's sum held (0: nothing was unmasked).
+            row["max_device_epsilon"] = self.budget.worst_device_epsilon()
+            row["survivors"] = 0 if st.failed_reason else len(st.summed)
         if st.skipped_reason:
             row["skipped"] = st.skipped_reason
         if st.discarded_reason:

@@ -88,7 +88,10 @@ def run_audit(
     score_s = time.perf_counter() - t1
     claimed = None
     if "privacy" in summary:
+        # A canary is a record: the record-level claim, or under device-level DP alone the
+        # device-level one (a record's presence changes one device's data only).
         p = summary["privacy"]
+        p = p if "max_epsilon" in p else p["device_level"]
         claimed = {
             "epsilon": p["max_epsilon"],
             "delta": p["delta"],

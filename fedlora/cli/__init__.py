@@ -232,10 +232,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     if "privacy" in summary:
         p = summary["privacy"]
-        console.print(
-            f"privacy: worst device ε = {p['max_epsilon']:.3f} (budget {p['budget_epsilon']:g}) "
-            f"at δ = {p['delta']:g}, {p['accountant']} accountant"
-        )
+        if "max_epsilon" in p:
+            console.print(
+                f"privacy: worst device ε = {p['max_epsilon']:.3f} (budget "
+                f"{p['budget_epsilon']:g}) at δ = {p['delta']:g}, {p['accountant']} accountant, "
+                "per record"
+            )
+        if "device_level" in p:
+            d = p["device_level"]
+            console.print(
+                f"privacy: worst device-level ε = {d['max_epsilon']:.3f} (budget "
+                f"{d['budget_epsilon']:g}) at δ = {d['delta']:g}, {d['accountant']} accountant, "
+                "per device (distributed discrete Gaussian in SecAgg+)"
+            )
         if p.get("reproducible_noise"):
             console.print(
                 "[bold red]warning[/]: privacy.reproducible_noise was on (research option; a "

@@ -9,20 +9,19 @@ orthonormal Walsh–Hadamard transform (entries ±1/√B). Every device of a rou
 same signs (a public seed), so the coordinator undoes the rotation on the *sum*.
 
 Blocks, not one transform over the next power of two: a flat vector of length d is
-split into blocks of ``block`` values, and only the last, partial block is padded, to
-the smallest power of two that holds it but at least :data:`MIN_TAIL_BLOCK` (and at
-most ``block``). Padded values travel on the wire (2 bytes each at b = 16), so the
-overhead is what matters: one transform of fedlora's default adapter (d = 86,784)
-would pad to 2¹⁷ (+51 %); blocks of 2¹² pad to 87,040 (+0.29 %), and the plain-LoRA
-adapter (d = 159,744 = 39 · 4096) is not padded at all.
+split into blocks of ``block`` values; the rest is rounded up to a multiple of
+:data:`MIN_TAIL_BLOCK` and split into the powers of two of its binary form (768 = 512 +
+256), so at most 255 values are padding. Padded values travel on the wire (2 bytes each
+at b = 16), so the overhead is what matters: one transform of an adapter of d = 86,784
+values would pad to 2¹⁷ (+51 %); these blocks take it as it is (21 · 4096 + 512 + 256),
+and the embedded default adapter (d = 39,040) pads to 39,168 (+0.33 %).
 
 Why :data:`DEFAULT_BLOCK` = 2¹²: after the rotation a coordinate of block B is
 sub-Gaussian with variance proxy ‖x‖²/B (Hoeffding over the signs), so larger blocks
 flatten better; 4096 values already bring a clipped update's per-coordinate spread to
-1/64 of its norm, below the DP noise of any useful ε, while the tail's padding stays
-under 4096 values (< 5 % for d ≥ 80,000). :data:`MIN_TAIL_BLOCK` = 256 keeps a short
-tail from becoming the coordinate that wraps (the proxy of a 256-block is 16× that of
-a full block) at a cost of at most 255 padded values.
+1/64 of its norm, below the DP noise of any useful ε. :data:`MIN_TAIL_BLOCK` = 256 keeps
+a short tail from becoming the coordinate that wraps (the wrap bound takes the smallest
+block's proxy, 16× a full block's) at a cost of at most 255 padded values.
 
 numpy only: the transform is the iterative butterfly, O(B log B) per block, all blocks
 of one size at once. The signs are ChaCha20 keystream bits of a domain-separated hash
@@ -74,8 +73,12 @@ def block_sizes(dimension: int, block: int = DEFAULT_BLOCK) -> tuple[int, ...]:
     full, rest = divmod(dimension, block)
     if rest == 0:
         return (block,) * full
-    tail = min(block, max(1 << (rest - 1).bit_length(), MIN_TAIL_BLOCK))
-    return (block,) * full + (tail,)
+    # The rest, rounded up to a whole number of MIN_TAIL_BLOCKs (at most one block), in
+    # the powers of two its binary form names, largest first: 768 = 512 + 256, no padding.
+    smallest = min(MIN_TAIL_BLOCK, block)
+    tail = min(block, -(-rest // smallest) * smallest)
+    parts = tuple(1 << i for i in range(tail.bit_length() - 1, -1, -1) if tail >> i & 1)
+    return (block,) * full + parts
 
 
 def padded_dimension(dimension: int, block: int = DEFAULT_BLOCK) -> int:
@@ -119,13 +122,13 @@ def fwht(blocks: np.ndarray) -> np.ndarray:
 
 
 def _transform_blocks(x: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
-    """:func:`fwht` over consecutive blocks of ``sizes`` (all but the last are equal)."""
+    """:func:`fwht` over consecutive blocks of ``sizes``, each run of equal sizes at once."""
     out = np.empty_like(x)
-    full = sizes[0] * (len(sizes) - 1) if sizes[-1] != sizes[0] else len(x)
-    if full:
-        out[:full] = fwht(x[:full].reshape(-1, sizes[0])).reshape(-1)
-    if full < len(x):
-        out[full:] = fwht(x[full:].reshape(1, -1)).reshape(-1)
+    at = 0
+    for size in dict.fromkeys(sizes):  # distinct sizes, in order (runs are contiguous)
+        n = sizes.count(size) * size
+        out[at : at + n] = fwht(x[at : at + n].reshape(-1, size)).reshape(-1)
+        at += n
     return out
 
 

@@ -18,9 +18,11 @@ from fedlora.privacy.render import (
     DEVICE_COLUMNS,
     ROUND_COLUMNS,
     audit_lines,
+    device_lines,
     device_table,
     fleet_lines,
     headline,
+    record_level,
     round_table,
     run_line,
 )
@@ -106,6 +108,14 @@ def _audit(report: dict[str, Any]) -> str:
     return f"<h2>Empirical audit</h2><ul>{items}</ul>"
 
 
+def _device_level(report: dict[str, Any]) -> str:
+    lines = device_lines(report)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{escape(line)}</li>" for line in lines)
+    return f"<h2>Device-level privacy</h2><ul>{items}</ul>"
+
+
 def render_html(
     report: dict[str, Any],
     figures: Mapping[str, Figure] | None = None,
@@ -120,16 +130,10 @@ def render_html(
     fleet = "".join(f"<li>{escape(line)}</li>" for line in fleet_lines(report))
     rows = device_table(report)
     classes = ["exhausted" if d["exhausted"] else "" for d in report["devices"]]
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{escape(title)}</h1>",
-        f'<p class="sub">{escape(headline(report))}.<br>{escape(run_line(report))}.</p>',
-        notes,
+    record_parts = [
         "<h2>Fleet</h2>",
         f"<ul>{fleet}<li>exhausted means: {escape(report['exhaustion_rule'])}</li></ul>",
+        _device_level(report),
         _audit(report),
         _figure("epsilon_by_round", report, figures),
         _figure("epsilon_distribution", report, figures),
@@ -138,6 +142,16 @@ def render_html(
         _table("rounds", ROUND_COLUMNS, round_table(report), set(ROUND_COLUMNS)),
         "<h2>Devices</h2>",
         _table("devices", DEVICE_COLUMNS, rows, _NUMERIC, classes),
+    ]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+        f'<p class="sub">{escape(headline(report))}.<br>{escape(run_line(report))}.</p>',
+        notes,
+        *(record_parts if record_level(report) else [_device_level(report)]),
         "<h2>What ε means here</h2>",
         "<ul>" + "".join(f"<li>{escape(a)}</li>" for a in report["assumptions"]) + "</ul>",
         "<h2>Data</h2>",

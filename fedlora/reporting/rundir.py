@@ -127,7 +127,7 @@ def load_run(path: str | Path) -> RunDir:
             "ledger; try again after its next save"
         )
     ledger = PrivacyLedger.load(ledger_path)  # refuses a missing, edited or mistyped ledger
-    trained = len(ledger.devices())
+    trained = len(ledger.devices(unit=None))
     if devices is not None and devices < trained:
         raise PrivacyError(
             f"{ledger_path} has events of {trained} devices but {run_dir / 'config.json'} "
@@ -155,6 +155,7 @@ def report_for(
     """The privacy report of a run at ``delta`` (default: the run's δ); with the run's
     ``audit.json`` (``fedlora audit``), its lower bound beside the claim (``report["audit"]``,
     at the run's δ)."""
+    from fedlora.privacy.device_report import PLAN_FILE, attach_device_level
     from fedlora.reporting.audit import audit_summary, read_audit
 
     privacy = run.config.privacy
@@ -169,6 +170,17 @@ def report_for(
         workers=workers,
         progress=progress,
     )
+    if privacy.device_level:
+        plan_path = run.path / "privacy" / PLAN_FILE
+        plan = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else None
+        attach_device_level(
+            report,
+            run.ledger,
+            budget_epsilon=privacy.device.epsilon,
+            delta=privacy.device.delta,
+            mechanism=plan,
+            record_level=privacy.record_level,
+        )
     audit = read_audit(run.path)
     if audit is not None:
         report["audit"] = audit_summary(audit)

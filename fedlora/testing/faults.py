@@ -362,9 +362,14 @@ def checkpoint(cfg: FedloraConfig, run_dir: Path, rnd: int) -> list[np.ndarray]:
 
 
 def retrain_update(
-    cfg: FedloraConfig, partition: int, rnd: int, sigma: float, previous: list[np.ndarray]
+    cfg: FedloraConfig,
+    partition: int,
+    rnd: int,
+    sigma: float | None,
+    previous: list[np.ndarray],
 ) -> tuple[list[np.ndarray], int]:
-    """Device ``partition``'s update of round ``rnd`` from ``previous``, as it made it."""
+    """Device ``partition``'s update of round ``rnd`` from ``previous``, as it made it
+    (``sigma`` None: it trained without DP-SGD, as under device-level DP alone)."""
     import torch
 
     from fedlora import runtime
@@ -389,7 +394,7 @@ def retrain_update(
         max_grad_norm=cfg.privacy.max_grad_norm,
         noise_multiplier=sigma,
         seed=_seed(cfg.seed, partition, rnd),
-        randomness=round_randomness(cfg, partition, rnd, deployed=False),
+        randomness=None if sigma is None else round_randomness(cfg, partition, rnd, deployed=False),
     )
     set_adapter_arrays(bundle.model, previous)
     train_lora(bundle.model, ids, mask, plan)

@@ -12,28 +12,33 @@ from fedlora.errors import ConfigError
 @pytest.mark.parametrize(
     ("dimension", "padded", "tail"),
     [
-        (86_784, 87_040, 1024),  # fedlora's default adapter with FFA: 21 blocks + 768 values
-        (159_744, 159_744, 4096),  # plain LoRA: 39 whole blocks, no padding
-        (4096 + 1, 4096 + 256, 256),  # a short tail is padded to MIN_TAIL_BLOCK
-        (10, 256, 256),
-        (3000, 4096, 4096),  # a tail above 2048 fills a whole block
+        (86_784, 86_784, (512, 256)),  # 21 blocks + 768 = 512 + 256 values: no padding
+        (159_744, 159_744, ()),  # 39 whole blocks, no padding
+        (39_040, 39_168, (2048, 256)),  # the embedded adapter: 2176 values → 2048 + 256
+        (4096 + 1, 4096 + 256, (256,)),  # a short tail is padded to MIN_TAIL_BLOCK
+        (10, 256, (256,)),
+        (3000, 3072, (2048, 1024)),
+        (4000, 4096, (4096,)),  # rounded up to a whole block
     ],
 )
-def test_only_the_last_block_is_padded(dimension, padded, tail):
+def test_only_the_rest_is_split_into_powers_of_two_and_padded_to_256(dimension, padded, tail):
     sizes = rotation.block_sizes(dimension)
 
     assert rotation.padded_dimension(dimension) == padded
-    assert sizes[-1] == tail == rotation.smallest_block(dimension)
-    assert set(sizes[:-1]) <= {rotation.DEFAULT_BLOCK}
+    full = (dimension // rotation.DEFAULT_BLOCK) if dimension % rotation.DEFAULT_BLOCK else 0
+    if dimension % rotation.DEFAULT_BLOCK == 0:
+        full = dimension // rotation.DEFAULT_BLOCK
+    assert sizes == (rotation.DEFAULT_BLOCK,) * full + tail
+    assert padded - dimension < rotation.MIN_TAIL_BLOCK
+    assert rotation.smallest_block(dimension) == min(sizes)
 
 
 def test_padding_overhead_of_the_default_adapters_is_small():
-    ffa = rotation.padded_dimension(86_784) / 86_784 - 1
-    lora = rotation.padded_dimension(159_744) / 159_744 - 1
+    ffa = rotation.padded_dimension(21_248) / 21_248 - 1  # embedded default, FFA
+    lora = rotation.padded_dimension(39_040) / 39_040 - 1  # embedded default, plain LoRA
 
-    assert ffa == pytest.approx(256 / 86_784)  # 0.29 %
-    assert ffa < 0.003
-    assert lora == 0
+    assert ffa == 0
+    assert lora == pytest.approx(128 / 39_040)  # 0.33 %
 
 
 @pytest.mark.parametrize(("dimension", "block"), [(86_784, 4096), (1000, 64), (7, 2), (4096, 4096)])
