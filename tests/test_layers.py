@@ -4,7 +4,8 @@ Layers, lowest first (a module may import its own layer and those below):
 
 0. base: ``fedlora.*`` building blocks (config, errors, data, model, adapter, export,
    keys, addresses, protocol, runtime, ...);
-1. privacy: ``fedlora.privacy`` (no torch, no Flower) and ``fedlora.reporting``;
+1. privacy: ``fedlora.privacy`` (no torch, no Flower), ``fedlora.ddp`` (device-level DP's
+   encoding, numpy only) and ``fedlora.reporting``;
 2. ``fedlora.client`` and ``fedlora.server``, which never import each other (what they
    share lives below them);
 3. commands: ``fedlora.cli`` (one module per command group), ``fedlora.simulate`` and
@@ -31,6 +32,7 @@ FOLDERS = {
 }
 RANKS = {
     "fedlora.privacy": 1,
+    "fedlora.ddp": 1,
     "fedlora.reporting": 1,
     "fedlora.client": 2,
     "fedlora.server": 2,
