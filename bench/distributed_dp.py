@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +82,14 @@ def config(args: argparse.Namespace, bits: int | None) -> Any:
         privacy={"enabled": bits is not None, "unit": "device", "device": device},
         secagg={"enabled": bits is not None},
         export={"enabled": False},
+    )
+
+
+def _progress(variant: str, rnd: int, loss: float, started: float) -> None:
+    print(
+        f"{variant}: round {rnd} held-out loss {loss:.4f} ({time.perf_counter() - started:.0f} s)",
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -151,6 +160,7 @@ def run(args: argparse.Namespace, variant: str, work: Path) -> dict[str, Any]:
                 res.parameters = ndarrays_to_parameters(mean)
             new, _ = strategy.aggregate_fit(rnd, results, [])  # type: ignore[arg-type]
             strategy.evaluate(rnd, new or ndarrays_to_parameters(strategy.global_arrays))
+            _progress(variant, rnd, strategy.rows[-1]["eval_loss"], started)
             continue
         if variant == "central_gaussian":
             clipped = []
@@ -168,6 +178,7 @@ def run(args: argparse.Namespace, variant: str, work: Path) -> dict[str, Any]:
             at += g.size
         strategy.global_arrays = apply_update(strategy.global_arrays, mean)
         strategy.evaluate(rnd, ndarrays_to_parameters(strategy.global_arrays))
+        _progress(variant, rnd, strategy.rows[-1]["eval_loss"], started)
     d = int(sum(a.size for a in bundle.initial_arrays))
     n = args.per_round
     out: dict[str, Any] = {

@@ -49,6 +49,7 @@ SUITE: tuple[Bench, ...] = (
     ),
     Bench("fleet_scale", "fleet_scale.py"),
     Bench("audit", "audit.py"),
+    Bench("distributed_dp", "distributed_dp.py", runs=False),
 )
 
 
