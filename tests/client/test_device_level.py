@@ -66,7 +66,7 @@ def test_unit_device_sends_nothing_its_data_decides_and_records_the_guaranteed_n
     from fedlora.client.ledger import load_device_ledger
 
     client, ddp, fit = device("device")
-    update, weight, metrics = fit(1)
+    _, weight, metrics = fit(1)
 
     assert weight == 1  # every device weighs 1: its record count stays on the device
     assert "num_records" not in client.get_properties({})
@@ -102,7 +102,7 @@ def test_a_request_without_the_noise_parameters_trains_nothing(device):
 
 def test_a_device_declines_the_round_past_its_device_budget(device):
     # Calibrated for 1 participation: the device's second round would pass ε.
-    _, ddp, fit = device("device", participations=1)
+    _, _, fit = device("device", participations=1)
     fit(1)
     with pytest.raises(BudgetExhaustedError) as err:
         fit(2)
