@@ -139,6 +139,8 @@ def run(args: argparse.Namespace, variant: str, work: Path) -> dict[str, Any]:
         pool = budget.eligible(sorted(clients)) if ddp is not None else sorted(clients)
         k = min(args.per_round, len(pool))
         nodes = sorted(pool[int(i)] for i in rng.choice(len(pool), k, replace=False))
+        # What configure_fit does when Flower drives the round: a fresh round state.
+        strategy._round = type(strategy._round)(started=time.perf_counter())
         fit_config: dict[str, Any] = {ROUND_KEY: rnd, NUM_ROUNDS_KEY: args.rounds}
         if ddp is not None:
             fit_config.update(ddp.fit_config(rnd))
