@@ -64,7 +64,6 @@ from fedlora.errors import PrivacyError, UpdateError
 from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
 from fedlora.server.aggregate import (
     UpdateRejected,
-    apply_update,
     check_tier,
     nested_column_scale,
     rescale_columns,
@@ -77,6 +76,7 @@ from fedlora.server.aggregate import (
 )
 from fedlora.server.budget import FleetBudget
 from fedlora.server.checkpoint import save_checkpoint
+from fedlora.server.optimizers import ServerOptimizer
 
 log = logging.getLogger("server")
 
@@ -156,6 +156,8 @@ class LoraFedAvg(Strategy):
         self._round = _RoundState()
         #: The file holding the current global adapter (None until one is written).
         self.checkpoint: Path | None = None
+        #: Turns the round's mean update into the next global adapter (training.server_optimizer).
+        self.server_optimizer = ServerOptimizer(cfg.training, names)
 
     def restore(
         self,
@@ -167,12 +169,14 @@ class LoraFedAvg(Strategy):
         wall_s: float,
     ) -> None:
         """Continue from a committed round (:mod:`fedlora.server.resume`): its global adapter,
-        the sampler exactly where it was, the metrics rows so far and the wall clock."""
+        the server optimizer's state saved beside it, the sampler exactly where it was, the
+        metrics rows so far and the wall clock."""
         shapes = [tuple(a.shape) for a in arrays]
         if shapes != self.shapes:
             raise ValueError(f"checkpoint shapes {shapes} do not match the adapter's {self.shapes}")
         self.global_arrays = [a.astype(np.float32) for a in arrays]
         self.checkpoint = checkpoint
+        self.server_optimizer.load(checkpoint, self.shapes)
         self._rng.bit_generator.state = sampler_state
         self.rows = list(rows)
         self._t0 = time.perf_counter() - wall_s
@@ -260,7 +264,7 @@ class LoraFedAvg(Strategy):
             if st.discarded_reason:
                 log.error("round %d: aggregate discarded: %s", server_round, st.discarded_reason)
             return None, {"aggregated": 0}
-        new_global = apply_update(self.global_arrays, mean)
+        new_global = self.server_optimizer.step(self.global_arrays, mean)
         if not all(np.isfinite(g).all() for g in new_global):
             st.discarded_reason = "the next global adapter would not be finite"
             log.error("round %d: aggregate discarded: %s", server_round, st.discarded_reason)
@@ -270,6 +274,7 @@ class LoraFedAvg(Strategy):
         self.checkpoint = save_checkpoint(
             self.run_dir / "checkpoints", server_round, self.names, self.global_arrays
         )
+        self.server_optimizer.save(self.checkpoint)
         return ndarrays_to_parameters(self.global_arrays), {"aggregated": len(accepted)}
 
     def round_failed(
