@@ -74,10 +74,28 @@ class ServerOptimizer:
     def step(
         self, global_arrays: Sequence[np.ndarray], mean: Sequence[np.ndarray]
     ) -> list[np.ndarray]:
-        """The next global adapter (float32). The state advances only if it is finite."""
+        """The next global adapter (float32). The state advances only with a finite step;
+        a step that is not (the adapter or the state would not be finite) returns a
+        non-finite adapter, which the coordinator discards with its round."""
         if self.name == "fedavg":
             return apply_update(global_arrays, mean)
-        deltas = [np.asarray(u, dtype=np.float64) for u in mean]
+        with np.errstate(all="ignore"):  # a step that is not finite is checked for below
+            slots, moves = self._moves([np.asarray(u, dtype=np.float64) for u in mean])
+        if not all(np.isfinite(a).all() for arrays in slots.values() for a in arrays):
+            return [np.full(np.shape(g), np.nan, np.float32) for g in global_arrays]
+        new = [
+            (np.asarray(g, dtype=np.float64) + mv).astype(np.float32)
+            for g, mv in zip(global_arrays, moves, strict=True)
+        ]
+        if all(np.isfinite(a).all() for a in new):
+            self.slots = slots
+            self.steps += 1
+        return new
+
+    def _moves(
+        self, deltas: list[np.ndarray]
+    ) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray]]:
+        """The state after this step, and what it adds to each tensor (float64)."""
         if self.name == "fedavgm":
             old = self.slots.get("momentum") or [np.zeros_like(d) for d in deltas]
             slots = {"momentum": [self.beta * v + d for v, d in zip(old, deltas, strict=True)]}
@@ -90,16 +108,7 @@ class ServerOptimizer:
             v = [b2 * a + (1 - b2) * d * d for a, d in zip(v0, deltas, strict=True)]
             slots = {"m": m, "v": v}
             moves = [self.lr * a / (np.sqrt(b) + ADAM_TAU) for a, b in zip(m, v, strict=True)]
-        new = [
-            (np.asarray(g, dtype=np.float64) + mv).astype(np.float32)
-            for g, mv in zip(global_arrays, moves, strict=True)
-        ]
-        if all(np.isfinite(a).all() for a in new) and all(
-            np.isfinite(a).all() for arrays in slots.values() for a in arrays
-        ):
-            self.slots = slots
-            self.steps += 1
-        return new
+        return slots, moves
 
     # ------------------------------------------------------------ state on disk
     def save(self, checkpoint: Path) -> Path | None:
@@ -140,6 +149,11 @@ class ServerOptimizer:
             steps = int(meta.get("steps", "-1"))
         except Exception as exc:  # a torn or foreign file: any parse error
             raise ConfigError(f"{path} cannot be read ({exc}); the run cannot be resumed") from None
+        if meta.get("checkpoint") != checkpoint.name:
+            raise ConfigError(
+                f"{path} was written after {meta.get('checkpoint')!r}, not {checkpoint.name!r}: "
+                "it is another round's state; restore this round's from backup"
+            )
         if meta.get("format") != STATE_FORMAT or saved != self.settings:
             raise ConfigError(
                 f"{path} holds the state of server optimizer {saved}, not of this run's "

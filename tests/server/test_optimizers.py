@@ -187,6 +187,24 @@ def test_a_state_of_another_optimizer_or_setting_is_refused(tmp_path, other, tra
         opt(other, **training).load(ckpt, SHAPES)
 
 
+def test_a_state_of_another_round_is_refused(tmp_path):
+    o = opt("fedavgm")
+    o.step(arrays(0, 0, 0), arrays(1, 1, 1))
+    o.save(_ckpt(tmp_path, 1))
+    ckpt = _ckpt(tmp_path, 2)
+    state_path(ckpt).write_bytes(
+        state_path(tmp_path / "checkpoints" / "round-0001.safetensors").read_bytes()
+    )
+    with pytest.raises(ConfigError, match="another round's state"):
+        opt("fedavgm").load(ckpt, SHAPES)
+
+
+def test_a_state_that_would_not_be_finite_is_not_taken(tmp_path):
+    o = opt("fedadam")
+    out = o.step(arrays(0, 0, 0), arrays(np.inf, 0, 0))  # m and v would not be finite
+    assert not np.isfinite(out[0]).all() and o.steps == 0 and o.slots == {}
+
+
 def test_a_state_of_other_shapes_is_refused(tmp_path):
     o = opt("fedadam")
     o.step(arrays(0, 0, 0), arrays(1, 1, 1))
