@@ -25,11 +25,16 @@ transport and SecAgg+'s masking, whose sum is the same weighted mean up to its
 quantization (``fedlora simulate`` runs exercise those; ``uplink`` bytes are the update
 tensors as serialized). Devices are sampled per round with the seed.
 
+``--server-optimizer`` runs each federated variant once per server optimizer
+(``training.server_optimizer``; ``NAME:LR`` sets its ``server_learning_rate``): FedAvg's
+runs keep the variant's name, the others are ``VARIANT@SPEC`` (``fed_dp_eps8@fedavgm``).
+
 Figure: (base − fed_dp_eps8) ÷ (base − central) for ``--headline-variant`` (ffa), mean
-over seeds. Without the play it prints ``{"skipped": ...}`` and exits 0.
+over seeds, with FedAvg. Without the play it prints ``{"skipped": ...}`` and exits 0.
 
     .venv/bin/python bench/utility.py [--quick] [--seeds 0 1 2] [--adapters lora ffa]
-        [--variants ...] [--learning-rate LR] [--plot docs/img/utility_shakespeare.png]
+        [--variants ...] [--learning-rate LR] [--server-optimizer fedavg fedavgm fedadam:0.1]
+        [--plot docs/img/utility_shakespeare.png]
 """
 
 from __future__ import annotations
@@ -78,6 +83,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "at ε = 8 for both adapters; training.learning_rate's default is 0.2)",
     )
     p.add_argument("--max-grad-norm", type=float, default=None)
+    p.add_argument(
+        "--server-optimizer",
+        nargs="+",
+        type=server_optimizer_spec,
+        default=["fedavg"],
+        help="server optimizers to run each federated variant with: fedavg, fedavgm, fedadam, "
+        "each optionally NAME:LR for its server learning rate (fedavg is always run)",
+    )
     p.add_argument("--plot", type=Path, default=None, help="PNG of the curves by round")
     p.add_argument("--out", type=Path, default=None, help="where the roles' JSONL goes")
     p.add_argument(
@@ -100,7 +113,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants.append(HEADLINE)
     if "central" not in args.variants:
         args.variants.insert(0, "central")
+    if "fedavg" not in args.server_optimizer:  # the figure is FedAvg's
+        args.server_optimizer.insert(0, "fedavg")
     return args
+
+
+def server_optimizer_spec(text: str) -> str:
+    """``NAME`` or ``NAME:LR``, checked as the config would check it."""
+    from fedlora.config import TrainingSection
+    from fedlora.errors import ConfigError
+
+    try:
+        TrainingSection(**server_optimizer_settings(text))
+    except (ConfigError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return text
+
+
+def server_optimizer_settings(spec: str) -> dict[str, Any]:
+    """The ``training`` keys of a ``--server-optimizer`` spec."""
+    name, _, lr = spec.partition(":")
+    out: dict[str, Any] = {"server_optimizer": name}
+    if lr:
+        out["server_learning_rate"] = float(lr)
+    return out
+
+
+def variant_key(name: str, spec: str) -> str:
+    """A run's key: the variant's name with FedAvg, ``VARIANT@SPEC`` otherwise."""
+    return name if spec == "fedavg" else f"{name}@{spec}"
 
 
 # ------------------------------------------------------------------ data
@@ -127,10 +168,20 @@ def write_jsonl(records: list[Any], path: Path) -> Path:
     return path
 
 
-def config(args: argparse.Namespace, data: Path, adapter: str, seed: int, eps: float | None):
+def config(
+    args: argparse.Namespace,
+    data: Path,
+    adapter: str,
+    seed: int,
+    eps: float | None,
+    server_optimizer: str = "fedavg",
+):
     from fedlora.config import FedloraConfig
 
-    training: dict[str, Any] = {"rounds": args.rounds}
+    training: dict[str, Any] = {
+        "rounds": args.rounds,
+        **server_optimizer_settings(server_optimizer),
+    }
     for key in ("local_steps", "batch_size", "learning_rate"):  # None: the config default
         if getattr(args, key) is not None:
             training[key] = getattr(args, key)
@@ -342,18 +393,21 @@ def run_all(args: argparse.Namespace, data: Path, out: Path) -> dict[str, Any]:
     for adapter in args.adapters:
         runs[adapter] = {}
         for name in args.variants:
-            by_seed = runs[adapter].setdefault(name, {})
-            for seed in args.seeds:
-                eps = CENTRAL[name] if name in CENTRAL else FED[name]
-                cfg = config(args, data, adapter, seed, eps)
-                bk.log(f"utility: {adapter} {name} seed {seed}")
-                with bk.stdout_to_stderr():
-                    if name in CENTRAL:
-                        by_seed[seed] = central(cfg, eps)
-                    else:
-                        work = Path(tempfile.mkdtemp(prefix=f"{adapter}-{name}-", dir=out))
-                        by_seed[seed] = federated(cfg, work)
-                bk.log(f"  → {by_seed[seed]['eval_loss_by_round']}")
+            specs = ["fedavg"] if name in CENTRAL else args.server_optimizer
+            for spec in specs:
+                key = variant_key(name, spec)
+                by_seed = runs[adapter].setdefault(key, {})
+                for seed in args.seeds:
+                    eps = CENTRAL[name] if name in CENTRAL else FED[name]
+                    cfg = config(args, data, adapter, seed, eps, spec)
+                    bk.log(f"utility: {adapter} {key} seed {seed}")
+                    with bk.stdout_to_stderr():
+                        if name in CENTRAL:
+                            by_seed[seed] = central(cfg, eps)
+                        else:
+                            work = Path(tempfile.mkdtemp(prefix=f"{adapter}-{name}-", dir=out))
+                            by_seed[seed] = federated(cfg, work)
+                    bk.log(f"  → {by_seed[seed]['eval_loss_by_round']}")
     return runs
 
 
@@ -405,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         "eps8_share": figure,
         "eps2_share": head.get("fed_dp_eps2", {}).get("recovered_share", {}).get("mean"),
         "no_eps_worse_than_base": not any(
-            v["ends_worse_than_base"] for k, v in head.items() if k.startswith("fed_dp")
+            v["ends_worse_than_base"]
+            for k, v in head.items()
+            if k.startswith("fed_dp") and "@" not in k
         ),
     }
     met = {
@@ -461,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                 "learning_rate": cfg0.training.learning_rate,
                 "max_grad_norm": cfg0.privacy.max_grad_norm,
                 "max_update_norm": cfg0.privacy.max_update_norm,
+                "server_optimizers": args.server_optimizer,
                 "lora_r": cfg0.lora.r,
                 "seeds": args.seeds,
             },

@@ -245,6 +245,10 @@ class FleetSection:
         object.__setattr__(self, "profiles", profiles)
 
 
+#: ``training.server_optimizer``: see :mod:`fedlora.server.optimizers`.
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+
+
 @dataclass(frozen=True)
 class TrainingSection:
     """Rounds and local training; ``round_deadline_s`` is how long a round waits for updates.
@@ -261,6 +265,13 @@ class TrainingSection:
     batch_size: int = 16
     learning_rate: float = 0.2
     round_deadline_s: float | None = None
+    #: How the coordinator applies the round's mean update Δ (:mod:`fedlora.server.optimizers`):
+    #: "fedavg" adds it as is; "fedavgm" (server momentum) and "fedadam" treat it as a
+    #: pseudo-gradient. ``server_learning_rate`` null: the optimizer's default (fedavgm 1.0,
+    #: fedadam 0.01); ``server_momentum``: fedavgm's β, fedadam's β1.
+    server_optimizer: str = "fedavg"
+    server_learning_rate: float | None = None
+    server_momentum: float = 0.9
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, f"training.rounds must be ≥ 1, got {self.rounds}")
@@ -275,6 +286,25 @@ class TrainingSection:
             or (self.round_deadline_s > 0 and math.isfinite(self.round_deadline_s)),
             "training.round_deadline_s must be a positive number of seconds (or null for "
             f"none), got {self.round_deadline_s}",
+        )
+        _require(
+            self.server_optimizer in SERVER_OPTIMIZERS,
+            f"training.server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, "
+            f"got {self.server_optimizer!r}",
+        )
+        lr = self.server_learning_rate
+        _require(
+            lr is None or (lr > 0 and math.isfinite(lr)),
+            f"training.server_learning_rate must be a positive number (or null), got {lr}",
+        )
+        _require(
+            lr is None or self.server_optimizer != "fedavg",
+            "training.server_learning_rate applies to fedavgm and fedadam; fedavg adds the "
+            "mean update as it is (leave it null)",
+        )
+        _require(
+            0 <= self.server_momentum < 1,
+            f"training.server_momentum must be in [0, 1), got {self.server_momentum}",
         )
 
 

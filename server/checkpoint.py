@@ -16,16 +16,22 @@ def save_checkpoint(
     directory: Path, server_round: int, names: Sequence[str], arrays: Sequence[np.ndarray]
 ) -> Path:
     """Write ``round-NNNN.safetensors``; a crash mid-write leaves no file under that name."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"round-{server_round:04d}.safetensors"
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    return save_tensors_atomic(
+        directory / f"round-{server_round:04d}.safetensors",
+        {n: np.ascontiguousarray(a) for n, a in zip(names, arrays, strict=True)},
+        {"round": str(server_round), "names": json.dumps(list(names))},
+    )
+
+
+def save_tensors_atomic(
+    target: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]
+) -> Path:
+    """Write a safetensors file by rename: a crash mid-write leaves no file under its name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(
-            {n: np.ascontiguousarray(a) for n, a in zip(names, arrays, strict=True)},
-            tmp,
-            metadata={"round": str(server_round), "names": json.dumps(list(names))},
-        )
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -64,7 +64,6 @@ from fedlora.errors import PrivacyError, UpdateError
 from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
 from fedlora.server.aggregate import (
     UpdateRejected,
-    apply_update,
     check_tier,
     nested_column_scale,
     rescale_columns,
@@ -78,6 +77,7 @@ from fedlora.server.aggregate import (
 from fedlora.server.budget import FleetBudget
 from fedlora.server.checkpoint import save_checkpoint
 from fedlora.server.ddp import DeviceLevelDP
+from fedlora.server.optimizers import ServerOptimizer
 
 log = logging.getLogger("server")
 
@@ -164,6 +164,8 @@ class LoraFedAvg(Strategy):
         if self.device_level is not None:
             ddp, survivors = self.device_level, self.device_level.plan.min_survivors
             budget.next_device_event = lambda device: ddp.event(device, 1, survivors, "")
+        #: Turns the round's mean update into the next global adapter (training.server_optimizer).
+        self.server_optimizer = ServerOptimizer(cfg.training, names)
 
     def restore(
         self,
@@ -175,12 +177,14 @@ class LoraFedAvg(Strategy):
         wall_s: float,
     ) -> None:
         """Continue from a committed round (:mod:`fedlora.server.resume`): its global adapter,
-        the sampler exactly where it was, the metrics rows so far and the wall clock."""
+        the server optimizer's state saved beside it, the sampler exactly where it was, the
+        metrics rows so far and the wall clock."""
         shapes = [tuple(a.shape) for a in arrays]
         if shapes != self.shapes:
             raise ValueError(f"checkpoint shapes {shapes} do not match the adapter's {self.shapes}")
         self.global_arrays = [a.astype(np.float32) for a in arrays]
         self.checkpoint = checkpoint
+        self.server_optimizer.load(checkpoint, self.shapes)
         self._rng.bit_generator.state = sampler_state
         self.rows = list(rows)
         self._t0 = time.perf_counter() - wall_s
@@ -275,7 +279,7 @@ class LoraFedAvg(Strategy):
             if st.discarded_reason:
                 log.error("round %d: aggregate discarded: %s", server_round, st.discarded_reason)
             return None, {"aggregated": 0}
-        new_global = apply_update(self.global_arrays, mean)
+        new_global = self.server_optimizer.step(self.global_arrays, mean)
         if not all(np.isfinite(g).all() for g in new_global):
             st.discarded_reason = "the next global adapter would not be finite"
             log.error("round %d: aggregate discarded: %s", server_round, st.discarded_reason)
@@ -285,6 +289,7 @@ class LoraFedAvg(Strategy):
         self.checkpoint = save_checkpoint(
             self.run_dir / "checkpoints", server_round, self.names, self.global_arrays
         )
+        self.server_optimizer.save(self.checkpoint)
         return ndarrays_to_parameters(self.global_arrays), {"aggregated": len(accepted)}
 
     def round_failed(
