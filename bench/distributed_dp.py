@@ -46,8 +46,8 @@ BITS = (16, 20, 32)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/distributed_dp.py", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="3 rounds (about 2 minutes)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default 10; quick 3)")
+    p.add_argument("--quick", action="store_true", help="2 rounds (about a minute on 2 idle cores)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 10; quick 2)")
     p.add_argument("--devices", type=int, default=100)
     p.add_argument("--per-round", type=int, default=10)
     p.add_argument("--epsilon", type=float, default=8.0)
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.rounds is None:
-        args.rounds = 3 if args.quick else 10
+        args.rounds = 2 if args.quick else 10
     return args
 
 
