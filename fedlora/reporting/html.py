@@ -100,20 +100,20 @@ def _data_block(report: dict[str, Any]) -> str:
     return f'<script type="application/json" id="report-data">{text}</script>'
 
 
-def _audit(report: dict[str, Any]) -> str:
-    lines = audit_lines(report)
+def _section(title: str, lines: list[str]) -> str:
+    """A heading and a list, or nothing without lines."""
     if not lines:
         return ""
     items = "".join(f"<li>{escape(line)}</li>" for line in lines)
-    return f"<h2>Empirical audit</h2><ul>{items}</ul>"
+    return f"<h2>{escape(title)}</h2><ul>{items}</ul>"
+
+
+def _audit(report: dict[str, Any]) -> str:
+    return _section("Empirical audit", audit_lines(report))
 
 
 def _device_level(report: dict[str, Any]) -> str:
-    lines = device_lines(report)
-    if not lines:
-        return ""
-    items = "".join(f"<li>{escape(line)}</li>" for line in lines)
-    return f"<h2>Device-level privacy</h2><ul>{items}</ul>"
+    return _section("Device-level privacy", device_lines(report))
 
 
 def render_html(

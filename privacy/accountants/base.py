@@ -34,6 +34,34 @@ def check_delta(delta: object) -> float:
     return float(delta)
 
 
+def state_history(state: object, name: str, mechanisms: frozenset[str]) -> tuple[str, list[Any]]:
+    """``(mechanism, history)`` of an accountant's ``state_dict``, once its envelope is checked:
+    exactly the four keys, this accountant's ``name``, one of its ``mechanisms``, this
+    :data:`STATE_VERSION`; anything else is refused with a :class:`PrivacyError`."""
+    if not isinstance(state, dict) or set(state) != {
+        "accountant",
+        "mechanism",
+        "version",
+        "history",
+    }:
+        raise PrivacyError(f"not a {name} accountant state: malformed")
+    if state["accountant"] != name:
+        raise PrivacyError(
+            f"accountant state is from the {state['accountant']!r} accountant, "
+            f"this is the {name!r} accountant"
+        )
+    if state["mechanism"] not in mechanisms:
+        raise PrivacyError(
+            f"accountant state is for mechanism {state['mechanism']!r}; the {name} "
+            f"accountant supports {', '.join(sorted(mechanisms))}"
+        )
+    if state["version"] != STATE_VERSION or isinstance(state["version"], bool):
+        raise PrivacyError(f"accountant state version {state['version']!r} is not supported")
+    if not isinstance(state["history"], list):
+        raise PrivacyError("accountant state: 'history' must be a list")
+    return state["mechanism"], state["history"]
+
+
 class Accountant(ABC):
     """Tracks the privacy loss of a sequence of DP-SGD events.
 
@@ -105,29 +133,9 @@ class Accountant(ABC):
 
     def load_state_dict(self, state: object) -> None:
         """Replace the history with ``state``; refuse another accountant's or mechanism's state."""
-        if not isinstance(state, dict) or set(state) != {
-            "accountant",
-            "mechanism",
-            "version",
-            "history",
-        }:
-            raise PrivacyError(f"not a {self.name} accountant state: malformed")
-        if state["accountant"] != self.name:
-            raise PrivacyError(
-                f"accountant state is from the {state['accountant']!r} accountant, "
-                f"this is the {self.name!r} accountant"
-            )
-        if state["mechanism"] not in self.mechanisms:
-            raise PrivacyError(
-                f"accountant state is for mechanism {state['mechanism']!r}; the {self.name} "
-                f"accountant supports {', '.join(sorted(self.mechanisms))}"
-            )
-        if state["version"] != STATE_VERSION or isinstance(state["version"], bool):
-            raise PrivacyError(f"accountant state version {state['version']!r} is not supported")
-        if not isinstance(state["history"], list):
-            raise PrivacyError("accountant state: 'history' must be a list")
+        mechanism, history = state_history(state, self.name, self.mechanisms)
         steps: dict[tuple[float, float], int] = {}
-        for entry in state["history"]:
+        for entry in history:
             if not isinstance(entry, dict) or set(entry) != {
                 "noise_multiplier",
                 "sample_rate",
@@ -142,7 +150,7 @@ class Accountant(ABC):
                 sample_rate=entry["sample_rate"],
                 steps=entry["steps"],
                 delta=0.5,
-                mechanism=state["mechanism"],
+                mechanism=mechanism,
             )
             key = (event.noise_multiplier, event.sample_rate)
             if key in steps:

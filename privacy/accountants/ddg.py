@@ -47,11 +47,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedlora.errors import PrivacyError
-from fedlora.privacy.accountants.base import check_delta
+from fedlora.privacy.accountants.base import STATE_VERSION, check_delta, state_history
 from fedlora.privacy.accountants.rdp import DEFAULT_ORDERS, FloatArray, epsilon_from_rdp
 from fedlora.privacy.events import DISTRIBUTED_DISCRETE_GAUSSIAN, DDGEvent
-
-STATE_VERSION = 1
 
 DDGHistory = tuple[tuple[float, int, float, int, int], ...]
 """Composed rounds grouped by mechanism: ``((σ, n, Δ2, d, rounds), ...)``, sorted."""
@@ -167,29 +165,9 @@ class DDGAccountant:
 
     def load_state_dict(self, state: object) -> None:
         """Replace the history with ``state``; refuse another accountant's or mechanism's state."""
-        if not isinstance(state, dict) or set(state) != {
-            "accountant",
-            "mechanism",
-            "version",
-            "history",
-        }:
-            raise PrivacyError(f"not a {self.name} accountant state: malformed")
-        if state["accountant"] != self.name:
-            raise PrivacyError(
-                f"accountant state is from the {state['accountant']!r} accountant, "
-                f"this is the {self.name!r} accountant"
-            )
-        if state["mechanism"] not in self.mechanisms:
-            raise PrivacyError(
-                f"accountant state is for mechanism {state['mechanism']!r}; the {self.name} "
-                f"accountant supports {', '.join(sorted(self.mechanisms))}"
-            )
-        if state["version"] != STATE_VERSION or isinstance(state["version"], bool):
-            raise PrivacyError(f"accountant state version {state['version']!r} is not supported")
-        if not isinstance(state["history"], list):
-            raise PrivacyError("accountant state: 'history' must be a list")
+        _, history = state_history(state, self.name, self.mechanisms)
         rounds: dict[tuple[float, int, float, int], int] = {}
-        for entry in state["history"]:
+        for entry in history:
             if not isinstance(entry, dict) or set(entry) != set(_STATE_FIELDS):
                 raise PrivacyError(f"accountant state: malformed history entry {entry!r}")
             count = entry["rounds"]
