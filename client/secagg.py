@@ -51,6 +51,7 @@ from fedlora.config import FedloraConfig, config_from_run_config
 from fedlora.ddp.encoding import encode as ddp_encode
 from fedlora.ddp.wire import Wired, from_fit_config
 from fedlora.errors import UpdateError
+from fedlora.protocol import FIT_CONFIG_RECORD
 from fedlora.secagg import masks, packing, shares
 from fedlora.secagg.quantize import UniformSource, encode
 
@@ -117,7 +118,8 @@ def fedlora_secaggplus_mod(
             out_msg = call_next(msg, ctxt)
             out_content = out_msg.content
             fitres = compat.recorddict_to_fitres(out_content, keep_input=True)
-            fit_config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
+            # Only the request's config: the parameters were decoded once, for training.
+            fit_config = dict(msg.content.config_records.get(FIT_CONFIG_RECORD, {}))
             res = collect_masked_vectors(
                 state,
                 configs,

@@ -12,3 +12,7 @@ from __future__ import annotations
 ROUND_KEY = "server-round"
 #: The run's number of rounds (a calibrating device plans its budget over them).
 NUM_ROUNDS_KEY = "num-rounds"
+
+#: The config record a training request carries (Flower's ``fitins_to_recorddict``), in
+#: both workflows: the plain training message, and SecAgg+'s masked-vector stage.
+FIT_CONFIG_RECORD = "fitins.config"

@@ -50,13 +50,11 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedlora.protocol import FIT_CONFIG_RECORD
 from fedlora.server.secagg_graph import DEFAULT_DROPOUT_RATE, share_graph
 
 log = logging.getLogger("server")
 
-#: The config record a training request carries (``fitins_to_recorddict``), in both
-#: workflows: the plain training message, and SecAgg+'s masked-vector stage.
-FIT_CONFIG_RECORD = "fitins.config"
 #: The stage name of a plain (not SecAgg+) training request.
 PLAIN_FIT_STAGE = "fit"
 
