@@ -108,3 +108,24 @@ def test_a_device_declines_the_round_past_its_device_budget(device):
         fit(2)
     assert DECLINE_PATTERN.search(str(err.value)) is not None
     assert "device-level ε" in str(err.value)
+
+
+def test_a_coordinator_that_sends_too_little_noise_gets_a_decline_not_an_update(device):
+    # A hostile or misconfigured coordinator shrinks σ a hundredfold in the training
+    # request: the device checks the round against its own budget and trains nothing.
+    from dataclasses import replace
+
+    from fedlora.client.ledger import load_device_ledger
+    from fedlora.ddp.wire import from_fit_config, to_fit_config
+    from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
+
+    client, ddp, _ = device("device")
+    params, seed, survivors = from_fit_config(ddp.fit_config(1))
+    weak = replace(params, noise_stddev=params.noise_stddev / 100)
+    config = {ROUND_KEY: 1, NUM_ROUNDS_KEY: 5, **to_fit_config(weak, seed, survivors)}
+    initial = get_adapter_arrays(runtime.model_bundle(client.cfg).model)  # untrained
+
+    with pytest.raises(BudgetExhaustedError) as err:
+        client.fit(initial, config)
+    assert DECLINE_PATTERN.search(str(err.value)) is not None
+    assert load_device_ledger(client.context, client.ledger_path).events_for("d0", unit=None) == ()
