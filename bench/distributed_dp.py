@@ -157,6 +157,7 @@ def run(args: argparse.Namespace, variant: str, work: Path) -> dict[str, Any]:
             total = np.zeros(ddp.params.padded_dimension, dtype=np.uint64)
             for x in flat:
                 total = (total + encode(x, ddp.params, ddp.rotation_seed(rnd), noise)) % mod
+            strategy.charge_device_level(rnd, nodes)  # what the workflow does on unmasking
             mean = ddp.decode(rnd, [np.array([len(flat)], dtype=np.uint64), total], len(flat))
             for _, res in results:
                 res.parameters = ndarrays_to_parameters(mean)

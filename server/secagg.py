@@ -242,6 +242,11 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
             self._halt(context, "unmask", state)
             return False
         if self.device_level is not None:
+            # The coordinator now holds the noisy sum: its devices are charged for it
+            # before anything else can go wrong (a count slot that does not decode).
+            charge = getattr(context.strategy, "charge_device_level", None)
+            if callable(charge):
+                charge(rnd, sorted(summed))
             try:
                 mean = self.device_level.decode(rnd, total, len(summed))
             except UpdateError as exc:

@@ -117,8 +117,8 @@ class _RoundState:
     rejected_in_sum: int = 0
     #: (num_examples, LoRA rank) of each accepted update (FFA-LoRA's nested ranks).
     tiers: list[tuple[int, int]] = field(default_factory=list)
-    #: Node ids of the accepted updates (under SecAgg+: the devices in the unmasked sum).
-    summed: list[int] = field(default_factory=list)
+    #: Device-level DP: the devices charged for this round's unmasked sum (0: none).
+    charged: int = 0
     skipped_reason: str | None = None
     discarded_reason: str | None = None
     failed_reason: str | None = None
@@ -265,10 +265,6 @@ class LoraFedAvg(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         st = self._round
         accepted = self._account(server_round, results, failures)
-        if self.device_level is not None and accepted:
-            # The sum was unmasked: each device in it spent one device-level round, with
-            # the noise of every device in it (the liars were left out before unmasking).
-            self._record_device_level(server_round, st.summed)
         if self.cfg.secagg.enabled:
             mean = self._secagg_mean(results, accepted)
         else:
@@ -361,7 +357,6 @@ class LoraFedAvg(Strategy):
                 log.warning("round %d: rejected (%s): %s", server_round, exc.reason, exc)
                 continue
             accepted.append((arrays, res.num_examples))
-            st.summed.append(proxy.node_id)
             st.tiers.append((res.num_examples, rank))
             loss = res.metrics.get("train_loss")
             if isinstance(loss, float) and math.isfinite(loss) and loss >= 0:
@@ -369,15 +364,21 @@ class LoraFedAvg(Strategy):
             st.clipped += res.metrics.get("clipped") is True
         return accepted
 
-    def _record_device_level(self, server_round: int, node_ids: list[int]) -> None:
+    def charge_device_level(self, server_round: int, node_ids: list[int]) -> None:
+        """A masked sum of ``node_ids`` was unmasked: each of those devices spent one
+        device-level round, with the noise of all of them (the liars were left out before
+        unmasking). Called by the workflow as soon as the sum exists, whether or not it
+        then decodes: the coordinator holds it either way."""
         ddp = self.device_level
-        assert ddp is not None
+        if ddp is None:
+            return
         run = self.run_id or ""
         for nid in node_ids:
             device = self.budget.node_device.get(nid)
-            if device is None:  # pragma: no cover - _check registered every accepted node
+            if device is None:  # pragma: no cover - screening registered every summed node
                 continue
             self.budget.add_device_level(ddp.event(device, server_round, len(node_ids), run))
+        self._round.charged = len(node_ids)
 
     # ------------------------------------------------------------ validation
     @property
@@ -630,7 +631,7 @@ class LoraFedAvg(Strategy):
             # Device-level DP: each device's ε over its whole updates, and how many devices'
             # noise this round's sum held (0: nothing was unmasked).
             row["max_device_epsilon"] = self.budget.worst_device_epsilon()
-            row["survivors"] = 0 if st.failed_reason else len(st.summed)
+            row["survivors"] = st.charged
         if st.skipped_reason:
             row["skipped"] = st.skipped_reason
         if st.discarded_reason:
