@@ -24,9 +24,13 @@ What it keeps from a fresh process per task:
   stages and ledger queries never race for its state.
 
 A task that raises is answered with an error reply, as Flower's ``flwr-clientapp`` does,
-and the runner goes on; a runner that dies (a crash in native code) is started again by
-the executor (:func:`fedlora.appguard.serve_tasks`), and the task it was running is lost
-like a device going offline for one message.
+and the runner goes on. A SuperNode whose Runtime API stops answering costs a task at
+most :data:`API_GIVE_UP_S` per call (Flower's own client retries forever, which in a
+process per task stalls one task but here would stall every later task of the device):
+the task is given up as failed and the runner takes the next token. A runner that dies
+(a crash in native code) is started again by the executor
+(:func:`fedlora.appguard.serve_tasks`), and the task it was running is lost like a
+device going offline for one message.
 
     python -m fedlora.client.resident --runtime-api-address HOST:PORT
         (--insecure | --root-certificates CA) [--parent-pid PID]   < one token per line
@@ -70,6 +74,10 @@ class RunCaches:
 
 _caches = RunCaches()
 
+API_GIVE_UP_S = 30.0
+"""How long one call to the SuperNode's Runtime API (pull the task, push the reply, push
+the task's status) keeps retrying before the task is given up."""
+
 
 def installed_client_app() -> Any:
     """The ClientApp fedlora's bundle names (``fedlora.client.app:app``), imported once."""
@@ -77,9 +85,15 @@ def installed_client_app() -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def run_task(runtime_api_address: str, token: str, root_cert: bytes | None) -> str:
+def run_task(
+    runtime_api_address: str,
+    token: str,
+    root_cert: bytes | None,
+    give_up_s: float = API_GIVE_UP_S,
+) -> str:
     """One ClientApp task, as ``flwr-clientapp --token TOKEN`` runs it; returns its
-    sub-status (``completed`` or ``failed``)."""
+    sub-status (``completed`` or ``failed``). Each Runtime API call retries for at most
+    ``give_up_s`` seconds; a task whose SuperNode stays unreachable ends ``failed``."""
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
@@ -96,6 +110,8 @@ def run_task(runtime_api_address: str, token: str, root_cert: bytes | None) -> s
         push_task_output,
     )
 
+    retry = make_simple_http_retry_invoker()
+    retry.max_time = give_up_s  # Flower's is None: retry for ever
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
         insecure=root_cert is None,
@@ -104,7 +120,7 @@ def run_task(runtime_api_address: str, token: str, root_cert: bytes | None) -> s
             RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
             RuntimeTokenHttpInterceptor(token),
         ],
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=retry,
     )
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     message = context = reply = None
@@ -140,14 +156,23 @@ def run_task(runtime_api_address: str, token: str, root_cert: bytes | None) -> s
         except Exception as exc:  # the SuperNode went away: nothing left to tell it
             print(f"fedlora: could not push the task's reply: {exc}", file=sys.stderr)
             status = SubStatus.FAILED
-        push_task_output(client, context, status, details)
+        try:
+            push_task_output(client, context, status, details)
+        except Exception as exc:  # likewise: the next token may find it back
+            print(f"fedlora: could not push the task's status: {exc}", file=sys.stderr)
+            status = SubStatus.FAILED
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
     return str(status)
 
 
-def serve(runtime_api_address: str, root_cert: bytes | None, tokens: Iterable[str]) -> int:
+def serve(
+    runtime_api_address: str,
+    root_cert: bytes | None,
+    tokens: Iterable[str],
+    give_up_s: float = API_GIVE_UP_S,
+) -> int:
     """Run the task of every token in ``tokens`` (until it ends); returns how many ran."""
     done = 0
     for line in tokens:
@@ -155,7 +180,7 @@ def serve(runtime_api_address: str, root_cert: bytes | None, tokens: Iterable[st
         if not token:
             continue
         started = time.monotonic()
-        status = run_task(runtime_api_address, token, root_cert)
+        status = run_task(runtime_api_address, token, root_cert, give_up_s)
         done += 1
         print(
             f"fedlora: task {done} {status} in {time.monotonic() - started:.2f}s",

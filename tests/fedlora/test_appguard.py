@@ -160,3 +160,29 @@ def test_the_resident_runner_keeps_one_runs_caches_at_a_time():
 
     assert caches.cleared == len(cleared) == 2  # 7 -> 8, 8 -> 7; never within a run
     assert caches.run_id == 7
+
+
+def test_a_task_whose_supernode_is_unreachable_fails_in_bounded_time_and_the_runner_goes_on():
+    """Flower's Runtime API client retries for ever: in the resident runner one SuperNode
+    that stops answering would stall every later task of the device."""
+    import socket
+    import time
+
+    from fedlora.client import resident
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+
+    started = time.monotonic()
+    status = resident.run_task(address, "token", None, give_up_s=1.0)
+    elapsed = time.monotonic() - started
+
+    assert status == "failed"
+    assert elapsed < 20, f"gave up only after {elapsed:.1f}s"
+    assert resident.API_GIVE_UP_S <= 60
+
+    started = time.monotonic()
+    done = resident.serve(address, None, ["a\n", "\n", "b\n"], give_up_s=1.0)
+    assert done == 2  # both tokens ran (and failed); the blank line is no task
+    assert time.monotonic() - started < 40
