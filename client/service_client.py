@@ -86,8 +86,34 @@ class RemoteModel:
 
 
 @dataclass(frozen=True)
+class DeviceLevelBudget:
+    """Device-level ε (the unit: the device's whole data) as the coordinator accounts it."""
+
+    epsilon_spent: float
+    epsilon_remaining: float
+    epsilon_budget: float
+    delta: float
+    accountant: str
+    rounds: int
+    runs: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, r: privacy_pb.DeviceLevelBudget) -> DeviceLevelBudget:
+        return cls(
+            epsilon_spent=r.epsilon_spent,
+            epsilon_remaining=r.epsilon_remaining,
+            epsilon_budget=r.epsilon_budget,
+            delta=r.delta,
+            accountant=r.accountant,
+            rounds=r.rounds,
+            runs=tuple(r.runs),
+        )
+
+
+@dataclass(frozen=True)
 class Budget:
-    """A device's privacy budget as the coordinator's ledgers account it."""
+    """A device's privacy budget as the coordinator's ledgers account it: record-level
+    (the ``epsilon_*`` fields, DP-SGD) and, where it applies, device-level."""
 
     device_id: str
     epsilon_spent: float
@@ -98,6 +124,8 @@ class Budget:
     rounds_trained: int
     runs: tuple[str, ...]
     budget_run: str
+    policy_unit: str
+    device_level: DeviceLevelBudget | None
 
     @classmethod
     def from_proto(cls, r: privacy_pb.GetBudgetResponse) -> Budget:
@@ -111,6 +139,10 @@ class Budget:
             rounds_trained=r.rounds_trained,
             runs=tuple(r.runs),
             budget_run=r.budget_run,
+            policy_unit=r.policy_unit or "record",  # a coordinator from before units
+            device_level=(
+                DeviceLevelBudget.from_proto(r.device_level) if r.HasField("device_level") else None
+            ),
         )
 
 

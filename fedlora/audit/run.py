@@ -31,6 +31,12 @@ METHOD = (
 )
 
 
+def audit_delta(cfg: FedloraConfig) -> float:
+    """The δ of the claim the audit checks: the record-level one, or under device-level DP
+    alone the device-level one (``privacy.device.delta``), as the claim itself."""
+    return cfg.privacy.delta if cfg.privacy.record_level else cfg.privacy.device.delta
+
+
 def run_audit(
     cfg: FedloraConfig,
     out: Path,
@@ -84,7 +90,7 @@ def run_audit(
     final = load_checkpoint(final_checkpoint(out), bundle.names)
     before, after = canary_losses(cfg, plan.texts, final)
     scores = before - after
-    result = audit_scores(scores, plan.included, cfg.privacy.delta, confidence)
+    result = audit_scores(scores, plan.included, audit_delta(cfg), confidence)
     score_s = time.perf_counter() - t1
     claimed = None
     if "privacy" in summary:

@@ -432,13 +432,24 @@ def cmd_budget(args: argparse.Namespace) -> int:
         else "no rounds yet"
     )
     print(f"device {budget.device_id}")
+    print("  record-level (unit: one training record; DP-SGD)")
     print(f"  ε spent      {budget.epsilon_spent:.4f} of {budget.epsilon_budget:g}")
     print(f"  ε remaining  {budget.epsilon_remaining:.4f}")
     print(f"  δ            {budget.delta:g}")
     print(f"  accountant   {budget.accountant}")
     print(f"  trained      {trained}")
-    source = "latest run it trained in" if budget.budget_run in budget.runs else "latest run"
-    print(f"  budget from  {budget.budget_run} ({source})")
+    dl = budget.device_level
+    if dl is not None:
+        rounds = f"{dl.rounds} round(s) in {', '.join(dl.runs)}" if dl.runs else "no rounds yet"
+        print("  device-level (unit: the device's whole data; distributed discrete Gaussian)")
+        print(f"  ε spent      {dl.epsilon_spent:.4f} of {dl.epsilon_budget:g}")
+        print(f"  ε remaining  {dl.epsilon_remaining:.4f}")
+        print(f"  δ            {dl.delta:g}")
+        print(f"  accountant   {dl.accountant}")
+        print(f"  in sums      {rounds}")
+    trained_in = {*budget.runs, *(dl.runs if dl is not None else ())}
+    source = "latest run it trained in" if budget.budget_run in trained_in else "latest run"
+    print(f"  budget from  {budget.budget_run} ({source}; privacy.unit {budget.policy_unit})")
     return 0
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedlora/v1/privacy_service.proto\x12\nfedlora.v1\"%\n\x10GetBudgetRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xcd\x01\n\x11GetBudgetResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\repsilon_spent\x18\x02 \x01(\x01\x12\x19\n\x11\x65psilon_remaining\x18\x03 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\x12\x12\n\naccountant\x18\x06 \x01(\t\x12\x16\n\x0erounds_trained\x18\x07 \x01(\r\x12\x0c\n\x04runs\x18\x08 \x03(\t\x12\x12\n\nbudget_run\x18\t \x01(\t\"$\n\x15GetFleetReportRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\":\n\x16GetFleetReportResponse\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x13\n\x0breport_json\x18\x02 \x01(\t2\xb3\x01\n\x0ePrivacyService\x12H\n\tGetBudget\x12\x1c.fedlora.v1.GetBudgetRequest\x1a\x1d.fedlora.v1.GetBudgetResponse\x12W\n\x0eGetFleetReport\x12!.fedlora.v1.GetFleetReportRequest\x1a\".fedlora.v1.GetFleetReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedlora/v1/privacy_service.proto\x12\nfedlora.v1\"%\n\x10GetBudgetRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x97\x02\n\x11GetBudgetResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\repsilon_spent\x18\x02 \x01(\x01\x12\x19\n\x11\x65psilon_remaining\x18\x03 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\x12\x12\n\naccountant\x18\x06 \x01(\t\x12\x16\n\x0erounds_trained\x18\x07 \x01(\r\x12\x0c\n\x04runs\x18\x08 \x03(\t\x12\x12\n\nbudget_run\x18\t \x01(\t\x12\x13\n\x0bpolicy_unit\x18\n \x01(\t\x12\x33\n\x0c\x64\x65vice_level\x18\x0b \x01(\x0b\x32\x1d.fedlora.v1.DeviceLevelBudget\"\x9e\x01\n\x11\x44\x65viceLevelBudget\x12\x15\n\repsilon_spent\x18\x01 \x01(\x01\x12\x19\n\x11\x65psilon_remaining\x18\x02 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x12\n\naccountant\x18\x05 \x01(\t\x12\x0e\n\x06rounds\x18\x06 \x01(\r\x12\x0c\n\x04runs\x18\x07 \x03(\t\"$\n\x15GetFleetReportRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\":\n\x16GetFleetReportResponse\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x13\n\x0breport_json\x18\x02 \x01(\t2\xb3\x01\n\x0ePrivacyService\x12H\n\tGetBudget\x12\x1c.fedlora.v1.GetBudgetRequest\x1a\x1d.fedlora.v1.GetBudgetResponse\x12W\n\x0eGetFleetReport\x12!.fedlora.v1.GetFleetReportRequest\x1a\".fedlora.v1.GetFleetReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETBUDGETREQUEST']._serialized_start=48
   _globals['_GETBUDGETREQUEST']._serialized_end=85
   _globals['_GETBUDGETRESPONSE']._serialized_start=88
-  _globals['_GETBUDGETRESPONSE']._serialized_end=293
-  _globals['_GETFLEETREPORTREQUEST']._serialized_start=295
-  _globals['_GETFLEETREPORTREQUEST']._serialized_end=331
-  _globals['_GETFLEETREPORTRESPONSE']._serialized_start=333
-  _globals['_GETFLEETREPORTRESPONSE']._serialized_end=391
-  _globals['_PRIVACYSERVICE']._serialized_start=394
-  _globals['_PRIVACYSERVICE']._serialized_end=573
+  _globals['_GETBUDGETRESPONSE']._serialized_end=367
+  _globals['_DEVICELEVELBUDGET']._serialized_start=370
+  _globals['_DEVICELEVELBUDGET']._serialized_end=528
+  _globals['_GETFLEETREPORTREQUEST']._serialized_start=530
+  _globals['_GETFLEETREPORTREQUEST']._serialized_end=566
+  _globals['_GETFLEETREPORTRESPONSE']._serialized_start=568
+  _globals['_GETFLEETREPORTRESPONSE']._serialized_end=626
+  _globals['_PRIVACYSERVICE']._serialized_start=629
+  _globals['_PRIVACYSERVICE']._serialized_end=808
 # @@protoc_insertion_point(module_scope)

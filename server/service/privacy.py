@@ -4,6 +4,12 @@ Sources, all under ``DIR/runs/<run>/``: ``privacy/ledger.json`` (checksummed; an
 edited ledger is refused, never under-counted) and ``config.json``, read with
 :func:`fedlora.reporting.rundir.load_run` exactly as ``fedlora report`` does.
 
+Both units are answered: the record-level ε of the device's DP-SGD rounds, and (when the
+device was ever in a device-level sum, or the policy in force protects devices) the
+device-level ε of the rounds its whole update was in a distributed-discrete-Gaussian
+sum, each with its own budget, δ and accountant. A device-level run's devices would
+otherwise read "nothing spent" from a ledger that holds their rounds.
+
 A device's spent ε composes its events from *every* run's ledger: a device that
 trained in two runs on the same records has spent both. The budget, δ and
 accountant are those of the most recent run the device trained in (by ledger
@@ -26,12 +32,43 @@ import grpc
 
 from fedlora.errors import FedloraError, PrivacyError
 from fedlora.privacy import epsilon_for
+from fedlora.privacy.accountants.ddg import epsilon_for_device
 from fedlora.reporting.rundir import LEDGER, RunDir, load_run, report_for
 from fedlora.server.service.auth import Caller
 from fedlora.server.service.status import abort, abort_on
 from fedlora.v1 import privacy_service_pb2 as pb
 
 _RUN_NAME = re.compile(r"[^/\\]+")
+
+
+DEVICE_LEVEL_ACCOUNTANT = "ddg-rdp"
+
+
+@dataclass(frozen=True)
+class DeviceLevelSpend:
+    """Device-level ε of one device (the unit: its whole data), over every run."""
+
+    epsilon_spent: float
+    epsilon_budget: float
+    delta: float
+    rounds: int
+    runs: tuple[str, ...]
+    accountant: str = DEVICE_LEVEL_ACCOUNTANT
+
+    @property
+    def epsilon_remaining(self) -> float:
+        return self.epsilon_budget - self.epsilon_spent
+
+    def to_proto(self) -> pb.DeviceLevelBudget:
+        return pb.DeviceLevelBudget(
+            epsilon_spent=self.epsilon_spent,
+            epsilon_remaining=self.epsilon_remaining,
+            epsilon_budget=self.epsilon_budget,
+            delta=self.delta,
+            accountant=self.accountant,
+            rounds=self.rounds,
+            runs=list(self.runs),
+        )
 
 
 @dataclass(frozen=True)
@@ -44,6 +81,8 @@ class DeviceBudget:
     rounds_trained: int
     runs: tuple[str, ...]
     budget_run: str
+    policy_unit: str = "record"
+    device_level: DeviceLevelSpend | None = None
 
     @property
     def epsilon_remaining(self) -> float:
@@ -51,6 +90,8 @@ class DeviceBudget:
 
     def to_proto(self) -> pb.GetBudgetResponse:
         return pb.GetBudgetResponse(
+            policy_unit=self.policy_unit,
+            device_level=self.device_level.to_proto() if self.device_level else None,
             device_id=self.device_id,
             epsilon_spent=self.epsilon_spent,
             epsilon_remaining=self.epsilon_remaining,
@@ -123,8 +164,9 @@ class FleetLedgers:
                 rounds_trained=0,
                 runs=(),
                 budget_run="",
+                policy_unit=default.unit,
             )
-        trained = [r for r in runs if r.ledger.events_for(device_id)]
+        trained = [r for r in runs if r.ledger.events_for(device_id, unit=None)]
         source = (trained or runs)[-1]
         privacy = source.config.privacy
         events = [e for r in trained for e in r.ledger.events_for(device_id)]
@@ -135,8 +177,10 @@ class FleetLedgers:
             delta=privacy.delta,
             accountant=privacy.accountant,
             rounds_trained=len(events),
-            runs=tuple(r.path.name for r in trained),
+            runs=tuple(r.path.name for r in trained if r.ledger.events_for(device_id)),
             budget_run=source.path.name,
+            policy_unit=privacy.unit,
+            device_level=_device_level(trained, device_id, privacy),
         )
         with self._lock:
             self._budgets[(stamp, device_id)] = budget
@@ -158,6 +202,23 @@ class FleetLedgers:
             with self._lock:
                 self._reports[(stamp, name)] = cached
         return name, cached
+
+
+def _device_level(runs: list[RunDir], device_id: str, privacy: Any) -> DeviceLevelSpend | None:
+    """The device's device-level spend over ``runs`` against ``privacy``'s device budget;
+    None if it never was in a device-level sum and the policy does not protect devices."""
+    per_run = [(r.path.name, r.ledger.events_for(device_id, unit="device")) for r in runs]
+    events = [e for _, run_events in per_run for e in run_events]
+    if not events and privacy.unit == "record":
+        return None
+    delta = privacy.device.delta
+    return DeviceLevelSpend(
+        epsilon_spent=epsilon_for_device(events, delta) if events else 0.0,
+        epsilon_budget=privacy.device.epsilon,
+        delta=delta,
+        rounds=len(events),
+        runs=tuple(name for name, run_events in per_run if run_events),
+    )
 
 
 class PrivacyServicer:

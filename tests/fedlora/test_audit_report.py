@@ -68,3 +68,18 @@ def test_read_audit_refuses_a_foreign_or_incomplete_file(tmp_path):
     (tmp_path / "audit.json").write_text(json.dumps(broken))
     with pytest.raises(ConfigError, match="fields missing"):
         read_audit(tmp_path)
+
+
+def test_the_audit_bound_uses_the_delta_of_the_claim_it_checks():
+    """A device-only run's claim is the device-level one at privacy.device.delta; a bound
+    computed at the record-level δ would sit beside a claim made at another δ."""
+    from fedlora.audit.run import audit_delta
+    from fedlora.config import FedloraConfig
+
+    base = {"delta": 1e-5, "device": {"delta": 1e-7}}
+    record = FedloraConfig().replace(privacy={**base, "unit": "record"})
+    both = FedloraConfig().replace(privacy={**base, "unit": "both"})
+    device = FedloraConfig().replace(privacy={**base, "unit": "device"})
+
+    assert audit_delta(record) == audit_delta(both) == 1e-5
+    assert audit_delta(device) == 1e-7

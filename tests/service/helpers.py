@@ -9,6 +9,7 @@ from pathlib import Path
 from fedlora.config import FedloraConfig
 from fedlora.export.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, file_entries, write_manifest
 from fedlora.privacy import DPSGDEvent, PrivacyLedger
+from fedlora.privacy.events import DDGEvent
 
 GATE = {"max_kl": 0.05, "min_top1_agreement": 0.9}
 
@@ -100,3 +101,29 @@ def touch_later(path: Path, seconds: float) -> None:
     """Push a file's mtime forward, so 'the latest run' does not depend on write speed."""
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(seconds * 1e9)))
+
+
+def write_device_level_run(
+    run_dir: Path, events: list[DPSGDEvent | DDGEvent], *, unit: str, device_epsilon: float
+) -> None:
+    """A run with device-level DP (``privacy.unit`` ``unit``): config and ledger."""
+    cfg = FedloraConfig().replace(
+        privacy={"unit": unit, "device": {"epsilon": device_epsilon, "delta": 1e-6}},
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()), encoding="utf-8")
+    (run_dir / "privacy").mkdir(exist_ok=True)
+    PrivacyLedger(events).save(run_dir / "privacy" / "ledger.json")
+
+
+def ddg_event(device: str, rnd: int, survivors: int = 9, run: str = "") -> DDGEvent:
+    return DDGEvent(
+        device=device,
+        round=rnd,
+        noise_stddev=1200.0,
+        survivors=survivors,
+        l2_sensitivity=3100.0,
+        dimension=40_960,
+        delta=1e-6,
+        run=run,
+    )

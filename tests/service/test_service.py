@@ -30,10 +30,12 @@ from fedlora.keys import (
     sign_call,
 )
 from fedlora.privacy import PrivacyLedger, epsilon_for
+from fedlora.privacy.accountants.ddg import epsilon_for_device
 from fedlora.server.service import CHUNK_BYTES, Caller, ModelServicer
 from fedlora.v1 import model_service_pb2 as pb
 from fedlora.v1 import model_service_pb2_grpc
 from tests.service.conftest import Coordinator, running
+from tests.service.helpers import ddg_event, touch_later, write_device_level_run
 
 INT8 = ("run-a/int8", "int8/model.bin")
 
@@ -460,3 +462,48 @@ def test_wait_ready_connects_or_says_the_coordinator_is_unreachable(
     finally:
         client.close()
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_device_level_rounds_are_answered_in_their_own_unit_not_as_nothing_spent(
+    coordinator: Coordinator, server: Any, connect: Any
+) -> None:
+    """A device of a device-level run asks the coordinator what it has spent: its rounds
+    in distributed-DP sums are composed by the device-level accountant, at the run's
+    device δ, against privacy.device.epsilon; the record-level answer stays as it was."""
+    run_c = coordinator.data_dir / "runs" / "run-c"
+    write_device_level_run(
+        run_c,
+        [ddg_event("d2", 1, survivors=9), ddg_event("d2", 2, survivors=8)],
+        unit="device",
+        device_epsilon=6.0,
+    )
+    touch_later(run_c / "privacy" / "ledger.json", 120)
+
+    budget = connect(server, "d2").budget()
+
+    ledger = _ledger(coordinator, "run-c")
+    expected = epsilon_for_device(ledger.events_for("d2", unit="device"), 1e-6)
+    assert budget.device_level is not None
+    dl = budget.device_level
+    assert dl.epsilon_spent == pytest.approx(expected, rel=1e-12) and expected > 0
+    assert (dl.epsilon_budget, dl.delta, dl.accountant) == (6.0, 1e-6, "ddg-rdp")
+    assert dl.epsilon_remaining == pytest.approx(6.0 - expected)
+    assert (dl.rounds, dl.runs) == (2, ("run-c",))
+    # The policy in force is run-c's (the latest run d2 was in), which protects devices.
+    assert (budget.budget_run, budget.policy_unit) == ("run-c", "device")
+    # Record-level: d2's one DP-SGD round of run-a, composed by the policy in force's
+    # accountant (run-c's default, PRV).
+    record = epsilon_for(_ledger(coordinator, "run-a").events_for("d2"), 1e-5, "prv")
+    assert budget.epsilon_spent == pytest.approx(record, rel=1e-12)
+    assert budget.accountant == "prv"
+    assert (budget.rounds_trained, budget.runs) == (1, ("run-a",))
+
+    # d1 was never in a device-level sum and its latest run protects records: none.
+    d1 = connect(server, "d1").budget()
+    assert (d1.device_level, d1.policy_unit, d1.budget_run) == (None, "record", "run-b")
+    # The operator asks about a device that never trained: the policy in force (run-c's)
+    # protects devices, so the answer says 0 spent of the device budget.
+    fresh = connect(server, "operator").budget("d9")
+    assert fresh.device_level is not None
+    assert (fresh.device_level.epsilon_spent, fresh.device_level.rounds) == (0.0, 0)
+    assert fresh.device_level.epsilon_budget == 6.0

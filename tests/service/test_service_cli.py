@@ -324,6 +324,8 @@ def test_budget_json_is_the_composition_of_the_ledgers(
         "rounds_trained": 3,
         "runs": ["run-a", "run-b"],
         "budget_run": "run-b",
+        "policy_unit": "record",
+        "device_level": None,  # never in a device-level sum, and run-b protects records
     }
 
 
@@ -333,8 +335,9 @@ def test_budget_table(coordinator: Coordinator, server: ServiceServer, capsys: A
     ledger = PrivacyLedger.load(coordinator.data_dir / "runs" / "run-a" / "privacy" / "ledger.json")
     spent = epsilon_for(ledger.events_for("d2"), 1e-5, "rdp")
     assert code == 0
-    assert out.splitlines()[:5] == [
+    assert out.splitlines()[:6] == [
         "device d2",
+        "  record-level (unit: one training record; DP-SGD)",
         f"  ε spent      {spent:.4f} of 3",
         f"  ε remaining  {3.0 - spent:.4f}",
         "  δ            1e-05",
@@ -388,3 +391,32 @@ def test_fleet_report_for_the_operator(
     assert json.loads(dest.read_text()) == json.loads(
         json.dumps(report_for(load_run(runs / "run-a")))
     )
+
+
+def test_budget_table_names_both_units(
+    coordinator: Coordinator, server: ServiceServer, capsys: Any
+) -> None:
+    from fedlora.privacy.accountants.ddg import epsilon_for_device
+    from tests.service.helpers import ddg_event, touch_later, write_device_level_run
+
+    run_c = coordinator.data_dir / "runs" / "run-c"
+    write_device_level_run(run_c, [ddg_event("d2", 1)], unit="both", device_epsilon=6.0)
+    touch_later(run_c / "privacy" / "ledger.json", 120)
+
+    code, out, _ = _run(capsys, "budget", *_conn(coordinator, server, "d2"))
+
+    ledger = PrivacyLedger.load(run_c / "privacy" / "ledger.json")
+    spent = epsilon_for_device(ledger.events_for("d2", unit="device"), 1e-6)
+    lines = out.splitlines()
+    assert code == 0
+    start = lines.index(
+        "  device-level (unit: the device's whole data; distributed discrete Gaussian)"
+    )
+    assert lines[start + 1 : start + 6] == [
+        f"  ε spent      {spent:.4f} of 6",
+        f"  ε remaining  {6.0 - spent:.4f}",
+        "  δ            1e-06",
+        "  accountant   ddg-rdp",
+        "  in sums      1 round(s) in run-c",
+    ]
+    assert lines[-1] == "  budget from  run-c (latest run it trained in; privacy.unit both)"
