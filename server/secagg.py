@@ -33,7 +33,6 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server import LegacyContext
 from flwr.server.client_proxy import ClientProxy
@@ -42,7 +41,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 
 from fedlora.errors import UpdateError
-from fedlora.secagg import masks, packing, quantize
+from fedlora.secagg import masks, packing, quantize, shamir
 from fedlora.server.ddp import DeviceLevelDP
 from fedlora.server.rounds import ReportingSecAggPlus, current_round
 
@@ -283,7 +282,7 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
         mod = state.mod_range
         shapes = [a.shape for a in total]
         for nid in sorted(shares):
-            secret = combine_shares(shares[nid])
+            secret = shamir.combine_shares(shares[nid], state.threshold)
             if nid in summed:
                 total = masks.subtract(
                     total, masks.mask(secret, masks.Purpose.SELF, rnd, shapes, mod), mod
