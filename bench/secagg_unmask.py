@@ -84,9 +84,7 @@ def main() -> None:
         for n in sizes
         for full in ((False, True) if n <= 100 else (False,))
     ]
-    headline = next(
-        (r for r in rows if r["devices"] == 100 and r["graph"] == "sparse"), rows[0]
-    )
+    headline = next((r for r in rows if r["devices"] == 100 and r["graph"] == "sparse"), rows[0])
     benchkit.emit(
         {
             "bench": "secagg_unmask",
