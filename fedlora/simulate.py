@@ -289,6 +289,7 @@ def _run_engine(
 ) -> tuple[list[dict[str, Any]], Any]:
     from flwr.simulation import run_simulation
 
+    from fedlora import simdispatch
     from fedlora.client.app import make_client_app
     from fedlora.client.simulated import simulated_fleet_mod
     from fedlora.progress import RunProgress
@@ -304,6 +305,7 @@ def _run_engine(
         client_app = make_client_app(
             cfg, device_root=run_dir / "devices", outer_mods=outer, data_hook=data_hook
         )
+        simdispatch.install()  # one scan of the message store per poll, not one per node
         run_simulation(
             server_app=server_app,
             client_app=client_app,
