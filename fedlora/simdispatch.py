@@ -9,7 +9,8 @@ the whole run (py-spy, 2026-12-02: 32 s of an 83 s run), taking it from the devi
 training and the GIL from the coordinator.
 
 :func:`add_messages_to_queue` does the same job in one scan of the store per poll: each
-node's first undelivered message, in the engine's node order, checked with Flower's own
+node's first undelivered message, in the engine's node order, every 20 ms rather than
+every 100 ms, checked with Flower's own
 ``_check_stored_messages`` and marked delivered as Flower marks it. Messages already
 delivered are no longer re-checked every 0.1 s; an expired one is still refused when its
 reply arrives or is pulled (Flower checks there too). Any other LinkState gets Flower's
@@ -26,8 +27,10 @@ from typing import Any
 
 _FLOWER_ORIGINAL: Callable[..., None] | None = None
 _install_lock = threading.Lock()
-POLL_S = 0.1
-"""Flower's poll interval, kept."""
+POLL_S = 0.02
+"""Between passes (Flower's: 0.1 s). A pass over a round's store costs well under a
+millisecond even at 1,000 nodes, so the message reaches a worker sooner for a cost of
+a few percent of a core at most."""
 
 
 def next_messages(state: Any, node_order: Mapping[int, Any]) -> list[Any]:

@@ -32,6 +32,7 @@ from fedlora.server.budget import FleetBudget
 from fedlora.server.checkpoint import load_checkpoint, save_checkpoint
 from fedlora.server.ddp import DeviceLevelDP
 from fedlora.server.discovery import discover_devices
+from fedlora.server.exchange import PromptGrid
 from fedlora.server.reconcile import LedgerReconciler
 from fedlora.server.resume import (
     ResumableWorkflow,
@@ -211,6 +212,7 @@ class Coordinator:
         ).save(self.run_dir)
 
     def run(self, grid: Grid, context: Context) -> None:
+        grid = PromptGrid(grid)  # replies read as they arrive, not every 0.1 s / 3 s
         devices = discover_devices(
             grid,
             expected=self.expected_devices,
