@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from flwr.app import Message, RecordDict
 
-from server.exchange import MAX_WAIT_S, PromptGrid
+from fedlora.server.exchange import MAX_WAIT_S, PromptGrid
 from tests.server.fakes import FakeGrid, task_identity  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.usefixtures("task_identity")
