@@ -79,6 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--central", action="store_true", help="utility: the non-DP central runs")
     p.add_argument("--log", type=Path, default=None, help="JSON lines, one per run (appended)")
     p.add_argument("--out", type=Path, default=None, help="run directories")
+    p.add_argument(
+        "--torch-threads", type=int, default=None,
+        help="this process's torch threads (the utility runs; default OMP_NUM_THREADS, 2): "
+        "1 when other work holds a core, where 2 threads wait on each other",
+    )  # fmt: skip
     p.add_argument("--report", nargs="+", type=Path, default=None, help="summarize these logs")
     args = p.parse_args(argv)
     if args.report is None and args.log is None:
@@ -215,7 +220,11 @@ def report(logs: list[Path]) -> dict[str, Any]:
                 r = json.loads(line)
                 key = (r["task"], r["adapter"], r["variant"], r["setting_name"], r["seed"])
                 rows.setdefault(key, r)
-    central = {(k[1], k[4]): r["final_loss"] for k, r in rows.items() if k[2] == "central"}
+    central = {
+        (k[1], k[4]): r["final_loss"]
+        for k, r in rows.items()
+        if k[0] == "utility" and k[2] == "central"
+    }
     table: dict[str, Any] = {}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for (task, adapter, variant, name, _), r in rows.items():
@@ -234,7 +243,7 @@ def report(logs: list[Path]) -> dict[str, Any]:
         shares = [
             (r["round0_loss"] - r["final_loss"]) / (r["round0_loss"] - central[adapter, r["seed"]])
             for r in runs
-            if (adapter, r["seed"]) in central
+            if task == "utility" and (adapter, r["seed"]) in central
         ]
         if shares and len(shares) == len(runs):
             entry["share_of_central_gain"] = _stats(shares)
@@ -258,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(args.torch_threads or int(os.environ.get("OMP_NUM_THREADS", "2")))
     sweep(args)
     return 0
 
