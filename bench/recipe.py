@@ -144,12 +144,15 @@ def utility_run(
     return res
 
 
-def resolved(setting: dict[str, Any]) -> dict[str, Any]:
-    """The setting with every swept key filled in from the config defaults."""
+def resolved(setting: dict[str, Any], adapter: str) -> dict[str, Any]:
+    """The setting with every swept key filled in from the config defaults (the learning
+    rate's is the adapter variant's)."""
     from fedlora.config import FedloraConfig
 
-    cfg = FedloraConfig()
-    return {k: setting.get(k, getattr(getattr(cfg, s), k)) for k, s in KEYS.items()}
+    cfg = FedloraConfig().replace(lora={"variant": adapter})
+    out = {k: setting.get(k, getattr(getattr(cfg, s), k)) for k, s in KEYS.items()}
+    out["learning_rate"] = setting.get("learning_rate", cfg.learning_rate)
+    return out
 
 
 def done(log: Path) -> set[tuple[Any, ...]]:
@@ -186,7 +189,7 @@ def sweep(args: argparse.Namespace) -> None:
             "adapter": adapter,
             "variant": variant,
             "setting_name": name,
-            "setting": resolved(setting),
+            "setting": resolved(setting, adapter),
             "seed": seed,
             "noise": "reproducible (seeded from seed, device, round)",
             "round0_loss": curve[0],
