@@ -35,7 +35,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import benchkit as bk
@@ -123,7 +122,7 @@ def utility_run(
     """bench/utility.py --quick's schedule, federated at ``eps`` or central non-DP (None)."""
     import utility
 
-    args = SimpleNamespace(
+    args = argparse.Namespace(
         **QUICK,
         local_steps=setting.get("local_steps"),
         batch_size=setting.get("batch_size"),
