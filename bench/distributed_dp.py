@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 "adapter": args.adapter,
                 "clip_norm": cfg0.privacy.device.clip_norm,
                 "local_steps": cfg0.training.local_steps,
-                "learning_rate": cfg0.training.learning_rate,
+                "learning_rate": cfg0.learning_rate,
                 "seed": args.seed,
             },
             "wall_s": round(time.perf_counter() - started, 1),

@@ -96,7 +96,7 @@ def replay(cfg_dict: dict[str, Any], events: list[Any]) -> Iterator[float]:
         plan = LocalTrainingPlan(
             steps=ev.steps,
             expected_batch_size=cfg.training.batch_size,
-            learning_rate=cfg.training.learning_rate,
+            learning_rate=cfg.learning_rate,
             max_grad_norm=cfg.privacy.max_grad_norm,
             noise_multiplier=ev.noise_multiplier,
             seed=_seed(cfg.seed, index[ev.device], ev.round),

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": cfg.training.rounds,
             "local_steps": cfg.training.local_steps,
             "batch_size": cfg.training.batch_size,
-            "learning_rate": cfg.training.learning_rate,
+            "learning_rate": cfg.learning_rate,
             "seed": cfg.seed,
         },
         "cpus": os.cpu_count(),

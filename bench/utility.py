@@ -34,6 +34,7 @@ over seeds, with FedAvg. Without the play it prints ``{"skipped": ...}`` and exi
 
     .venv/bin/python bench/utility.py [--quick] [--seeds 0 1 2] [--adapters lora ffa]
         [--variants ...] [--learning-rate LR] [--server-optimizer fedavg fedavgm fedadam:0.1]
+        [--reproducible-noise]
         [--plot docs/img/utility_shakespeare.png]
 """
 
@@ -80,9 +81,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=RECIPE_LR,
         help=f"local learning rate (default {RECIPE_LR}, the best of 0.2/0.5/1.0 measured "
-        "at ε = 8 for both adapters; training.learning_rate's default is 0.2)",
+        "at ε = 8 for both adapters; training.learning_rate's default: LoRA 0.2, FFA 0.5)",
     )
     p.add_argument("--max-grad-norm", type=float, default=None)
+    p.add_argument(
+        "--reproducible-noise",
+        action="store_true",
+        help="seed each device's DP noise from (seed, device, round) "
+        "(privacy.reproducible_noise), so settings compare on the same draws per seed; "
+        "default: noise from the OS, different every run",
+    )
     p.add_argument(
         "--server-optimizer",
         nargs="+",
@@ -139,6 +147,13 @@ def server_optimizer_settings(spec: str) -> dict[str, Any]:
     return out
 
 
+def noise_source(args: argparse.Namespace) -> str:
+    """Where the federated runs' DP noise came from, for the JSON."""
+    if getattr(args, "reproducible_noise", False):
+        return "seeded from (seed, device, round): privacy.reproducible_noise"
+    return "OS CSPRNG: not repeatable run to run"
+
+
 def variant_key(name: str, spec: str) -> str:
     """A run's key: the variant's name with FedAvg, ``VARIANT@SPEC`` otherwise."""
     return name if spec == "fedavg" else f"{name}@{spec}"
@@ -185,7 +200,10 @@ def config(
     for key in ("local_steps", "batch_size", "learning_rate"):  # None: the config default
         if getattr(args, key) is not None:
             training[key] = getattr(args, key)
-    privacy: dict[str, Any] = {"enabled": eps is not None, "reproducible_noise": False}
+    privacy: dict[str, Any] = {
+        "enabled": eps is not None,
+        "reproducible_noise": bool(getattr(args, "reproducible_noise", False)),
+    }
     if eps is not None:
         privacy["epsilon"] = eps
     if args.max_grad_norm is not None:
@@ -297,7 +315,7 @@ def central(cfg: Any, eps: float | None) -> dict[str, Any]:
         plan = LocalTrainingPlan(
             steps=t.local_steps,
             expected_batch_size=batch,
-            learning_rate=t.learning_rate,
+            learning_rate=cfg.learning_rate,
             max_grad_norm=cfg.privacy.max_grad_norm,
             noise_multiplier=sigma,
             seed=cfg.seed * 1000 + r,
@@ -478,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             runs,
             args.plot,
             f"{args.devices} roles, {args.per_round}/round, {cfg0.training.local_steps} local "
-            f"steps, lr {cfg0.training.learning_rate:g}; mean over seeds {args.seeds}",
+            f"steps, lr {cfg0.learning_rate:g}; mean over seeds {args.seeds}",
         )
     bk.emit(
         {
@@ -514,9 +532,10 @@ def main(argv: list[str] | None = None) -> int:
                 "devices_per_round": args.per_round,
                 "local_steps": cfg0.training.local_steps,
                 "batch_size": cfg0.training.batch_size,
-                "learning_rate": cfg0.training.learning_rate,
+                "learning_rate": cfg0.learning_rate,
                 "max_grad_norm": cfg0.privacy.max_grad_norm,
                 "max_update_norm": cfg0.privacy.max_update_norm,
+                "dp_noise": noise_source(args),
                 "server_optimizers": args.server_optimizer,
                 "lora_r": cfg0.lora.r,
                 "seeds": args.seeds,

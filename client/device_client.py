@@ -267,7 +267,7 @@ class DeviceClient(NumPyClient):
         plan_base = LocalTrainingPlan(
             steps=cfg.training.local_steps,
             expected_batch_size=cfg.training.batch_size,
-            learning_rate=cfg.training.learning_rate,
+            learning_rate=cfg.learning_rate,
             max_grad_norm=cfg.privacy.max_grad_norm,
             noise_multiplier=None,
             seed=_seed(cfg.seed, self.index, server_round),

@@ -24,7 +24,8 @@ CONFIG_FORMAT = "fedlora.config"
 #: 3: fleet.profiles, fleet.fraction_per_round, data.server_eval_max (see ``_from_v2``).
 #: 4: privacy.reproducible_noise; DP noise from the OS CSPRNG by default (see ``_from_v3``).
 #: 5: secagg.dropout_rate; SecAgg+'s sparse share graph by default (see ``_from_v4``).
-CONFIG_VERSION = 5
+#: 6: training.learning_rate null by default, the adapter variant's (see ``_from_v5``).
+CONFIG_VERSION = 6
 #: Keys ``fedlora simulate`` adds to ``RUN_DIR/config.json`` (what was loaded, package versions).
 RUN_METADATA_KEYS = ("resolved", "versions")
 
@@ -248,6 +249,11 @@ class FleetSection:
 #: ``training.server_optimizer``: see :mod:`fedlora.server.optimizers`.
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 
+#: ``training.learning_rate`` null: the local learning rate of each ``lora.variant``, the
+#: best measured at ε = 8 on the default fleet and the utility bench (README, "DP recipe";
+#: bench/recipe.py, bench/results/recipe/). FFA-LoRA trains B only and needs the larger step.
+DEFAULT_LEARNING_RATE = {"lora": 0.2, "ffa": 0.5}
+
 
 @dataclass(frozen=True)
 class TrainingSection:
@@ -263,7 +269,9 @@ class TrainingSection:
     rounds: int = 5
     local_steps: int = 10
     batch_size: int = 16
-    learning_rate: float = 0.2
+    #: null: the adapter variant's, :data:`DEFAULT_LEARNING_RATE` (read it through
+    #: :attr:`FedloraConfig.learning_rate`, which resolves it).
+    learning_rate: float | None = None
     round_deadline_s: float | None = None
     #: How the coordinator applies the round's mean update Δ (:mod:`fedlora.server.optimizers`):
     #: "fedavg" adds it as is; "fedavgm" (server momentum) and "fedadam" treat it as a
@@ -277,9 +285,10 @@ class TrainingSection:
         _require(self.rounds >= 1, f"training.rounds must be ≥ 1, got {self.rounds}")
         _require(self.local_steps >= 1, "training.local_steps must be ≥ 1")
         _require(self.batch_size >= 1, "training.batch_size must be ≥ 1")
+        lr_local = self.learning_rate
         _require(
-            self.learning_rate > 0 and math.isfinite(self.learning_rate),
-            "training.learning_rate must be a positive number",
+            lr_local is None or (lr_local > 0 and math.isfinite(lr_local)),
+            f"training.learning_rate must be a positive number (or null), got {lr_local}",
         )
         _require(
             self.round_deadline_s is None
@@ -637,6 +646,13 @@ class FedloraConfig:
             "that update",
         )
 
+    @property
+    def learning_rate(self) -> float:
+        """The devices' local learning rate: ``training.learning_rate``, or when null the
+        default of ``lora.variant`` (:data:`DEFAULT_LEARNING_RATE`)."""
+        lr = self.training.learning_rate
+        return DEFAULT_LEARNING_RATE[self.lora.variant] if lr is None else lr
+
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION}
@@ -654,7 +670,9 @@ class FedloraConfig:
         fmt = data.pop("format", CONFIG_FORMAT)
         version = data.pop("version", CONFIG_VERSION)
         _require(fmt == CONFIG_FORMAT, f"not a fedlora config (format {fmt!r})")
-        _require(version in (1, 2, 3, 4, CONFIG_VERSION), f"unsupported config version {version}")
+        _require(
+            version in (1, 2, 3, 4, 5, CONFIG_VERSION), f"unsupported config version {version}"
+        )
         if version == 1:
             data = _from_v1(data)
         if version in (1, 2):
@@ -663,6 +681,8 @@ class FedloraConfig:
             data = _from_v3(data)
         if version in (1, 2, 3, 4):
             data = _from_v4(data)
+        if version in (1, 2, 3, 4, 5):
+            data = _from_v5(data)
         return _from_plain(cls, data, "")
 
     def replace(self, **sections: Any) -> FedloraConfig:
@@ -733,6 +753,19 @@ def _from_v4(data: dict[str, Any]) -> dict[str, Any]:
         return data
     then = {"num_shares": 1.0, "reconstruction_threshold": 0.6}
     return {**data, "secagg": {**then, **values}}
+
+
+def _from_v5(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-5 config as version 6 reads it, meaning what it meant then.
+
+    Before version 6 every adapter variant trained at ``training.learning_rate`` 0.2 when
+    the file did not set it: such a file reloads (and reruns, and resumes) at 0.2, not at
+    the variant's default that null now means (FFA's is 0.5).
+    """
+    values = data.get("training", {})
+    if not isinstance(values, dict):
+        return data
+    return {**data, "training": {"learning_rate": 0.2, **values}}
 
 
 def load_config(path: str | Path) -> FedloraConfig:

@@ -390,7 +390,7 @@ def retrain_update(
     plan = LocalTrainingPlan(
         steps=cfg.training.local_steps,
         expected_batch_size=cfg.training.batch_size,
-        learning_rate=cfg.training.learning_rate,
+        learning_rate=cfg.learning_rate,
         max_grad_norm=cfg.privacy.max_grad_norm,
         noise_multiplier=sigma,
         seed=_seed(cfg.seed, partition, rnd),

@@ -138,7 +138,7 @@ def _seed_predicted_round(
         plan = LocalTrainingPlan(
             steps=cfg.training.local_steps,
             expected_batch_size=cfg.training.batch_size,
-            learning_rate=cfg.training.learning_rate,
+            learning_rate=cfg.learning_rate,
             max_grad_norm=cfg.privacy.max_grad_norm,
             noise_multiplier=event.noise_multiplier,
             seed=seed,

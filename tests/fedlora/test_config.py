@@ -8,6 +8,7 @@ import pytest
 
 from fedlora.config import (
     CONFIG_VERSION,
+    DEFAULT_LEARNING_RATE,
     FedloraConfig,
     PrivacySection,
     SecAggSection,
@@ -97,7 +98,7 @@ def test_dp_noise_is_not_reproducible_unless_asked():
     assert FedloraConfig().privacy.reproducible_noise is False
     assert FedloraConfig.from_dict({}).privacy.reproducible_noise is False
     saved = FedloraConfig().replace(privacy={"reproducible_noise": True}).to_dict()
-    assert saved["version"] == CONFIG_VERSION == 5
+    assert saved["version"] == CONFIG_VERSION == 6
     assert saved["privacy"]["reproducible_noise"] is True
     assert FedloraConfig.from_dict(json.loads(json.dumps(saved))).privacy.reproducible_noise
     with pytest.raises(ConfigError, match="must be true or false, got 'no'"):
@@ -145,6 +146,40 @@ def test_an_older_config_keeps_the_full_secagg_graph_it_ran_with(tmp_path, versi
     own = {"version": version, "secagg": {"num_shares": 0.5, "timeout_s": 9.0}}
     s = FedloraConfig.from_dict(own).secagg
     assert (s.num_shares, s.reconstruction_threshold, s.timeout_s) == (0.5, 0.6, 9.0)
+
+
+def test_learning_rate_defaults_to_the_variants_measured_best_and_round_trips():
+    """null: LoRA 0.2, FFA-LoRA 0.5 (the measured best at ε = 8); a number is kept as is."""
+    lora, ffa = FedloraConfig(), FedloraConfig().replace(lora={"variant": "ffa"})
+
+    assert lora.training.learning_rate is None and ffa.training.learning_rate is None
+    assert (lora.learning_rate, ffa.learning_rate) == (0.2, 0.5)
+    assert DEFAULT_LEARNING_RATE == {"lora": 0.2, "ffa": 0.5}
+    assert ffa.replace(training={"learning_rate": 0.35}).learning_rate == 0.35
+    saved = json.loads(json.dumps(ffa.to_dict()))
+    assert saved["training"]["learning_rate"] is None
+    assert FedloraConfig.from_dict(saved).learning_rate == 0.5
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
+def test_an_older_config_keeps_the_learning_rate_it_ran_with(tmp_path, version):
+    """Before version 6 a file that did not set training.learning_rate trained at 0.2 with
+    either variant: it reloads at 0.2, not at FFA's 0.5 that null now means."""
+    old = {"format": "fedlora.config", "version": version, "lora": {"variant": "ffa"}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+
+    cfg = load_config(path)
+
+    assert cfg.training.learning_rate == 0.2 and cfg.learning_rate == 0.2
+    own = {**old, "training": {"learning_rate": 0.5, "rounds": 2}}
+    assert FedloraConfig.from_dict(own).learning_rate == 0.5
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("inf"), float("nan")])
+def test_a_learning_rate_that_is_not_a_positive_number_is_refused(lr):
+    with pytest.raises(ConfigError, match=r"training\.learning_rate must be a positive number"):
+        FedloraConfig.from_dict({"training": {"learning_rate": lr}})
 
 
 @pytest.mark.parametrize(

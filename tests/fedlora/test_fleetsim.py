@@ -37,7 +37,7 @@ def test_profiles_load_with_defaults_and_round_trip():
     assert (laptop.speed, laptop.availability, laptop.dropout) == (1.0, 1.0, 0.0)
     assert (laptop.budget_epsilon, laptop.data_scale) == (None, 1.0)
     saved = cfg.to_dict()
-    assert saved["version"] == CONFIG_VERSION == 5
+    assert saved["version"] == CONFIG_VERSION == 6
     assert FedloraConfig.from_dict(json.loads(json.dumps(saved))) == cfg
 
 
