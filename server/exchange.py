@@ -26,46 +26,16 @@ MAX_WAIT_S = 0.25
 BACKOFF = 1.5
 
 
-class PromptGrid(Grid):
-    """``grid``, with replies pulled as they arrive (see the module's text)."""
+class DelegatingGrid(Grid):
+    """A grid that passes every call to ``self._grid``; wrappers override what they change."""
 
-    def __init__(
-        self,
-        grid: Grid,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self._clock = clock
-        self._sleep = sleep
-        #: Pulls made (each one a request to the SuperLink when deployed).
-        self.pulls = 0
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """The replies to ``messages`` that arrive within ``timeout`` seconds (None: until
-        every message is answered, as Flower's grids wait)."""
-        pending = set(self._grid.push_messages(messages))
-        end = None if timeout is None else self._clock() + timeout
-        replies: list[Message] = []
-        wait = FIRST_WAIT_S
-        while pending:
-            got = list(self._grid.pull_messages(pending))
-            self.pulls += 1
-            if got:
-                replies.extend(got)
-                pending.difference_update(r.metadata.reply_to_message_id for r in got)
-                wait = FIRST_WAIT_S
-                if not pending:
-                    break
-            left = float("inf") if end is None else end - self._clock()
-            if left <= 0:
-                break
-            self._sleep(min(wait, left))
-            wait = min(wait * BACKOFF, MAX_WAIT_S)
-        return replies
+        return self._grid.send_and_receive(messages, timeout=timeout)
 
     # ---------------------------------------------------------------- delegation
     def set_run(self, run: Run) -> None:
@@ -96,3 +66,45 @@ class PromptGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
+
+
+class PromptGrid(DelegatingGrid):
+    """``grid``, with replies pulled as they arrive (see the module's text)."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(grid)
+        self._clock = clock
+        self._sleep = sleep
+        #: Pulls made (each one a request to the SuperLink when deployed).
+        self.pulls = 0
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """The replies to ``messages`` that arrive within ``timeout`` seconds (None: until
+        every message is answered, as Flower's grids wait)."""
+        pending = set(self._grid.push_messages(messages))
+        end = None if timeout is None else self._clock() + timeout
+        replies: list[Message] = []
+        wait = FIRST_WAIT_S
+        while pending:
+            got = list(self._grid.pull_messages(pending))
+            self.pulls += 1
+            if got:
+                replies.extend(got)
+                pending.difference_update(r.metadata.reply_to_message_id for r in got)
+                wait = FIRST_WAIT_S
+                if not pending:
+                    break
+            left = float("inf") if end is None else end - self._clock()
+            if left <= 0:
+                break
+            self._sleep(min(wait, left))
+            wait = min(wait * BACKOFF, MAX_WAIT_S)
+        return replies

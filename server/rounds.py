@@ -35,12 +35,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, cast
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.common import FitRes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.common.serde import message_to_proto
-from flwr.proto.node_pb2 import NodeInfo
 from flwr.server import LegacyContext
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -48,9 +47,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedlora.protocol import FIT_CONFIG_RECORD
+from fedlora.server.exchange import DelegatingGrid
 from fedlora.server.secagg_graph import DEFAULT_DROPOUT_RATE, share_graph
 
 log = logging.getLogger("server")
@@ -108,7 +107,7 @@ def current_round(context: Context) -> int:
     return int(cast(int, config[WorkflowKey.CURRENT_ROUND]))
 
 
-class RoundGrid(Grid):
+class RoundGrid(DelegatingGrid):
     """The grid of one round: bounded waits, a deadline for training replies, bookkeeping.
 
     Every ``send_and_receive`` waits ``timeout_s`` whatever its caller asked for (a
@@ -126,7 +125,7 @@ class RoundGrid(Grid):
         on_training_request: Callable[[set[int]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.timeout_s = timeout_s
         self.deadline_s = deadline_s
         self._on_training_request = on_training_request
@@ -167,36 +166,6 @@ class RoundGrid(Grid):
         if training:
             self.late |= asked - answered
         return replies
-
-    # ---------------------------------------------------------------- delegation
-    def set_run(self, run: Run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
 
 HaltHandler = Callable[[int, str, list[tuple[ClientProxy, FitRes]], list[BaseException]], None]
