@@ -4,7 +4,7 @@
 #   make test-scale  the tests marked scale (100-device runs and covered-elsewhere e2e cases)
 #                    that make test leaves out (~20 min)
 #   make bench  every benchmark under bench/ (JSON in bench/results/, README table); long
-#   make bench-quick  the same at the smaller sizes each bench's --quick documents (< 10 min)
+#   make bench-quick  the same at the smaller sizes each bench's --quick documents (< 10 min; 5.8 min 2026-12-02)
 VENV ?= .venv
 RUN_DIR ?= runs/default
 export OMP_NUM_THREADS ?= 2
