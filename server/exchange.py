@@ -8,7 +8,16 @@ to 12 s (6 s on average) after its devices had answered, and a simulated one abo
 same messages and pulls with the grid's own ``pull_messages``, first after 10 ms, then
 backing off by half each time to at most 0.25 s, starting over whenever replies arrive,
 so a reply is read within a quarter second of its arrival and a long wait costs a
-handful of pulls a second. Everything else is the wrapped grid's.
+handful of pulls a second. A simulation's grid (Flower's ``InMemoryGrid``) pulls from a
+LinkState in the same process, which costs microseconds, so there the backoff stops at
+20 ms (:data:`LOCAL_MAX_WAIT_S`): the last reply of a long training stage is read within
+20 ms, not up to 0.25 s later. Everything else is the wrapped grid's.
+
+:func:`wait_for_nodes` does the same for the legacy strategy's client manager. Flower's
+``DefaultWorkflow`` tells that manager about the grid's nodes from a thread that sleeps
+**5 s** before its first look, and ``ClientManager.wait_for`` blocks on that thread, so
+round 1 of every run (simulated or deployed) sat idle for up to 5 s after discovery
+had already found the devices.
 """
 
 from __future__ import annotations
@@ -18,12 +27,53 @@ from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
+from flwr.server.client_manager import ClientManager
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 FIRST_WAIT_S = 0.01
 MAX_WAIT_S = 0.25
+LOCAL_MAX_WAIT_S = 0.02
+"""The longest wait between pulls from an in-process LinkState (a simulation)."""
 BACKOFF = 1.5
+NODES_MAX_WAIT_S = 1.0
+"""The longest wait between two looks at the client manager (:func:`wait_for_nodes`)."""
+
+
+def is_in_process(grid: Grid) -> bool:
+    """Whether ``grid`` reads an in-process LinkState (Flower's simulation), where a pull
+    costs no request."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    while isinstance(grid, DelegatingGrid):
+        grid = grid._grid
+    return isinstance(grid, InMemoryGrid)
+
+
+def wait_for_nodes(
+    client_manager: ClientManager,
+    count: int,
+    timeout_s: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
+    """Whether ``count`` nodes are available within ``timeout_s``, asking as
+    ``ClientManager.wait_for`` would but without waiting on Flower's 5-s refresh thread.
+
+    Under ``DefaultWorkflow`` the manager's ``num_available`` first reads the grid's node
+    ids (Flower wraps it so), so the first look sees every node discovery found; a look
+    that comes up short is repeated after 10 ms, backing off to 1 s.
+    """
+    end = clock() + timeout_s
+    wait = FIRST_WAIT_S
+    while client_manager.num_available() < count:
+        left = end - clock()
+        if left <= 0:
+            return False
+        sleep(min(wait, left))
+        wait = min(wait * BACKOFF, NODES_MAX_WAIT_S)
+    return True
 
 
 class DelegatingGrid(Grid):
@@ -77,10 +127,17 @@ class PromptGrid(DelegatingGrid):
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        max_wait_s: float | None = None,
     ) -> None:
         super().__init__(grid)
         self._clock = clock
         self._sleep = sleep
+        #: The longest wait between two pulls (None: 20 ms in process, else 0.25 s).
+        self.max_wait_s: float = (
+            max_wait_s
+            if max_wait_s is not None
+            else (LOCAL_MAX_WAIT_S if is_in_process(grid) else MAX_WAIT_S)
+        )
         #: Pulls made (each one a request to the SuperLink when deployed).
         self.pulls = 0
 
@@ -106,5 +163,5 @@ class PromptGrid(DelegatingGrid):
             if left <= 0:
                 break
             self._sleep(min(wait, left))
-            wait = min(wait * BACKOFF, MAX_WAIT_S)
+            wait = min(wait * BACKOFF, self.max_wait_s)
         return replies

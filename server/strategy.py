@@ -77,6 +77,7 @@ from fedlora.server.aggregate import (
 from fedlora.server.budget import FleetBudget
 from fedlora.server.checkpoint import save_checkpoint
 from fedlora.server.ddp import DeviceLevelDP
+from fedlora.server.exchange import wait_for_nodes
 from fedlora.server.optimizers import ServerOptimizer
 
 log = logging.getLogger("server")
@@ -204,7 +205,7 @@ class LoraFedAvg(Strategy):
         self._round = _RoundState(started=time.perf_counter())
         self.global_arrays = parameters_to_ndarrays(parameters)
         fleet = self.cfg.fleet
-        client_manager.wait_for(fleet.min_devices, timeout=int(self.cfg.secagg.timeout_s))
+        wait_for_nodes(client_manager, fleet.min_devices, self.cfg.secagg.timeout_s)
         proxies = {p.node_id: p for p in client_manager.all().values()}
         # Order by device id (stable across runs), not by Flower's random node ids.
         known = self.budget.node_device

@@ -29,8 +29,8 @@ class Manager:
     def __init__(self, node_ids: list[int]) -> None:
         self.proxies = {str(n): SimpleNamespace(node_id=n) for n in node_ids}
 
-    def wait_for(self, num_clients: int, timeout: int) -> bool:
-        return True
+    def num_available(self) -> int:
+        return len(self.proxies)
 
     def all(self) -> dict[str, Any]:
         return self.proxies
