@@ -29,6 +29,7 @@ def make_client_app(
     device_root: Path | None = None,
     outer_mods: Sequence[Mod] = (),
     data_hook: DataHook | None = None,
+    warm: bool = False,
 ) -> ClientApp:
     """The ClientApp; with ``cfg`` None it reads the config from the run config.
 
@@ -41,7 +42,9 @@ def make_client_app(
     ``outer_mods`` run outside SecAgg+ (``fedlora simulate`` puts the simulated fleet's
     :func:`fedlora.client.simulated.simulated_fleet_mod` there). ``data_hook`` changes
     each simulated device's records (``fedlora audit`` inserts its canaries with it; a
-    normal run has none).
+    normal run has none). ``warm``: the app runs in processes that serve many messages
+    (``fedlora simulate``'s workers), which build the model in the background from their
+    first message on (:func:`fedlora.runtime.warm_up`).
     """
     required = cfg.secagg.enabled if cfg is not None else False
 
@@ -52,11 +55,15 @@ def make_client_app(
 
         watch_supervisor()  # under `fedlora device`: end with it, even on SIGKILL
 
+        from fedlora import runtime
         from fedlora.client.device_client import DeviceClient
         from fedlora.config import config_from_run_config
 
         torch.set_num_threads(1)  # one core per simulated device; Ray gives each actor one
         resolved = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
+        if warm:
+            runtime.stay_warm()
+        runtime.warm_up(resolved)  # no-op in a process per message
         return DeviceClient(resolved, context, device_root, data_hook).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[*outer_mods, secagg_mod(required, cfg)])

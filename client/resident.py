@@ -8,7 +8,9 @@ Runtime API tokens) to this one long-lived process, which runs them one after an
 the way ``flwr-clientapp`` runs one: pull the task's message, Context and app bundle,
 check the bundle, run the ClientApp, push the reply and the updated Context. What
 :mod:`fedlora.runtime` caches per process (model, LoRA wrapper, encoded data) stays
-loaded from one task to the next, so a task costs the device's own work.
+loaded from one task to the next, so a task costs the device's own work; the model's
+build starts in the background with the device's first task, discovery's
+(:func:`fedlora.runtime.warm_up`).
 
 What it keeps from a fresh process per task:
 
@@ -207,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         start_parent_process_monitor(args.parent_pid)  # end with the executor's process
     root = None if args.insecure else args.root_certificates.read_bytes()
+    from fedlora import runtime
+
+    runtime.stay_warm()  # the first task (discovery) starts the model's build
     serve(args.runtime_api_address, root, sys.stdin)
 
 
