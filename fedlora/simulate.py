@@ -13,12 +13,13 @@ reason, and :class:`ExportAfterTrainingError` (exit code 9) says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,40 @@ def ray_backend_config(verbose: bool = False) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
 
 
+#: Thread pools a simulation worker's libraries size from the environment (OpenMP,
+#: OpenBLAS, MKL); see :func:`one_thread_workers`.
+WORKER_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def one_thread_workers() -> Iterator[None]:
+    """Start Ray's workers with one thread per library, whatever this shell says.
+
+    A worker is one slot of one core (``client_resources``: 1 CPU) and trains with one
+    torch thread. numpy's OpenBLAS sizes its own pool from ``OMP_NUM_THREADS`` or
+    ``OPENBLAS_NUM_THREADS``; with 2 set (as the benches set for their own work), the
+    dot products of a device's noise calibration woke a second BLAS thread that spins
+    between calls: the calibration's CPU time doubled (0.13 → 0.26 s,
+    ``bench/calibration.py``) and came out of the other worker's training (rounds 21 %
+    slower at the default fleet). Ray's raylet, started in this process, passes the
+    environment to the workers it spawns; this process's own pools are sized before the
+    change and keep their size, and the variables are put back after the run.
+    """
+    import torch
+
+    torch.get_num_threads()  # the coordinator's pool is sized now, from the user's setting
+    saved = {k: os.environ.get(k) for k in WORKER_THREAD_VARS}
+    os.environ.update(dict.fromkeys(WORKER_THREAD_VARS, "1"))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _run_engine(
     cfg: FedloraConfig,
     run_dir: Path,
@@ -303,16 +338,17 @@ def _run_engine(
         # Simulation only: profiles' dropouts and speeds (no-op without fleet.profiles).
         outer = [*client_mods, *([simulated_fleet_mod(cfg)] if cfg.fleet.profiles else [])]
         client_app = make_client_app(
-            cfg, device_root=run_dir / "devices", outer_mods=outer, data_hook=data_hook
+            cfg, device_root=run_dir / "devices", outer_mods=outer, data_hook=data_hook, warm=True
         )
         simdispatch.install()  # one scan of the message store per poll, not one per node
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=info["devices"],
-            backend_config=ray_backend_config(verbose),
-            verbose_logging=verbose,
-        )
+        with one_thread_workers():
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=info["devices"],
+                backend_config=ray_backend_config(verbose),
+                verbose_logging=verbose,
+            )
     coordinator = result.get("coordinator")
     rows = coordinator.strategy.rows if coordinator is not None else []
     if (

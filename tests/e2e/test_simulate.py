@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +23,26 @@ from tests.e2e.conftest import ROUNDS, small_config
 pytestmark = pytest.mark.slow
 
 
+def worker_probe(out: Path) -> Any:
+    """A client mod that writes, per message, what its worker process was like then."""
+
+    def probe(msg: Any, ctxt: Any, call_next: Any) -> Any:
+        from fedlora import runtime
+        from fedlora.simulate import WORKER_THREAD_VARS
+
+        seen = {
+            "pid": os.getpid(),
+            "type": msg.metadata.message_type,
+            "env": {k: os.environ.get(k) for k in WORKER_THREAD_VARS},
+            "model_built_or_building": bool(runtime._models or runtime._warming),
+        }
+        with out.open("a") as f:
+            f.write(json.dumps(seen) + "\n")
+        return call_next(msg, ctxt)
+
+    return probe
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, plain_run):
     from fedlora import runtime
@@ -27,10 +50,37 @@ def runs(tmp_path_factory, plain_run):
 
     run_dir = tmp_path_factory.mktemp("runs") / "secagg"
     cfg = small_config(privacy={"reproducible_noise": True})  # as the plain run
-    summary = simulate(cfg, run_dir, show_progress=False)
+    probe = run_dir.parent / "probe.jsonl"
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "2"  # as the benches set it for their own work
+    try:
+        summary = simulate(cfg, run_dir, show_progress=False, client_mods=[worker_probe(probe)])
+        after = os.environ.get("OMP_NUM_THREADS")
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     runtime.clear()
+    seen = [json.loads(line) for line in probe.read_text().splitlines()]
     # The plain run is shared with the resume test (the same small fleet, same seed).
-    return {"secagg": (cfg, run_dir, summary), "plain": plain_run}
+    return {"secagg": (cfg, run_dir, summary), "plain": plain_run, "workers": (seen, after)}
+
+
+def test_workers_run_one_thread_per_library_and_build_the_model_from_discovery_on(runs):
+    """Each worker is one slot of a core, whatever OMP_NUM_THREADS the caller has; the
+    model's build starts with a worker's first message (discovery's), so training finds
+    it built or under way; the caller's environment is as it was."""
+    seen, after = runs["workers"]
+
+    assert after == "2"
+    assert {m["type"] for m in seen} >= {"get_properties", "train"}
+    assert all(set(m["env"].values()) == {"1"} for m in seen)
+    first_train = {}
+    for m in seen:
+        if m["type"] == "train":
+            first_train.setdefault(m["pid"], m)
+    assert first_train and all(m["model_built_or_building"] for m in first_train.values())
 
 
 def test_run_directory_is_complete(runs):
