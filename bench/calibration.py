@@ -12,8 +12,14 @@ before each (no help from an earlier calibration, as in a fresh worker):
 * ``before``: the accountant as it was until 2026-12-02 (commit 88fe0fb): ``survival``
   evaluating both branches everywhere, the truncated mean's integrand going through a
   one-element array, no per-grid cache of the history's groups, the RDP binomial table
-  recomputed per σ. These are the old functions (below) patched in; the search is the same.
+  recomputed per σ, the (ε, δ) read-out over the whole grid (``prv_accountant``'s
+  ``compute_epsilon``). These are the old functions (below) patched in; the search is
+  the same.
 * ``after``: the accountant as it is.
+
+The process runs one thread per library, as a simulation worker does
+(:func:`fedlora.simulate.one_thread_workers`): with two, numpy's BLAS spins a second
+thread and the CPU seconds double.
 
 Counts per calibration: ``accountant_calls`` (ε evaluations the search asks for, PRV and
 RDP), ``prv_grids`` (PRV compositions actually run), ``discretisations`` (single-group
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import random
 import statistics
 import sys
@@ -41,8 +48,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from scipy import special
+# Before numpy loads its BLAS: one thread, as in a simulation worker.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import numpy as np  # noqa: E402
+from scipy import special  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -77,17 +88,40 @@ def survival_at_before(t: float, q: float, sigma: float) -> float:
     return float(survival_before(np.array([t]), q, sigma)[0])
 
 
+def read_epsilon_before(
+    pmf: Any, domain: Any, delta: float, delta_error: float, eps_error: float, hint: float = 0.0
+) -> tuple[float, float, float]:
+    """The read-out before ``prv.read_epsilon`` (2026-12-02): ``prv_accountant``'s, whole grid."""
+    from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
+
+    out = DiscretePrivacyRandomVariable(pmf, domain).compute_epsilon(delta, delta_error, eps_error)
+    return (float(out[0]), float(out[1]), float(out[2]))
+
+
 @contextlib.contextmanager
 def accountant_before() -> Iterator[None]:
-    saved = (prv.survival, prv._survival_at, prv.GROUP_CACHE_BYTES, rdp._log_comb_table)
+    saved = (
+        prv.survival,
+        prv._survival_at,
+        prv.GROUP_CACHE_BYTES,
+        rdp._log_comb_table,
+        prv.read_epsilon,
+    )
     prv.survival = survival_before  # type: ignore[assignment]
     prv._survival_at = survival_at_before  # type: ignore[assignment]
     prv.GROUP_CACHE_BYTES = 0  # nothing is kept
     rdp._log_comb_table = rdp._log_comb_table.__wrapped__  # type: ignore[assignment]
+    prv.read_epsilon = read_epsilon_before
     try:
         yield
     finally:
-        prv.survival, prv._survival_at, prv.GROUP_CACHE_BYTES, rdp._log_comb_table = saved
+        (
+            prv.survival,
+            prv._survival_at,
+            prv.GROUP_CACHE_BYTES,
+            rdp._log_comb_table,
+            prv.read_epsilon,
+        ) = saved
 
 
 def empty_caches() -> None:

@@ -173,3 +173,64 @@ def test_group_cache_stays_within_its_memory(monkeypatch):
     assert 0 < prv._group_cache_bytes <= 4 * 2**20
     assert prv._group_cache_bytes == sum(g.nbytes for g, _ in prv._group_cache.values())
     prv.clear_group_cache()  # what is left was sized for a smaller budget
+
+
+READ_OUT_CASES = [
+    ((0.6772, 0.0808, 10),),
+    ((0.7379, 0.0808, 10), (0.7378, 0.0808, 10), (0.659, 0.0808, 20)),
+    ((1.2, 0.01, 500),),
+    ((0.7, 0.2, 300),),
+    ((3.0, 0.5, 4),),
+    # A calibration's step down to σ = 0.094 (ε in the thousands): the grid is capped at 2^21
+    ((0.0942, 0.0808, 10), (0.7377, 0.0808, 10), (0.7378, 0.0808, 10), (0.7379, 0.0808, 10)),
+    ((2.0, 1.0, 1),),
+]
+
+
+@pytest.mark.parametrize("history", READ_OUT_CASES)
+@pytest.mark.parametrize("hint", ["rdp", 0.0, "too-high"])
+def test_the_read_out_is_the_packages_bit_for_bit_from_any_hint(history, hint, monkeypatch):
+    """fedlora reads δ(ε) from the top of the grid only; the three ε must be what
+    ``prv_accountant``'s ``compute_epsilon`` gives on the whole grid, to the bit, whether the
+    hint at ε is RDP's half (the accountant's), 0, or above ε (the read-out must then go
+    further down the grid)."""
+    from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
+
+    from fedlora.privacy.accountants import prv
+
+    compared = []
+    real = prv.read_epsilon
+
+    def both(pmf, domain, delta, delta_error, eps_error, given_hint=0.0):
+        package = DiscretePrivacyRandomVariable(pmf, domain).compute_epsilon(
+            delta, delta_error, eps_error
+        )
+        used = {"rdp": given_hint, "too-high": package[2] + 5.0}.get(hint, hint)
+        ours = real(pmf, domain, delta, delta_error, eps_error, used)
+        compared.append((len(pmf), ours, package))
+        return ours
+
+    monkeypatch.setattr(prv, "read_epsilon", both)
+    prv.prv_epsilon_bounds.cache_clear()
+    try:
+        prv.prv_epsilon_bounds(history, 1e-5)
+    finally:
+        prv.prv_epsilon_bounds.cache_clear()
+
+    (size, ours, package) = compared[0]
+    assert ours == package, (size, ours, package)
+    assert all(isinstance(x, float) for x in ours)
+    if history[0][0] < 0.1:
+        assert size == prv.DEFAULT_MAX_GRID
+
+
+def test_the_read_out_refuses_what_the_package_refuses():
+    from prv_accountant.domain import Domain
+
+    from fedlora.privacy.accountants.prv import read_epsilon
+
+    domain = Domain(-5.0, 5.0, 1000)
+    pmf = np.full(1000, 1e-3)
+    with pytest.raises(ValueError, match="Floating point errors"):
+        read_epsilon(pmf, domain, 1e-17, 1e-20, 0.01)
+    assert read_epsilon(pmf, domain, 0.0, 0.0, 0.01) == (math.inf, math.inf, math.inf)
