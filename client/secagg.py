@@ -3,8 +3,9 @@
 Flower 1.39's ``secaggplus_mod`` is kept for its stage checks, its setup (two P-384 key
 pairs) and its unmask replies. Two stages are fedlora's, because what changes is inside
 Flower's private functions: key sharing (:func:`share_keys`: Shamir shares of the
-self-mask seed and of the first private key's raw scalar, sealed with
-ChaCha20-Poly1305, :mod:`fedlora.secagg.shares`) and the masked vector
+self-mask seed and of the first private key's raw scalar, split by
+:mod:`fedlora.secagg.shamir` and sealed with ChaCha20-Poly1305,
+:mod:`fedlora.secagg.shares`) and the masked vector
 (:func:`collect_masked_vectors`: Flower's mod quantizes with numpy's global RNG, masks
 with ``pseudo_rand_gen`` and sends int64). Message formats and stage names are
 Flower's, so the coordinator's bookkeeping reads them as before.
@@ -34,7 +35,6 @@ from flwr.client.mod.secure_aggregation.secaggplus_mod import (
 )
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import parameters_to_ndarrays
-from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
@@ -54,6 +54,7 @@ from fedlora.errors import UpdateError
 from fedlora.protocol import FIT_CONFIG_RECORD
 from fedlora.secagg import masks, packing, shares
 from fedlora.secagg.quantize import UniformSource, encode
+from fedlora.secagg.shamir import create_shares
 
 #: Where a device's stochastic rounding draws from in a round: (context, round) → source.
 RoundingSource = Callable[[Context, int], UniformSource]
@@ -174,12 +175,13 @@ def share_keys(
     sk1_shares = create_shares(shares.private_scalar(state.sk1), state.threshold, state.share_num)
     dsts: list[int] = []
     ciphertexts: list[bytes] = []
+    sk2 = shares.private_key(state.sk2)  # parsed once, not once a neighbour
     for idx, (nid, (_, pk2)) in enumerate(state.public_keys_dict.items()):
         if nid == state.nid:
             state.rd_seed_share_dict[nid] = seed_shares[idx]
             state.sk1_share_dict[nid] = sk1_shares[idx]
             continue
-        key = shares.channel_key(state.sk2, pk2)
+        key = shares.channel_key(sk2, pk2)
         state.ss2_dict[nid] = key
         plaintext = share_keys_plaintext_concat(state.nid, nid, seed_shares[idx], sk1_shares[idx])
         dsts.append(nid)
@@ -251,8 +253,9 @@ def collect_masked_vectors(
         masks.mask(state.rd_seed, masks.Purpose.SELF, server_round, shapes, mod_range),
         mod_range,
     )
+    sk1 = shares.private_key(state.sk1)
     for nid in neighbours:
-        secret = masks.pairwise_secret(state.sk1, state.public_keys_dict[nid][0])
+        secret = masks.pairwise_secret(sk1, state.public_keys_dict[nid][0])
         pairwise = masks.mask(secret, masks.Purpose.PAIRWISE, server_round, shapes, mod_range)
         if state.nid > nid:
             vector = masks.add(vector, pairwise, mod_range)

@@ -42,6 +42,7 @@ from flwr.serverapp import Grid
 
 from fedlora.errors import UpdateError
 from fedlora.secagg import masks, packing, quantize, shamir
+from fedlora.secagg.shares import private_key
 from fedlora.server.ddp import DeviceLevelDP
 from fedlora.server.rounds import ReportingSecAggPlus, current_round
 
@@ -288,10 +289,11 @@ class FedloraSecAggPlus(ReportingSecAggPlus):
                     total, masks.mask(secret, masks.Purpose.SELF, rnd, shapes, mod), mod
                 )
                 continue
+            key = private_key(secret)  # rebuilt once, not once a neighbour
             for other in sorted(state.nid_to_neighbours[nid] - {nid}):
                 pk1 = state.nid_to_publickeys[other][0]
                 pairwise = masks.mask(
-                    masks.pairwise_secret(secret, pk1), masks.Purpose.PAIRWISE, rnd, shapes, mod
+                    masks.pairwise_secret(key, pk1), masks.Purpose.PAIRWISE, rnd, shapes, mod
                 )
                 # ``other`` added the mask if its id is the larger, else subtracted it.
                 total = (masks.add if nid > other else masks.subtract)(total, pairwise, mod)

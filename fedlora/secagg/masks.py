@@ -123,7 +123,7 @@ def mask(
     return out
 
 
-def pairwise_secret(private_key: bytes, public_key_pem: bytes) -> bytes:
+def pairwise_secret(private_key: shares.PrivateKey, public_key_pem: bytes) -> bytes:
     """The raw ECDH secret of a device's first private key (PEM, as Flower serializes it,
     or the 48-byte scalar the coordinator rebuilds from shares) and a neighbour's first
     public key (PEM): 48 bytes on P-384, the same from either side."""

@@ -1,4 +1,5 @@
-"""Rebuilding a Shamir-shared secret at unmasking, fast, from Flower's shares.
+"""Shamir sharing of SecAgg+ secrets, fast, in Flower's format: split on a device,
+rebuilt at unmasking.
 
 Flower 1.39 shares a secret with PyCryptodome's ``Shamir`` over GF(2^128): the secret,
 padded to 16-byte chunks, each chunk shared on its own; a share is a 4-byte
@@ -15,11 +16,20 @@ which are public and the same for most devices of a round, so they are computed 
 index set (one batched inversion) and cached; each secret then costs ``threshold``
 multiplications per chunk. Multiplication loops over the bits of the public λ and
 reduces without branching on the secret share.
+
+:func:`create_shares` is the device's side, Flower's ``create_shares`` in its format
+(PyCryptodome's ``Shamir.split`` per chunk: a random polynomial of degree threshold − 1
+with the chunk as its constant term, evaluated at 1..num by Horner's rule). Through
+PyCryptodome that cost a device 73 ms of its key-sharing message at 100 devices (35
+shares, threshold 18, 7 chunks: 4,000 field multiplications), 3.6 s of every round on
+two workers; here each multiplication is by a public index of a few bits. The
+coefficients come from the OS CSPRNG (``secrets``), as PyCryptodome draws them.
 """
 
 from __future__ import annotations
 
 import functools
+import secrets
 
 from fedlora.errors import UpdateError
 
@@ -115,3 +125,28 @@ def combine_shares(shares: list[bytes], threshold: int) -> bytes:
             value ^= _mul(int.from_bytes(share[start : start + _CHUNK], "big"), lam)
         out += value.to_bytes(_CHUNK, "big")
     return _unpad(bytes(out))
+
+
+def _pad(secret: bytes) -> bytes:
+    """PKCS#7 padding to a multiple of 16 bytes, as Flower pads before sharing."""
+    pad = _CHUNK - len(secret) % _CHUNK
+    return secret + bytes([pad]) * pad
+
+
+def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """``num`` shares of ``secret``, any ``threshold`` of which rebuild it (Flower's format:
+    a 4-byte little-endian index 1..num, then one 16-byte share per padded chunk)."""
+    if not 1 <= threshold <= num or num >= 1 << (8 * _INDEX_BYTES):
+        raise UpdateError(f"Shamir sharing needs 1 <= threshold <= num, got {threshold}, {num}")
+    padded = _pad(secret)
+    parts = [bytearray(x.to_bytes(_INDEX_BYTES, "little")) for x in range(1, num + 1)]
+    for start in range(0, len(padded), _CHUNK):
+        # Highest degree first, the chunk last: p(x) = (..(c_{t-1}·x + c_{t-2})·x ..)·x + chunk
+        coeffs = [int.from_bytes(secrets.token_bytes(_CHUNK), "big") for _ in range(threshold - 1)]
+        coeffs.append(int.from_bytes(padded[start : start + _CHUNK], "big"))
+        for x, part in zip(range(1, num + 1), parts, strict=True):
+            value = 0
+            for c in coeffs:
+                value = _mul(value, x) ^ c
+            part += value.to_bytes(_CHUNK, "big")
+    return [bytes(p) for p in parts]

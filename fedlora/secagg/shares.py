@@ -36,8 +36,16 @@ def private_scalar(private_key_pem: bytes) -> bytes:
     return key.private_numbers().private_value.to_bytes(SCALAR_BYTES, "big")
 
 
-def private_key(secret: bytes) -> ec.EllipticCurvePrivateKey:
-    """A P-384 private key from its PEM encoding or its 48-byte scalar."""
+PrivateKey = bytes | ec.EllipticCurvePrivateKey
+"""A private key as Flower keeps it (PEM), as the coordinator rebuilds it (48-byte
+scalar), or already parsed: a caller that uses one key with many neighbours parses it
+once (:func:`private_key`), not once a neighbour."""
+
+
+def private_key(secret: PrivateKey) -> ec.EllipticCurvePrivateKey:
+    """A P-384 private key from its PEM encoding or its 48-byte scalar (a parsed key as is)."""
+    if isinstance(secret, ec.EllipticCurvePrivateKey):
+        return secret
     if secret.startswith(b"-----BEGIN"):
         key = serialization.load_pem_private_key(secret, password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -55,7 +63,7 @@ def public_key(public_key_pem: bytes) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def ecdh(private: bytes, public_key_pem: bytes) -> bytes:
+def ecdh(private: PrivateKey, public_key_pem: bytes) -> bytes:
     """The raw ECDH secret (48 bytes on P-384) of a private key (PEM or scalar) and a
     public key (PEM); the same from either side."""
     return private_key(private).exchange(ec.ECDH(), public_key(public_key_pem))
@@ -65,7 +73,7 @@ def _aad(server_round: int, src: int, dst: int) -> bytes:
     return DOMAIN + b"".join(v.to_bytes(8, "big") for v in (server_round, src, dst))
 
 
-def channel_key(private_key_pem: bytes, public_key_pem: bytes) -> bytes:
+def channel_key(private_key_pem: PrivateKey, public_key_pem: bytes) -> bytes:
     """The 256-bit key two devices seal shares with (HKDF of their second pair's ECDH)."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=DOMAIN).derive(
         ecdh(private_key_pem, public_key_pem)
