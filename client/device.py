@@ -4,8 +4,9 @@ Before it starts anything the device checks what it can on its own side (its
 key loads, its data parses, the CA exists) and asks the coordinator's
 PrivacyService who it is, signed with its key: an unregistered key is told so
 in one line, instead of a SuperNode retrying forever against a SuperLink that
-refuses it. Then it runs ``flower-supernode`` with the device's data path, id,
-budget and ledger file as node config. The ledger lives under ``--state-dir`` on
+refuses it. Then it runs Flower's SuperNode (through :mod:`fedlora.client.supernode`,
+which polls promptly while a round is on) with the device's data path, id, budget
+and ledger file as node config. The ledger lives under ``--state-dir`` on
 the device's disk and survives restarts; the ClientApp refuses any round that
 would take the device past its budget.
 
@@ -30,6 +31,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,6 @@ from fedlora.errors import ConfigError, DataError, FedloraError
 from fedlora.watchdog import (
     SUPERVISOR_ENV,
     die_with_parent,
-    flower_executable,
     flower_path,
     stop_process,
 )
@@ -123,7 +124,10 @@ def serve_device(args: argparse.Namespace) -> int:
         values["budget-epsilon"] = float(args.budget_epsilon)
     runtime_port = free_port()
     cmd = [
-        flower_executable("flower-supernode"),
+        # Flower's SuperNode, with its polling prompt while a round is on (same arguments)
+        sys.executable,
+        "-m",
+        "fedlora.client.supernode",
         "--superlink",
         addr.fleet,
         "--node-config",
