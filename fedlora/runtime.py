@@ -109,19 +109,18 @@ def warm_up(cfg: FedloraConfig) -> bool:
     """
     if not _long_lived:
         return False
-    try:
-        key = (str(resolve_model_path(cfg)), cfg.lora, cfg.seed)
-    except Exception:  # a bad model path: said by the message that needs the model
-        return False
+    # The config's own fields, not the resolved path: resolving a catalog name may
+    # convert the model (tens of seconds), which belongs in the thread, not in discovery.
+    key = (cfg.model.path, cfg.lora, cfg.seed)
     with _lock:
-        if key in _warming or key in _models:
+        if key in _warming:
             return False
         _warming.add(key)
 
     def build() -> None:
         try:
             model_bundle(cfg)
-        except Exception:
+        except Exception:  # a bad model path: said by the message that needs the model
             with _lock:
                 _warming.discard(key)
 
