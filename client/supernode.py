@@ -17,22 +17,9 @@ changes only those two waits:
 - the wait for the ClientApp's reply is 50 ms instead of 0.5 s (a look into the
   SuperNode's own in-memory state, no request).
 
-Every other call (``time.time`` and the like) is the real module's.
-
-It also keeps the loop's pull and push in step after a coordinator restart
-(:func:`keep_in_step`). Flower 1.39 stores a pulled message and creates its task before
-confirming receipt; when the confirmation finds the run stopped (the coordinator died
-mid-round), ``RunNotRunningException`` (a ``BaseException``) passes the handler that
-would delete them, so the task still runs and its stale reply waits in the node's
-state. The next push then sends that reply (the SuperLink ignores it) in place of the
-reply to the message just pulled, and from then on every reply goes out one pull late:
-the restarted coordinator waited out its timeouts (two of 120 s in
-``tests/e2e/test_deployment.py``) for a device that had answered. After Flower's push,
-while the message pulled last is still unanswered, fedlora pushes again, which waits for
-its reply as Flower's own push does.
-
-The patches are tied to Flower 1.39's module, as the pin is (``flwr>=1.39,<1.40``); if
-the module no longer sleeps those exact values the waits are Flower's own.
+Every other call (``time.time`` and the like) is the real module's. The patch is tied
+to Flower 1.39's module, as the pin is (``flwr>=1.39,<1.40``); if the module no longer
+sleeps those exact values the waits are Flower's own.
 """
 
 from __future__ import annotations
@@ -74,39 +61,15 @@ class PromptClock:
         return getattr(time, name)
 
 
-def keep_in_step(pull: Callable[..., Any], push: Callable[..., None]) -> tuple[Any, Any]:
-    """Flower's ``_pull_and_store_message`` and ``_push_messages``, wrapped so that a push
-    does not return while the message pulled last is unanswered (see the module's text)."""
-    last: dict[str, Any] = {"run": None}
-
-    def pulled(*args: Any, **kwargs: Any) -> Any:
-        last["run"] = run_id = pull(*args, **kwargs)
-        return run_id
-
-    def pushed(*args: Any, **kwargs: Any) -> None:
-        state = kwargs["state"] if "state" in kwargs else args[0]
-        push(*args, **kwargs)
-        while last["run"] is not None and state.get_messages(run_ids=[last["run"]], is_reply=False):
-            push(*args, **kwargs)  # the reply sent was a stale one: wait for this one's
-
-    pulled.__wrapped__ = pull  # type: ignore[attr-defined]
-    pushed.__wrapped__ = push  # type: ignore[attr-defined]
-    return pulled, pushed
-
-
 def install() -> PromptClock:
-    """Put a :class:`PromptClock` and :func:`keep_in_step` into Flower's SuperNode loop
-    (once per process)."""
-    from flwr.supernode import start_client_internal as loop
+    """Put a :class:`PromptClock` into Flower's SuperNode loop (once per process)."""
+    from flwr.supernode import start_client_internal
 
-    current: Any = loop.time
+    current: Any = start_client_internal.time
     if isinstance(current, PromptClock):
         return current
     clock = PromptClock()
-    setattr(loop, "time", clock)  # noqa: B010 (the module attribute)
-    pulled, pushed = keep_in_step(loop._pull_and_store_message, loop._push_messages)
-    setattr(loop, "_pull_and_store_message", pulled)  # noqa: B010
-    setattr(loop, "_push_messages", pushed)  # noqa: B010
+    setattr(start_client_internal, "time", clock)  # noqa: B010 (the module attribute)
     return clock
 
 
