@@ -17,13 +17,27 @@ changes only those two waits:
 - the wait for the ClientApp's reply is 50 ms instead of 0.5 s (a look into the
   SuperNode's own in-memory state, no request).
 
-Every other call (``time.time`` and the like) is the real module's. The patch is tied
-to Flower 1.39's module, as the pin is (``flwr>=1.39,<1.40``); if the module no longer
-sleeps those exact values the waits are Flower's own.
+Every other call (``time.time`` and the like) is the real module's.
+
+It also mends one bug of that loop (:func:`clean_pull`): a message pulled while the
+coordinator stops its run (killed mid-round) stays in the SuperNode's state with a
+task, because the confirmation raises ``RunNotRunningException``, a ``BaseException``
+that skips Flower's clean-up. The task then runs and its stale reply takes the next
+run's push: every reply goes out one pull late, and a restarted coordinator waits out
+its timeouts (two of 120 s in the kill-and-resume deployment test, in about half of
+the runs). Here that exception, raised while the message's content is fetched or
+confirmed, is re-raised as :class:`RunStopped`, an ``Exception``, so Flower's own
+clean-up runs: the message and its objects are deleted and the task finished FAILED.
+
+Both patches are tied to Flower 1.39's module, as the pin is (``flwr>=1.39,<1.40``);
+if the module no longer sleeps those exact values the waits are Flower's own, and a
+test checks that the unpatched loop still has the bug (when it fails, drop the mend).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import time
 from collections.abc import Callable
@@ -61,10 +75,49 @@ class PromptClock:
         return getattr(time, name)
 
 
+class RunStopped(Exception):
+    """The run stopped while a pulled message was being received (``RunNotRunningException``)."""
+
+
+_RECEIVING = ("pull_object", "confirm_message_received")
+"""The callables of ``_pull_and_store_message`` that run after the message is stored."""
+
+
+def _stopped_as_failure(call: Callable[..., Any]) -> Callable[..., Any]:
+    from flwr.supercore.run import RunNotRunningException
+
+    @functools.wraps(call)
+    def receiving(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except RunNotRunningException as err:
+            raise RunStopped("the run is no longer running") from err
+
+    return receiving
+
+
+def clean_pull(pull_and_store: Callable[..., Any]) -> Callable[..., Any]:
+    """Flower's ``_pull_and_store_message``, cleaning up when the run stops mid-receive."""
+    signature = inspect.signature(pull_and_store)
+
+    @functools.wraps(pull_and_store)
+    def pull_and_store_message(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        for name in _RECEIVING:
+            bound.arguments[name] = _stopped_as_failure(bound.arguments[name])
+        return pull_and_store(*bound.args, **bound.kwargs)
+
+    pull_and_store_message.fedlora_clean_pull = True  # type: ignore[attr-defined]
+    return pull_and_store_message
+
+
 def install() -> PromptClock:
-    """Put a :class:`PromptClock` into Flower's SuperNode loop (once per process)."""
+    """Put a :class:`PromptClock` and :func:`clean_pull` into Flower's SuperNode loop (once)."""
     from flwr.supernode import start_client_internal
 
+    pull: Any = start_client_internal._pull_and_store_message
+    if not getattr(pull, "fedlora_clean_pull", False):
+        start_client_internal._pull_and_store_message = clean_pull(pull)
     current: Any = start_client_internal.time
     if isinstance(current, PromptClock):
         return current

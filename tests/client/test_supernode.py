@@ -9,7 +9,13 @@ import time
 
 import pytest
 
-from fedlora.client.supernode import FLOWER_IDLE_S, FLOWER_REPLY_POLL_S, PromptClock, install
+from fedlora.client.supernode import (
+    FLOWER_IDLE_S,
+    FLOWER_REPLY_POLL_S,
+    PromptClock,
+    clean_pull,
+    install,
+)
 
 
 def test_an_idle_device_pulls_as_flower_does_and_one_mid_round_within_a_fraction_of_a_second():
@@ -60,3 +66,104 @@ def test_the_module_runs_flowers_supernode_with_its_arguments():
     assert out.returncode == 0, out.stderr
     assert "--superlink" in out.stdout and "--isolation" in out.stdout
     assert "flower-supernode" in out.stdout
+
+
+# --- a run stopped while its message is received (Flower 1.39's stale-reply bug) ---
+
+
+def _receive_into_state(pull_and_store, *, confirm):  # type: ignore[no-untyped-def]
+    """Flower's receive path on a real NodeState, for a train message of a known run."""
+    import numpy as np
+    from flwr.app import ArrayRecord, Message, Metadata, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+    )
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    stores = ObjectStoreFactory()
+    state = NodeStateFactory(stores).state()
+    store = stores.store()
+    state.set_node_id(7)
+    state.store_run(Run.create_empty(run_id=11))
+    meta = Metadata(
+        run_id=11,
+        message_id="",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="3",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type="train",
+    )
+    msg = Message(RecordDict({"arrays": ArrayRecord([np.arange(4.0)])}), metadata=meta)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    objects = {k: v.deflate() for k, v in get_all_nested_objects(msg).items()}
+    tree = get_object_tree(msg)
+
+    result = pull_and_store(
+        state=state,
+        object_store=store,
+        node_config={},
+        receive=lambda: (msg, tree),
+        get_run=lambda run_id: pytest.fail("the run is known"),
+        get_fab=lambda fab_hash, run_id: pytest.fail("the run is known"),
+        pull_object=lambda run_id, obj_id: objects[obj_id],
+        confirm_message_received=confirm,
+        trusted_entities=None,
+    )
+    tasks = state.get_tasks(run_ids=[11])
+    return result, state.get_messages(), tasks
+
+
+def _run_stopped(run_id: int, message_id: str) -> None:
+    from flwr.supercore.run import RunNotRunningException
+
+    raise RunNotRunningException
+
+
+def test_flowers_supernode_keeps_a_message_whose_run_stopped_while_it_was_received():
+    """The bug :func:`clean_pull` mends; when Flower fixes it, this fails: drop the mend."""
+    from flwr.supernode import start_client_internal
+
+    real = getattr(
+        start_client_internal._pull_and_store_message,
+        "__wrapped__",
+        start_client_internal._pull_and_store_message,
+    )
+    result, kept, tasks = _receive_into_state(real, confirm=_run_stopped)
+
+    assert result is None  # Flower says the message was ignored ...
+    assert len(kept) == 1 and [t.status.status for t in tasks] == ["pending"]  # ... but keeps it
+
+
+def test_a_message_whose_run_stopped_while_it_was_received_leaves_nothing_to_run():
+    from flwr.supernode import start_client_internal
+
+    real = getattr(
+        start_client_internal._pull_and_store_message,
+        "__wrapped__",
+        start_client_internal._pull_and_store_message,
+    )
+    result, kept, tasks = _receive_into_state(clean_pull(real), confirm=_run_stopped)
+
+    assert result is None and list(kept) == []
+    assert [(t.status.status, t.status.sub_status) for t in tasks] == [("finished", "failed")]
+    assert "no longer running" in tasks[0].status.details
+
+
+def test_a_message_received_whole_is_stored_and_its_task_waits():
+    from flwr.supernode import start_client_internal
+
+    real = getattr(
+        start_client_internal._pull_and_store_message,
+        "__wrapped__",
+        start_client_internal._pull_and_store_message,
+    )
+    result, kept, tasks = _receive_into_state(clean_pull(real), confirm=lambda run_id, mid: None)
+
+    assert result == 11 and len(kept) == 1
+    assert [t.status.status for t in tasks] == ["pending"]
