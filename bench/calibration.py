@@ -18,7 +18,7 @@ before each (no help from an earlier calibration, as in a fresh worker):
 * ``after``: the accountant as it is.
 
 The process runs one thread per library, as a simulation worker does
-(:func:`fedlora.simulate.one_thread_workers`): with two, numpy's BLAS spins a second
+(:func:`fedlora.simulate.worker_environment`): with two, numpy's BLAS spins a second
 thread and the CPU seconds double.
 
 Counts per calibration: ``accountant_calls`` (ε evaluations the search asks for, PRV and

@@ -49,6 +49,9 @@ def make_client_app(
     required = cfg.secagg.enabled if cfg is not None else False
 
     def client_fn(context: Context) -> Any:
+        from fedlora import preload
+
+        preload.wait()  # a simulation worker's own imports first (one importer at a time)
         import torch
 
         from fedlora.watchdog import watch_supervisor

@@ -260,6 +260,26 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+PRELOAD_HOOK = "fedlora.preload.start"
+"""Ray's ``worker_process_setup_hook`` for the simulation's workers."""
+
+RUNTIME_ENV_HOOK = "fedlora.simulate.with_preload"
+"""Ray's ``RAY_RUNTIME_ENV_HOOK`` while a simulation starts Ray (:func:`worker_environment`)."""
+
+
+def with_preload(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """Add :data:`PRELOAD_HOOK` to the runtime environment Flower starts Ray with.
+
+    Each worker then imports torch, transformers, peft and Opacus as it starts, while
+    the coordinator builds its own model (:mod:`fedlora.preload`). Flower passes
+    ``runtime_env`` to ``ray.init`` itself (its ``PYTHONPATH``), so an ``init_args``
+    entry would collide with it; Ray's own hook for editing that environment does not.
+    """
+    env = dict(runtime_env or {})
+    env.setdefault("worker_process_setup_hook", PRELOAD_HOOK)
+    return env
+
+
 def ray_backend_config(verbose: bool = False) -> dict[str, Any]:
     """Flower's Ray backend: one simulated device per CPU at a time.
 
@@ -279,13 +299,13 @@ def ray_backend_config(verbose: bool = False) -> dict[str, Any]:
 
 
 #: Thread pools a simulation worker's libraries size from the environment (OpenMP,
-#: OpenBLAS, MKL); see :func:`one_thread_workers`.
+#: OpenBLAS, MKL); see :func:`worker_environment`.
 WORKER_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @contextlib.contextmanager
-def one_thread_workers() -> Iterator[None]:
-    """Start Ray's workers with one thread per library, whatever this shell says.
+def worker_environment() -> Iterator[None]:
+    """Start Ray's workers with one thread per library and the device runtime preloaded.
 
     A worker is one slot of one core (``client_resources``: 1 CPU) and trains with one
     torch thread. numpy's OpenBLAS sizes its own pool from ``OMP_NUM_THREADS`` or
@@ -296,12 +316,17 @@ def one_thread_workers() -> Iterator[None]:
     slower at the default fleet). Ray's raylet, started in this process, passes the
     environment to the workers it spawns; this process's own pools are sized before the
     change and keep their size, and the variables are put back after the run.
+
+    ``RAY_RUNTIME_ENV_HOOK`` names :func:`with_preload` for the run, unless the user
+    set a hook of their own (theirs is kept; the workers then import as they go).
     """
     import torch
 
     torch.get_num_threads()  # the coordinator's pool is sized now, from the user's setting
-    saved = {k: os.environ.get(k) for k in WORKER_THREAD_VARS}
+    keys = (*WORKER_THREAD_VARS, "RAY_RUNTIME_ENV_HOOK")
+    saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(dict.fromkeys(WORKER_THREAD_VARS, "1"))
+    os.environ.setdefault("RAY_RUNTIME_ENV_HOOK", RUNTIME_ENV_HOOK)
     try:
         yield
     finally:
@@ -341,7 +366,7 @@ def _run_engine(
             cfg, device_root=run_dir / "devices", outer_mods=outer, data_hook=data_hook, warm=True
         )
         simdispatch.install()  # one scan of the message store per poll, not one per node
-        with one_thread_workers():
+        with worker_environment():
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,

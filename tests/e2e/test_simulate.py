@@ -27,7 +27,7 @@ def worker_probe(out: Path) -> Any:
     """A client mod that writes, per message, what its worker process was like then."""
 
     def probe(msg: Any, ctxt: Any, call_next: Any) -> Any:
-        from fedlora import runtime
+        from fedlora import preload, runtime
         from fedlora.simulate import WORKER_THREAD_VARS
 
         seen = {
@@ -35,6 +35,7 @@ def worker_probe(out: Path) -> Any:
             "type": msg.metadata.message_type,
             "env": {k: os.environ.get(k) for k in WORKER_THREAD_VARS},
             "model_built_or_building": bool(runtime._models or runtime._warming),
+            "preloading_since_start": preload._thread is not None,
         }
         with out.open("a") as f:
             f.write(json.dumps(seen) + "\n")
@@ -68,14 +69,17 @@ def runs(tmp_path_factory, plain_run):
 
 
 def test_workers_run_one_thread_per_library_and_build_the_model_from_discovery_on(runs):
-    """Each worker is one slot of a core, whatever OMP_NUM_THREADS the caller has; the
-    model's build starts with a worker's first message (discovery's), so training finds
-    it built or under way; the caller's environment is as it was."""
+    """Each worker is one slot of a core, whatever OMP_NUM_THREADS the caller has; it
+    started importing the device runtime as Ray started it (Ray's setup hook, before any
+    message); the model's build starts with a worker's first message (discovery's), so
+    training finds it built or under way; the caller's environment is as it was."""
     seen, after = runs["workers"]
 
     assert after == "2"
+    assert os.environ.get("RAY_RUNTIME_ENV_HOOK") is None
     assert {m["type"] for m in seen} >= {"get_properties", "train"}
     assert all(set(m["env"].values()) == {"1"} for m in seen)
+    assert all(m["preloading_since_start"] for m in seen)
     first_train = {}
     for m in seen:
         if m["type"] == "train":
