@@ -13,8 +13,10 @@ before each (no help from an earlier calibration, as in a fresh worker):
   evaluating both branches everywhere, the truncated mean's integrand going through a
   one-element array, no per-grid cache of the history's groups, the RDP binomial table
   recomputed per σ, the (ε, δ) read-out over the whole grid (``prv_accountant``'s
-  ``compute_epsilon``). These are the old functions (below) patched in; the search is
-  the same.
+  ``compute_epsilon``), and (until 2026-12-03) the RDP series summed with
+  ``scipy.special.logsumexp`` rather than ``rdp._logsumexp_rows``, the same values
+  without SciPy's array-API dispatch. These are the old functions (below) patched
+  in; the search is the same.
 * ``after``: the accountant as it is.
 
 The process runs one thread per library, as a simulation worker does
@@ -98,6 +100,11 @@ def read_epsilon_before(
     return (float(out[0]), float(out[1]), float(out[2]))
 
 
+def logsumexp_rows_before(a: Any) -> Any:
+    """RDP's row sums until 2026-12-03: SciPy's ``logsumexp`` (the same values)."""
+    return special.logsumexp(a, axis=1)
+
+
 @contextlib.contextmanager
 def accountant_before() -> Iterator[None]:
     saved = (
@@ -106,12 +113,14 @@ def accountant_before() -> Iterator[None]:
         prv.GROUP_CACHE_BYTES,
         rdp._log_comb_table,
         prv.read_epsilon,
+        rdp._logsumexp_rows,
     )
     prv.survival = survival_before  # type: ignore[assignment]
     prv._survival_at = survival_at_before  # type: ignore[assignment]
     prv.GROUP_CACHE_BYTES = 0  # nothing is kept
     rdp._log_comb_table = rdp._log_comb_table.__wrapped__  # type: ignore[assignment]
     prv.read_epsilon = read_epsilon_before
+    rdp._logsumexp_rows = logsumexp_rows_before
     try:
         yield
     finally:
@@ -121,6 +130,7 @@ def accountant_before() -> Iterator[None]:
             prv.GROUP_CACHE_BYTES,
             rdp._log_comb_table,
             prv.read_epsilon,
+            rdp._logsumexp_rows,
         ) = saved
 
 

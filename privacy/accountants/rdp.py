@@ -60,6 +60,31 @@ def _log_comb_table(alphas: tuple[float, ...], n_terms: int) -> FloatArray:
     return table
 
 
+def _logsumexp_rows(a: FloatArray) -> FloatArray:
+    """``scipy.special.logsumexp(a, axis=1)`` for a real 2-D array, to the bit.
+
+    The same operations in the same order as SciPy 1.17's (the maximum and every
+    element equal to it are taken out of the sum, ``log1p`` of the rest's share is
+    added back, the direct ``log(sum(exp(a)))`` where that is not finite), without
+    its array-API dispatch: an RDP evaluation sums ~10 small tables, and that
+    dispatch was a quarter of a σ calibration's CPU time (1.25 of 5.3 s over the
+    default fleet's 50 calibrations). ``tests/privacy/test_rdp_logsumexp.py``
+    compares the two on tables with ties, infinities and NaN.
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        top = a.max(axis=1, keepdims=True)
+        at_top = a == top
+        count = at_top.sum(axis=1, keepdims=True, dtype=np.float64)
+        rest = np.exp(np.where(at_top, -np.inf, a) - top).sum(axis=1, keepdims=True)
+        rest = np.where(rest == 0, rest, rest / count)
+        out = np.log1p(rest) + np.log(count) + top
+        off = ~np.isfinite(out[:, 0])
+        if off.any():  # each row is summed on its own, so these rows alone give the same
+            out[off] = np.log(np.exp(a[off]).sum(axis=1, keepdims=True))
+    result: FloatArray = out[:, 0]
+    return result
+
+
 def _log_a_int(q: float, sigma: float, alphas: FloatArray) -> FloatArray:
     """log A_α for integer orders ``alphas`` (0 < q < 1)."""
     top = int(alphas.max())
@@ -73,8 +98,7 @@ def _log_a_int(q: float, sigma: float, alphas: FloatArray) -> FloatArray:
             + (i * i - i) / (2.0 * sigma**2)
         )
     terms = np.where(i <= a, terms, -np.inf)
-    out: FloatArray = special.logsumexp(terms, axis=1)
-    return out
+    return _logsumexp_rows(terms)
 
 
 def _log_a_frac(q: float, sigma: float, alphas: FloatArray) -> FloatArray:
@@ -107,7 +131,7 @@ def _log_a_frac(q: float, sigma: float, alphas: FloatArray) -> FloatArray:
             + (j * j - j) / (2.0 * sigma**2)
             + special.log_ndtr(-(z0 - j) / sigma)
         )
-        total = np.logaddexp(special.logsumexp(log_s0, axis=1), special.logsumexp(log_s1, axis=1))
+        total = np.logaddexp(_logsumexp_rows(log_s0), _logsumexp_rows(log_s1))
         # Settled once the last terms are falling and negligible (e^-30) next to the sum.
         settled = (
             (log_s0[:, -1] < log_s0[:, -2])
