@@ -49,7 +49,7 @@ def make_client_app(
     required = cfg.secagg.enabled if cfg is not None else False
 
     def client_fn(context: Context) -> Any:
-        from fedlora import preload
+        from fedlora.client import preload
 
         preload.wait()  # a simulation worker's own imports first (one importer at a time)
         import torch

@@ -260,7 +260,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-PRELOAD_HOOK = "fedlora.preload.start"
+PRELOAD_HOOK = "fedlora.client.preload.start"
 """Ray's ``worker_process_setup_hook`` for the simulation's workers."""
 
 RUNTIME_ENV_HOOK = "fedlora.simulate.with_preload"
@@ -271,7 +271,7 @@ def with_preload(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     """Add :data:`PRELOAD_HOOK` to the runtime environment Flower starts Ray with.
 
     Each worker then imports torch, transformers, peft and Opacus as it starts, while
-    the coordinator builds its own model (:mod:`fedlora.preload`). Flower passes
+    the coordinator builds its own model (:mod:`fedlora.client.preload`). Flower passes
     ``runtime_env`` to ``ray.init`` itself (its ``PYTHONPATH``), so an ``init_args``
     entry would collide with it; Ray's own hook for editing that environment does not.
     """

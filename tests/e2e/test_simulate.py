@@ -27,7 +27,8 @@ def worker_probe(out: Path) -> Any:
     """A client mod that writes, per message, what its worker process was like then."""
 
     def probe(msg: Any, ctxt: Any, call_next: Any) -> Any:
-        from fedlora import preload, runtime
+        from fedlora import runtime
+        from fedlora.client import preload
         from fedlora.simulate import WORKER_THREAD_VARS
 
         seen = {

@@ -1,4 +1,4 @@
-"""Simulation workers import the device runtime as they start (``fedlora.preload``)."""
+"""Simulation workers import the device runtime as they start (``fedlora.client.preload``)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 
-from fedlora import preload, simulate
+from fedlora import simulate
+from fedlora.client import preload
 
 
 def test_runtime_env_hook_adds_the_preload_and_keeps_flowers_environment():
     flower = {"env_vars": {"PYTHONPATH": "/a:/b"}}
     env = simulate.with_preload(flower)
-    hook = "fedlora.preload.start"
+    hook = "fedlora.client.preload.start"
     assert env == {"env_vars": {"PYTHONPATH": "/a:/b"}, "worker_process_setup_hook": hook}
     assert flower == {"env_vars": {"PYTHONPATH": "/a:/b"}}  # Flower's dict is not edited
     assert simulate.with_preload(None) == {"worker_process_setup_hook": simulate.PRELOAD_HOOK}
@@ -42,7 +43,7 @@ def test_worker_environment_names_the_hook_for_the_run_only(monkeypatch):
 
 PROBE = """
 import sys, time
-from fedlora import preload
+from fedlora.client import preload
 assert not [m for m in preload.MODULES if m in sys.modules]  # importing fedlora loads none
 preload.wait()  # nothing started: returns at once
 assert preload._thread is None
