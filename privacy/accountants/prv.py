@@ -21,8 +21,9 @@ inaccurate on wide domains (it refuses e.g. σ = 0.7, q = 0.2, 300 steps):
 * the (ε, δ) read-out (:func:`read_epsilon`) is the package's
   ``compute_epsilon``, the same operations in the same order on the same long
   doubles, but only over the top of the grid where δ(ε) crosses the target: its
-  suffix sums are the package's from the grid's end, so the three ε are the
-  package's bit for bit (tests check it) at a fraction of the work.
+  suffix sums are the package's from the grid's end, and its crossings are found by
+  the package's own binary search run on the ~20 cells it visits, so the three ε are
+  the package's bit for bit (tests check it) at a fraction of the work.
 
 Claims use the UPPER bound: ``ε_estimate + eps_error`` evaluated at
 ``δ - delta_error`` (or RDP's bound if smaller, which happens only for tiny ε).
@@ -234,31 +235,59 @@ def clear_group_cache() -> None:
     _group_cache_bytes = 0
 
 
+def _grid_suffix(domain: Domain, start: int) -> npt.NDArray[np.longdouble]:
+    """``domain.ts()[start:]``, the same long doubles, without building the rest.
+
+    ``Domain.ts`` is ``np.linspace(t_min, t_max, size, dtype=longdouble)``, which numpy
+    computes in float64 (``arange · step + t_min``, the last node set to ``t_max``) and
+    then casts: the same operations on the same float64 indices give the same values
+    (tests check it). At the 2^21 cap the whole grid is 2M long doubles per ε.
+    """
+    size = len(domain)
+    t_min, t_max = np.float64(domain.t_min()), np.float64(domain.t_max())
+    step = np.subtract(t_max, t_min, dtype=np.float64) / (size - 1)
+    t = np.arange(start, size, dtype=np.float64)
+    t *= step
+    t += t_min
+    t[-1] = t_max
+    return t.astype(np.longdouble)
+
+
 def _suffix_epsilon(
-    ts: npt.NDArray[np.longdouble],
+    t: npt.NDArray[np.longdouble],
     pmf: FloatArray,
     start: int,
     targets: tuple[float, ...],
 ) -> list[np.longdouble] | None:
-    """The package's ``find_epsilon`` at each δ of ``targets``, from ``pmf[start:]`` alone;
-    None when a crossing may lie left of ``start`` (a longer suffix is needed).
+    """The package's ``find_epsilon`` at each δ of ``targets``, from ``pmf[start:]`` and its
+    nodes ``t`` alone; None when a crossing may lie left of ``start`` (a longer suffix is
+    needed).
 
     ``δ(t_i)`` needs sums of ``pmf[j]`` and ``pmf[j]·e^(-t_j)`` over ``j ≥ i`` only, summed
     from the grid's end as the package sums them, so on the suffix they are its values
-    bit for bit.
+    bit for bit. The package then finds each crossing with ``np.searchsorted`` on
+    ``-δ(t_i) = e^(t_i)·Σ₂ - Σ₁`` over the whole grid; the same binary search (numpy's:
+    lower bound, halving ``[0, n)``) is run here on that value computed at the ~20 cells
+    it visits, the same long-double operations, so it stops at the same cell.
     """
-    t, p = ts[start:], pmf[start:]
+    p = pmf[start:]
     d1 = np.flip(np.flip(p).cumsum())
     d2 = np.flip(np.flip(p * np.exp(-t)).cumsum())
-    ndelta = np.exp(t) * d2 - d1
     out: list[np.longdouble] = []
     for target in targets:
-        i = int(np.searchsorted(ndelta, -target, side="left"))
-        if i <= 0:
+        key = -target
+        lo, hi = 0, len(t)
+        while lo < hi:
+            mid = lo + ((hi - lo) >> 1)
+            if np.exp(t[mid]) * d2[mid] - d1[mid] < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo <= 0:
             if start > 0:
                 return None
             raise RuntimeError("Cannot compute epsilon")  # as the package says it
-        out.append(np.log((d1[i] - target) / d2[i]))
+        out.append(np.log((d1[lo] - target) / d2[lo]))
     return out
 
 
@@ -277,7 +306,12 @@ def read_epsilon(
     cell: 7 ms at 62k cells, 0.37 s at the 2^21 cap). δ at a cell depends only on the
     cells above it, and the crossings lie near ε, so this reads the grid's top from
     ``hint`` (a guess at ε from below; 0 when unknown) and doubles the part it reads
-    until every crossing is inside it.
+    until every crossing is inside it. Of that part it builds only the nodes
+    (:func:`_grid_suffix`) and the two suffix sums; δ itself is evaluated at the cells
+    the binary search visits (:func:`_suffix_epsilon`).
+
+    Measured (``bench/calibration.py``'s replay of a default run's 50 calibrations, CPU):
+    with δ at every cell of a suffix read from half RDP's ε, 4.86 s; as here, 4.14 s.
     """
     # log_pmc_inf = 0 (no mass at infinity): the package's δ bookkeeping, term for term.
     delta_inf = 1 - np.exp(0.0)
@@ -289,12 +323,11 @@ def read_epsilon(
             "Floating point errors will dominate for such small values of delta. "
             "Increase delta or reduce domain size."
         )
-    ts = domain.ts()
     size = len(pmf)
     targets = (delta_fin + delta_error, delta_fin, delta_fin - delta_error)
     start = min(max(0, int((hint - domain.t_min()) / domain.dt())), size - 1)
     while True:
-        found = _suffix_epsilon(ts, pmf, start, targets)
+        found = _suffix_epsilon(_grid_suffix(domain, start), pmf, start, targets)
         if found is not None:
             break
         start = max(0, size - 2 * (size - start))
@@ -350,9 +383,9 @@ def prv_epsilon_bounds(
     # value (i - a)·mesh back at index i: roll by -(total - 1)·a (mod N).
     pmf = np.roll(fft.irfft(spectrum, n=size), -((total - 1) * a) % size)
     # This PRV has no mass at infinity (log_pmc_inf = 0). The crossings lie near ε, which
-    # is at least half RDP's at δ on any schedule we see (read_epsilon reads further down
-    # when it is not).
-    hint = 0.5 * rdp_epsilon(history, delta)
+    # is 0.81–0.92 of RDP's at δ in 99 % of a default run's evaluations (0.38 at worst:
+    # read_epsilon then reads further down, which costs time, never bits).
+    hint = 0.75 * rdp_epsilon(history, delta)
     try:
         lower, estimate, upper = read_epsilon(
             pmf, domain.shift_right(shift), delta, delta_error, eps_error, hint

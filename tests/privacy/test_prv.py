@@ -192,8 +192,8 @@ READ_OUT_CASES = [
 def test_the_read_out_is_the_packages_bit_for_bit_from_any_hint(history, hint, monkeypatch):
     """fedlora reads δ(ε) from the top of the grid only; the three ε must be what
     ``prv_accountant``'s ``compute_epsilon`` gives on the whole grid, to the bit, whether the
-    hint at ε is RDP's half (the accountant's), 0, or above ε (the read-out must then go
-    further down the grid)."""
+    hint at ε is three quarters of RDP's (the accountant's), 0, or above ε (the read-out
+    must then go further down the grid)."""
     from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
 
     from fedlora.privacy.accountants import prv
@@ -234,3 +234,66 @@ def test_the_read_out_refuses_what_the_package_refuses():
     with pytest.raises(ValueError, match="Floating point errors"):
         read_epsilon(pmf, domain, 1e-17, 1e-20, 0.01)
     assert read_epsilon(pmf, domain, 0.0, 0.0, 0.01) == (math.inf, math.inf, math.inf)
+
+
+@pytest.mark.parametrize(
+    ("t_min", "t_max", "size", "shift"),
+    [(-5.0, 5.0, 1000, 0.0), (-26.8, 26.81, 65536, 0.0123), (-0.3, 0.7, 2, -1e-3)],
+)
+def test_the_grid_suffix_is_the_packages_nodes_bit_for_bit(t_min, t_max, size, shift):
+    """The read-out builds only the top of ``Domain.ts()`` (numpy's float64 linspace cast to
+    long double); every node must be the package's, whatever the start."""
+    from prv_accountant.domain import Domain
+
+    from fedlora.privacy.accountants.prv import _grid_suffix
+
+    domain = Domain(t_min, t_max, size).shift_right(shift)
+    full = domain.ts()
+    for start in sorted({0, 1, size // 3, size - 2, size - 1}):
+        got = _grid_suffix(domain, start)
+        assert got.dtype == np.longdouble and len(got) == size - start
+        assert np.array_equal(got, full[start:]), start
+
+
+def _suffix_epsilon_by_searchsorted(ts, pmf, start, targets):
+    """The read-out as it was (and as the package does it): δ(ε) at every cell of the
+    suffix, then ``np.searchsorted``."""
+    t, p = ts[start:], pmf[start:]
+    d1 = np.flip(np.flip(p).cumsum())
+    d2 = np.flip(np.flip(p * np.exp(-t)).cumsum())
+    ndelta = np.exp(t) * d2 - d1
+    out = []
+    for target in targets:
+        i = int(np.searchsorted(ndelta, -target, side="left"))
+        if i <= 0:
+            return None
+        out.append(np.log((d1[i] - target) / d2[i]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_crossings_are_where_searchsorted_puts_them_on_noisy_grids(seed):
+    """The read-out visits only the cells numpy's binary search visits; on a pmf with an
+    inverse FFT's noise (negative cells, δ(ε) not monotone in its last bits) it must stop
+    at searchsorted's cell and give its three ε to the bit."""
+    from prv_accountant.domain import Domain
+
+    from fedlora.privacy.accountants.prv import _grid_suffix, _suffix_epsilon
+
+    rng = np.random.default_rng(seed)
+    size = int(rng.choice([2000, 4096, 30000]))
+    domain = Domain(-12.0, 12.0, size)
+    centres = np.linspace(-12.0, 12.0, size)
+    pmf = np.exp(-0.5 * ((centres - rng.uniform(0.5, 3.0)) / rng.uniform(0.5, 2.0)) ** 2)
+    pmf = pmf / pmf.sum() + rng.normal(0.0, 1e-17, size)  # the irfft's rounding noise
+    delta = float(rng.choice([1e-5, 1e-6, 1e-3]))
+    targets = (delta * 1.001, delta, delta * 0.999)
+    ts = domain.ts()
+    for start in (0, size // 4, size // 2):
+        want = _suffix_epsilon_by_searchsorted(ts, pmf, start, targets)
+        got = _suffix_epsilon(_grid_suffix(domain, start), pmf, start, targets)
+        if want is None:
+            assert got is None
+        else:
+            assert got is not None and [float(x) for x in got] == [float(x) for x in want]
+            assert all(a == b for a, b in zip(got, want, strict=True))  # long doubles too
