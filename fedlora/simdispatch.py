@@ -33,6 +33,43 @@ millisecond even at 1,000 nodes, so the message reaches a worker sooner for a co
 a few percent of a core at most."""
 
 
+class Doorbell:
+    """Two events on one in-process LinkState: messages pushed for the devices, a reply
+    stored for the coordinator (see the module's text). Set by :func:`doorbell`."""
+
+    def __init__(self) -> None:
+        self.pushed = threading.Event()
+        self.replied = threading.Event()
+
+
+_DOORBELL_ATTR = "_fedlora_doorbell"
+
+
+def doorbell(state: Any) -> Doorbell | None:
+    """The :class:`Doorbell` of ``state`` if its hand-out is fedlora's, else None."""
+    bell = getattr(state, _DOORBELL_ATTR, None)
+    return bell if isinstance(bell, Doorbell) else None
+
+
+def _hang_doorbell(state: Any) -> Doorbell:
+    """Put a :class:`Doorbell` on ``state`` (once) that every stored reply rings."""
+    bell = doorbell(state)
+    if bell is not None:
+        return bell
+    bell = Doorbell()
+    store = state.store_message_res
+
+    def store_message_res(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return store(*args, **kwargs)
+        finally:
+            bell.replied.set()
+
+    state.store_message_res = store_message_res  # this state only, not the class
+    setattr(state, _DOORBELL_ATTR, bell)
+    return bell
+
+
 def next_messages(state: Any, node_order: Mapping[int, Any]) -> list[Any]:
     """Each node's first undelivered message (store order), in ``node_order``; marked
     delivered. What one pass of Flower's loop returns, in one scan."""
@@ -70,10 +107,14 @@ def add_messages_to_queue(
         original = _FLOWER_ORIGINAL or _flower_function()
         original(state, queue, nodes_mapping, f_stop)
         return
+    bell = _hang_doorbell(state)
     while not f_stop.is_set():
+        bell.pushed.clear()  # before the pass: a push during it rings again
         for msg in next_messages(state, nodes_mapping):
             queue.put(msg)
-        f_stop.wait(POLL_S)
+        if f_stop.is_set():
+            break
+        bell.pushed.wait(POLL_S)  # a push rings it; f_stop is seen within POLL_S
 
 
 def _flower_function() -> Callable[..., None]:

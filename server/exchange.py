@@ -11,7 +11,10 @@ so a reply is read within a quarter second of its arrival and a long wait costs 
 handful of pulls a second. A simulation's grid (Flower's ``InMemoryGrid``) pulls from a
 LinkState in the same process, which costs microseconds, so there the backoff stops at
 20 ms (:data:`LOCAL_MAX_WAIT_S`): the last reply of a long training stage is read within
-20 ms, not up to 0.25 s later. Everything else is the wrapped grid's.
+20 ms, not up to 0.25 s later; and where the simulation's hand-out is fedlora's
+(:mod:`fedlora.simdispatch`), its doorbell wakes the coordinator as each reply is stored
+and the hand-out as soon as a stage's messages are pushed, the polls only bounding each
+wait. Everything else is the wrapped grid's.
 
 :func:`wait_for_nodes` does the same for the legacy strategy's client manager. Flower's
 ``DefaultWorkflow`` tells that manager about the grid's nodes from a thread that sleeps
@@ -31,6 +34,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedlora.simdispatch import Doorbell, doorbell
+
 FIRST_WAIT_S = 0.01
 MAX_WAIT_S = 0.25
 LOCAL_MAX_WAIT_S = 0.02
@@ -40,14 +45,23 @@ NODES_MAX_WAIT_S = 1.0
 """The longest wait between two looks at the client manager (:func:`wait_for_nodes`)."""
 
 
+def _innermost(grid: Grid) -> Grid:
+    while isinstance(grid, DelegatingGrid):
+        grid = grid._grid
+    return grid
+
+
 def is_in_process(grid: Grid) -> bool:
     """Whether ``grid`` reads an in-process LinkState (Flower's simulation), where a pull
     costs no request."""
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    while isinstance(grid, DelegatingGrid):
-        grid = grid._grid
-    return isinstance(grid, InMemoryGrid)
+    return isinstance(_innermost(grid), InMemoryGrid)
+
+
+def _doorbell(grid: Grid) -> Doorbell | None:
+    """The simulation's doorbell on ``grid``'s LinkState (:mod:`fedlora.simdispatch`), if any."""
+    return doorbell(getattr(_innermost(grid), "state", None)) if is_in_process(grid) else None
 
 
 def wait_for_nodes(
@@ -128,8 +142,12 @@ class PromptGrid(DelegatingGrid):
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         max_wait_s: float | None = None,
+        on_reply: Callable[[Message], None] | None = None,
     ) -> None:
         super().__init__(grid)
+        #: Called with each reply as it is read, in the order read (the coordinator starts
+        #: on its checks there: :meth:`fedlora.server.strategy.LoraFedAvg.precheck`).
+        self.on_reply = on_reply
         self._clock = clock
         self._sleep = sleep
         #: The longest wait between two pulls (None: 20 ms in process, else 0.25 s).
@@ -146,15 +164,23 @@ class PromptGrid(DelegatingGrid):
     ) -> Iterable[Message]:
         """The replies to ``messages`` that arrive within ``timeout`` seconds (None: until
         every message is answered, as Flower's grids wait)."""
+        bell = _doorbell(self._grid)
         pending = set(self._grid.push_messages(messages))
+        if bell is not None:
+            bell.pushed.set()  # the simulation hands them out now, not at its next poll
         end = None if timeout is None else self._clock() + timeout
         replies: list[Message] = []
         wait = FIRST_WAIT_S
         while pending:
+            if bell is not None:
+                bell.replied.clear()  # before the pull: a reply stored after it rings again
             got = list(self._grid.pull_messages(pending))
             self.pulls += 1
             if got:
                 replies.extend(got)
+                if self.on_reply is not None:
+                    for reply in got:
+                        self.on_reply(reply)
                 pending.difference_update(r.metadata.reply_to_message_id for r in got)
                 wait = FIRST_WAIT_S
                 if not pending:
@@ -162,6 +188,9 @@ class PromptGrid(DelegatingGrid):
             left = float("inf") if end is None else end - self._clock()
             if left <= 0:
                 break
-            self._sleep(min(wait, left))
+            if bell is None:
+                self._sleep(min(wait, left))
+            else:  # woken by the next stored reply, or by the poll's interval
+                bell.replied.wait(min(wait, left))
             wait = min(wait * BACKOFF, self.max_wait_s)
         return replies

@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 import time
 from queue import Queue
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from flwr.app import Message, RecordDict
@@ -116,3 +117,98 @@ def test_at_a_thousand_nodes_a_pass_scans_the_store_once():
     theirs = time.perf_counter() - started
 
     assert ours < theirs / 10, f"a poll: ours {ours * 1e3:.2f} ms, Flower's {theirs * 1e3:.1f} ms"
+
+
+def _hand_out_in_background(state: Any, mapping: dict[int, int]) -> tuple[Any, Any, Any]:
+    queue: Queue[Message] = Queue()
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=simdispatch.add_messages_to_queue, args=(state, queue, mapping, stop), daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 5.0
+    while simdispatch.doorbell(state) is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return queue, stop, thread
+
+
+def _stop(stop: threading.Event, thread: threading.Thread, state: Any) -> None:
+    stop.set()
+    bell = simdispatch.doorbell(state)
+    if bell is not None:
+        bell.pushed.set()
+    thread.join(timeout=5.0)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_rung_push_is_handed_out_at_once_not_at_the_next_poll(monkeypatch):
+    """With the poll stretched to 5 s, a push that rings the doorbell still reaches the
+    engine's queue within a second: the ring, not the poll, wakes the hand-out."""
+    simdispatch.install()
+    monkeypatch.setattr(simdispatch, "POLL_S", 5.0)
+    state, mapping, _ = _fleet(3, [0, 0, 0])
+    queue, stop, thread = _hand_out_in_background(state, mapping)
+    try:
+        bell = simdispatch.doorbell(state)
+        assert bell is not None
+        time.sleep(0.05)  # the first (empty) pass is done: the loop waits on the bell
+        msg = Message(content=RecordDict(), dst_node_id=list(mapping)[1], message_type="query")
+        sent = time.monotonic()
+        pushed = _push(state, msg)
+        bell.pushed.set()
+        got = queue.get(timeout=2.0)
+        assert got.metadata.message_id == pushed
+        assert time.monotonic() - sent < 1.0
+    finally:
+        _stop(stop, thread, state)
+
+
+def _push(state: Any, msg: Message) -> str:
+    """Store ``msg`` for its node as the coordinator's grid does (run 7, task 11)."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    factory = SimpleNamespace(state=lambda: state)
+    grid = InMemoryGrid(state_factory=cast(Any, factory))
+    run = state.run_ids[7].run
+    grid.set_run(run)
+    return next(iter(grid.push_messages([msg])))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_stored_reply_wakes_the_coordinator_before_its_next_poll():
+    """A reply stored by the engine rings the doorbell; the coordinator's PromptGrid,
+    whose polls have backed off, reads it within 0.15 s of its arrival (polling alone:
+    0.3–0.5 s)."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    from fedlora.server.exchange import PromptGrid
+
+    simdispatch.install()
+    state, mapping, _ = _fleet(2, [0, 0])
+    queue, stop, thread = _hand_out_in_background(state, mapping)
+    try:
+        factory = SimpleNamespace(state=lambda: state)
+        inner = InMemoryGrid(state_factory=cast(Any, factory))
+        inner.set_run(state.run_ids[7].run)
+        grid = PromptGrid(inner, max_wait_s=5.0)
+        msg = Message(content=RecordDict(), dst_node_id=next(iter(mapping)), message_type="query")
+        arrived: list[float] = []
+
+        def answer() -> None:  # the engine's worker: take the message, reply 1.2 s later
+            ins = queue.get(timeout=5.0)
+            time.sleep(1.2)
+            reply = Message(RecordDict(), reply_to=ins)
+            reply.metadata.__dict__["_message_id"] = "reply-1"
+            arrived.append(time.monotonic())
+            state.store_message_res(reply)
+
+        worker = threading.Thread(target=answer, daemon=True)
+        worker.start()
+        replies = list(grid.send_and_receive([msg], timeout=10.0))
+        read = time.monotonic()
+        worker.join(timeout=5.0)
+        assert [r.metadata.reply_to_message_id for r in replies] == [msg.metadata.message_id]
+        # Polling alone: waits of 10, 15, 22, … ms; the one spanning 1.2 s ends near 1.7 s.
+        assert read - arrived[0] < 0.15, f"read {read - arrived[0]:.3f} s after it arrived"
+    finally:
+        _stop(stop, thread, state)
