@@ -212,7 +212,8 @@ class Coordinator:
         ).save(self.run_dir)
 
     def run(self, grid: Grid, context: Context) -> None:
-        grid = PromptGrid(grid)  # replies read as they arrive, not every 0.1 s / 3 s
+        # Replies read as they arrive, not every 0.1 s / 3 s; their checks started meanwhile.
+        grid = PromptGrid(grid, on_reply=self.strategy.precheck)
         devices = discover_devices(
             grid,
             expected=self.expected_devices,
