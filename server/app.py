@@ -212,8 +212,7 @@ class Coordinator:
         ).save(self.run_dir)
 
     def run(self, grid: Grid, context: Context) -> None:
-        # Replies read as they arrive, not every 0.1 s / 3 s; their checks started meanwhile.
-        grid = PromptGrid(grid, on_reply=self.strategy.precheck)
+        grid = PromptGrid(grid)  # replies read as they arrive, not every 0.1 s / 3 s
         devices = discover_devices(
             grid,
             expected=self.expected_devices,

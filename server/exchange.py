@@ -142,12 +142,8 @@ class PromptGrid(DelegatingGrid):
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         max_wait_s: float | None = None,
-        on_reply: Callable[[Message], None] | None = None,
     ) -> None:
         super().__init__(grid)
-        #: Called with each reply as it is read, in the order read (the coordinator starts
-        #: on its checks there: :meth:`fedlora.server.strategy.LoraFedAvg.precheck`).
-        self.on_reply = on_reply
         self._clock = clock
         self._sleep = sleep
         #: The longest wait between two pulls (None: 20 ms in process, else 0.25 s).
@@ -178,9 +174,6 @@ class PromptGrid(DelegatingGrid):
             self.pulls += 1
             if got:
                 replies.extend(got)
-                if self.on_reply is not None:
-                    for reply in got:
-                        self.on_reply(reply)
                 pending.difference_update(r.metadata.reply_to_message_id for r in got)
                 wait = FIRST_WAIT_S
                 if not pending:

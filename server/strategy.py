@@ -42,9 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-from flwr.app import Message
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -389,52 +387,6 @@ class LoraFedAvg(Strategy):
         """SecAgg+'s ``max_weight``: the largest record count a device reported at
         discovery, as :func:`fedlora.server.app.secagg_workflow` sets it."""
         return float(max(1, max(self.budget.num_records.values(), default=0)))
-
-    def precheck(self, reply: Message) -> None:
-        """Start on a training reply's privacy check as the reply arrives (the coordinator's
-        :class:`fedlora.server.exchange.PromptGrid` calls this for each reply it reads).
-
-        The check (:meth:`_check`, through :func:`validate_event`) computes ε of the device's
-        history plus the event it reports; done for every device after the last reply came,
-        that was 0.06–0.14 s of every round of the default fleet (and ~1 s at 100 devices)
-        with the devices idle. Here the same call runs on the same history while the other
-        devices still train, so the check finds it in the accountant's cache. Nothing is
-        recorded and nothing is decided: the check itself runs as before, and a reply this
-        cannot read, or whose claims do not hold, is simply left to it.
-        """
-        p = self.cfg.privacy
-        content = reply.content if not reply.has_error() else None
-        if not p.record_level or content is None or "fitres.metrics" not in content.config_records:
-            return
-        try:
-            res = compat.recorddict_to_fitres(content, keep_input=True)
-            metrics = res.metrics
-            device = metrics.get("device")
-            known = self.budget.node_device.get(reply.metadata.src_node_id)
-            if (
-                metrics.get("dp") is not True
-                or not isinstance(device, str)
-                or (known is not None and device != known)
-                or isinstance(res.num_examples, bool)
-                or not isinstance(res.num_examples, int)
-                or res.num_examples < 1
-            ):
-                return
-            validate_event(
-                metrics,
-                device,
-                res.num_examples,
-                f"reply from node {reply.metadata.src_node_id}",
-                steps=self.cfg.training.local_steps,
-                batch_size=self.cfg.training.batch_size,
-                delta=p.delta,
-                noise_multiplier=p.noise_multiplier,
-                accountant=p.accountant,
-                history=self.budget.ledger.events_for(device, unit="record"),
-                budget=self.budget.budget(device),
-            )
-        except Exception:  # anything from the network: the check proper will say what
-            return
 
     def screen_secagg(
         self,

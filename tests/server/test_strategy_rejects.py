@@ -24,7 +24,6 @@ from fedlora.config import FedloraConfig
 from fedlora.server.aggregate import weighted_mean
 from fedlora.server.budget import FleetBudget
 from fedlora.server.strategy import LoraFedAvg
-from tests.server.fakes import task_identity  # noqa: F401  (a fixture: the run 7 ServerApp)
 
 SHAPES = [(4, 3), (3,)]
 RUN = "7"
@@ -455,62 +454,3 @@ def test_secagg_norm_check_allows_for_quantization_error_and_no_more(
 
     assert (got is not None) is accepted
     assert row["num_devices"] == (3 if accepted else 0)
-
-
-def _reply(node: int, res: FitRes | None) -> Any:
-    """The training reply node ``node`` sends with ``res`` (None: an error reply), as the
-    coordinator's grid reads it."""
-    import flwr.compat.common.recorddict_compat as compat
-    from flwr.app import Error, Message, RecordDict
-
-    asked = Message(RecordDict(), dst_node_id=node, message_type="train")
-    asked.metadata.__dict__["_message_id"] = f"ask-{node}"
-    if res is None:
-        return Message(Error(code=0, reason="the device failed"), reply_to=asked)
-    return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=asked)
-
-
-@pytest.mark.usefixtures("task_identity")
-def test_the_privacy_check_is_computed_as_each_reply_arrives_not_after_the_last(
-    tmp_path: Path,
-) -> None:
-    """``precheck`` (PromptGrid calls it per reply) runs the check's ε on the device's history:
-    the screen before unmasking then computes none, and decides as it would have."""
-    from fedlora.privacy.accountants.prv import prv_epsilon_bounds
-
-    strategy = make_strategy(tmp_path, secagg=True)
-    results = secagg_results([a.astype(np.float64) for a in update(5)], {}, {}, {})
-    prv_epsilon_bounds.cache_clear()
-
-    for p, res in results:
-        strategy.precheck(_reply(p.node_id, res))
-    computed = prv_epsilon_bounds.cache_info().misses
-    assert computed == len(results)  # one ε per device: history + the event it reports
-    assert len(strategy.budget.ledger) == 0  # nothing recorded: only the check was begun
-
-    assert strategy.screen_secagg(1, results, {}) == set()
-    assert prv_epsilon_bounds.cache_info().misses == computed  # the screen found them all
-    assert [strategy.budget.ledger.rounds_for(d) for d, _ in NODES.values()] == [(1,)] * 3
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"noise_multiplier": 1e-9},  # an ε the accountant cannot reach
-        {"device": "d3"},  # node 2 claiming another device
-        {"steps": 11},  # an event this run cannot produce
-        {"dp": _DROP},  # no DP flag: not a DP update
-    ],
-)
-@pytest.mark.usefixtures("task_identity")
-def test_a_lying_reply_is_left_to_the_check_itself(change: dict[str, Any], tmp_path: Path) -> None:
-    """``precheck`` neither raises nor records anything for a reply whose claims do not hold;
-    the screen refuses it as before."""
-    strategy = make_strategy(tmp_path, secagg=True)
-    results = secagg_results([a.astype(np.float64) for a in update(5)], {}, change, {})
-    for p, res in results:
-        strategy.precheck(_reply(p.node_id, res))
-    strategy.precheck(_reply(2, None))  # an error in place of a reply
-    assert len(strategy.budget.ledger) == 0
-
-    assert strategy.screen_secagg(1, results, {}) == {2}
