@@ -310,8 +310,9 @@ def read_epsilon(
     (:func:`_grid_suffix`) and the two suffix sums; δ itself is evaluated at the cells
     the binary search visits (:func:`_suffix_epsilon`).
 
-    Measured (``bench/calibration.py``'s replay of a default run's 50 calibrations, CPU):
-    with δ at every cell of a suffix read from half RDP's ε, 4.86 s; as here, 4.14 s.
+    Measured on the 50 calibrations of a default run (replayed as ``bench/calibration.py``
+    does, every cache emptied; CPU, three alternating pairs, 2026-12-03): with δ at
+    every cell of a suffix read from half RDP's ε, 4.8–5.2 s; as here, 4.1–4.4 s.
     """
     # log_pmc_inf = 0 (no mass at infinity): the package's δ bookkeeping, term for term.
     delta_inf = 1 - np.exp(0.0)
