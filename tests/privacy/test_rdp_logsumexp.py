@@ -52,3 +52,31 @@ def test_rdp_values_are_scipys_across_rates_and_noise(monkeypatch):
     for k in grid:
         ref = rdp._rdp_cached.__wrapped__(*k, orders)
         assert np.array_equal(lean[k], ref, equal_nan=True), k
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_integer_orders_summed_short_give_the_full_tables_bits(seed):
+    """The default integer orders run to 1024, but 62 of 66 series end by 63: those are
+    summed in a table 64 wide, not 1025. numpy's pairwise sums must make that the same
+    sum to the bit (a row's terms all in its first block of 128); this compares the two
+    layouts over random rates and noise, from tiny σ (terms that overflow) to large."""
+    alphas = np.asarray([a for a in rdp.DEFAULT_ORDERS if a == int(a)], dtype=np.float64)
+    width = int(alphas.max()) + 1
+    assert width > 128 and (alphas + 1 <= 64).sum() == 62 == len(alphas) - 4  # split
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        q = float(rng.choice([rng.uniform(1e-6, 1e-3), rng.uniform(1e-3, 0.999)]))
+        sigma = float(np.exp(rng.uniform(np.log(0.02), np.log(200.0))))
+        got = rdp._log_a_int(q, sigma, alphas)
+        want = rdp._log_a_int_table(q, sigma, alphas, width)
+        assert np.array_equal(got.view(np.int64), want.view(np.int64)), (q, sigma)
+
+
+def test_orders_that_all_fit_one_block_keep_their_single_table():
+    """Nothing to split when the longest series fits numpy's first block (or all are long):
+    the one table is the answer."""
+    for orders in ([2.0, 5.0, 63.0], [128.0, 256.0]):
+        alphas = np.asarray(orders)
+        got = rdp._log_a_int(0.05, 0.9, alphas)
+        want = rdp._log_a_int_table(0.05, 0.9, alphas, int(alphas.max()) + 1)
+        assert np.array_equal(got.view(np.int64), want.view(np.int64))
