@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
 from fedlora.config import FedloraConfig
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # not imported here: the data side is read without loading torch
+    import numpy as np
+    import torch
+
     from fedlora.data.fleet import Fleet
 
 _MAX_ENCODED = 32
@@ -212,6 +212,13 @@ def device_info(cfg: FedloraConfig, index: int) -> tuple[str, int]:
         return lazy.device_id(index), lazy.num_train(index)
     data = device_data(cfg, index)
     return data.device, len(data.train)
+
+
+def device_count(cfg: FedloraConfig) -> int:
+    """How many devices the simulated fleet has (the embedded one's without building it)."""
+    if _embedded_devices(cfg) is not None:
+        return cfg.fleet.num_devices
+    return len(fleet(cfg).devices)
 
 
 def device_data(cfg: FedloraConfig, index: int) -> Any:
