@@ -79,6 +79,7 @@ from fedlora.server.checkpoint import save_checkpoint
 from fedlora.server.ddp import DeviceLevelDP
 from fedlora.server.exchange import wait_for_nodes
 from fedlora.server.optimizers import ServerOptimizer
+from fedlora.server.sampling import draw, sample_size
 
 log = logging.getLogger("server")
 
@@ -216,7 +217,7 @@ class LoraFedAvg(Strategy):
         # (fedlora.fleetsim); every other device is taken to be online.
         pool = [nid for nid in eligible if self._online(known.get(nid), server_round)]
         self._round.online = len(pool)
-        k = self._sample_size(len(pool))
+        k = sample_size(fleet, len(pool))
         if k < fleet.min_devices:
             offline = len(eligible) - len(pool)
             self._round.skipped_reason = (
@@ -226,10 +227,7 @@ class LoraFedAvg(Strategy):
             )
             log.warning("round %d skipped: %s", server_round, self._round.skipped_reason)
             return []
-        # Choose positions, not ids: Flower node ids are uint64 and numpy would turn a mix
-        # of large ones into float64.
-        picked = self._rng.choice(len(pool), size=k, replace=False)
-        chosen = sorted(pool[int(i)] for i in picked)
+        chosen = sorted(draw(self._rng, pool, k))
         self._round.sampled = k
         fit_config: dict[str, Scalar] = {
             ROUND_KEY: server_round,
@@ -246,17 +244,6 @@ class LoraFedAvg(Strategy):
         if device is None or device not in self.budget.profiles:
             return True
         return fleetsim.is_online(self.cfg.fleet, self.cfg.seed, device, server_round)
-
-    def _sample_size(self, available: int) -> int:
-        """How many of ``available`` devices to sample: ``devices_per_round``, or the
-        ``fraction_per_round`` of them (at least ``min_devices``, at most
-        ``devices_per_round``); never more than there are."""
-        fleet = self.cfg.fleet
-        k = fleet.devices_per_round
-        if fleet.fraction_per_round is not None:
-            wanted = math.ceil(fleet.fraction_per_round * available - 1e-9)
-            k = min(k, max(fleet.min_devices, wanted))
-        return min(k, available)
 
     def aggregate_fit(
         self,

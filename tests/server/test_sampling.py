@@ -1,5 +1,6 @@
 """LoraFedAvg.configure_fit samples only devices that are online (a simulated device's
-seeded draw) and have privacy budget left, by count or by fraction, with a minimum."""
+seeded draw) and have privacy budget left, by count or by fraction, with a minimum; and
+:func:`fedlora.server.sampling.forecast` says beforehand what it will sample."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from flwr.server.client_manager import ClientManager
 from fedlora import fleetsim
 from fedlora.config import FedloraConfig
 from fedlora.server.budget import FleetBudget
+from fedlora.server.sampling import forecast
 from fedlora.server.strategy import LoraFedAvg
 
 PROFILES = [
@@ -147,3 +149,24 @@ def test_too_few_online_devices_skip_the_round_saying_why(tmp_path):
         "only 0 device(s) have privacy budget left and are online (20 offline) "
         "(fewer than fleet.min_devices=3)"
     )
+
+
+@pytest.mark.parametrize(
+    "fleet",
+    [
+        {"profiles": PROFILES},
+        {"profiles": []},
+        {"profiles": PROFILES, "fraction_per_round": 0.15, "devices_per_round": 50},
+        # offline devices skip some rounds entirely, without a draw
+        {"profiles": [{"name": "rare", "share": 1.0, "availability": 0.04}]},
+    ],
+)
+def test_the_forecast_is_what_the_coordinator_samples_round_after_round(tmp_path, fleet):
+    strategy = make(tmp_path, **fleet)
+    devices = [f"device-{i:04d}" for i in range(100)]
+
+    expected = forecast(strategy.cfg, devices, rounds=8)
+    sampled = [sample(strategy, rnd) for rnd in range(1, 9)]
+
+    assert sampled == expected
+    assert sum(1 for r in sampled if r) >= 4  # not vacuous: most rounds sample someone
