@@ -38,9 +38,11 @@ from fedlora.privacy import (
     DPSGDEvent,
     PrivacyLedger,
     calibrate_noise_multiplier,
+    device_budget,
     epsilon_for,
     epsilon_for_device,
 )
+from fedlora.privacy.calibration_cache import SharedCalibrations
 from fedlora.privacy.noise import RandomSource, SecureRandom, SeededRandom
 from fedlora.privacy.spend import EVENTS_KEY, QUERY_KEY, RUNS_KEY, encode_events
 from fedlora.protocol import NUM_ROUNDS_KEY, ROUND_KEY
@@ -55,13 +57,15 @@ def plan_noise(
     num_rounds: int,
     sample_rate: float,
     budget_epsilon: float | None = None,
+    shared: SharedCalibrations | None = None,
 ) -> float | None:
     """σ for this round, or raise BudgetExhaustedError if the device must decline.
 
     Calibrated mode: the smallest σ such that the history already spent plus
     every remaining round of the run (the worst case: sampled every time)
     stays within the budget. Fixed-σ mode: the configured σ, if one more round
-    keeps ε within the budget.
+    keeps ε within the budget. ``shared``: a simulation's calibrations filed by its other
+    processes (:mod:`fedlora.privacy.calibration_cache`).
     """
     p = cfg.privacy
     if not p.record_level:
@@ -79,6 +83,7 @@ def plan_noise(
                 max(1, num_rounds - server_round + 1),
                 history=history,
                 accountant=p.accountant,
+                shared=shared,
             )
         except BudgetExhaustedError as exc:
             # Said as a decline, so the coordinator stops asking (not counted as a fault).
@@ -194,9 +199,9 @@ class DeviceClient(NumPyClient):
         own = node.get("budget-epsilon")
         if own is None and self.profile is not None:
             own = self.profile.budget_epsilon
-        self.budget_epsilon = cfg.privacy.epsilon
-        if own is not None and float(own) > 0:
-            self.budget_epsilon = min(float(own), cfg.privacy.epsilon)
+        self.budget_epsilon = device_budget(
+            cfg.privacy.epsilon, None if own is None else float(own)
+        )
         ledger_path = node.get("ledger-path")
         if ledger_path:
             self.ledger_path: Path | None = Path(str(ledger_path))
@@ -281,8 +286,11 @@ class DeviceClient(NumPyClient):
                 f"device {self.device} already trained in round {server_round}; "
                 "a replayed request is refused so no step is counted twice"
             )
+        # A simulated device reads the σ its simulation's prefetch calibrated ahead of it
+        # (the same float its own search finds); a deployed one always searches itself.
+        shared = None if self.deployed else SharedCalibrations.from_env()
         sigma = plan_noise(
-            cfg, ledger, self.device, server_round, num_rounds, q, self.budget_epsilon
+            cfg, ledger, self.device, server_round, num_rounds, q, self.budget_epsilon, shared
         )
         device_event = plan_device_level(cfg, ledger, self.device, server_round, run, config)
         plan = LocalTrainingPlan(

@@ -32,6 +32,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
+from fedlora.privacy.events import poisson_sample_rate
 from fedlora.privacy.noise import RandomSource, SecureRandom
 
 
@@ -55,7 +56,7 @@ class LocalTrainingPlan:
 
     def sample_rate(self, num_records: int) -> float:
         """Poisson sampling rate q = B / N, capped at 1."""
-        return min(1.0, self.expected_batch_size / max(1, num_records))
+        return poisson_sample_rate(self.expected_batch_size, num_records)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from fedlora.privacy.accountants import (
     epsilon_for_device,
     get_accountant,
 )
-from fedlora.privacy.calibrate import calibrate_noise_multiplier, epsilon_after
+from fedlora.privacy.calibrate import calibrate_noise_multiplier, device_budget, epsilon_after
 from fedlora.privacy.calibrate_ddg import calibrate_ddg_noise, ddg_noise_multiplier
 from fedlora.privacy.events import (
     DISTRIBUTED_DISCRETE_GAUSSIAN,
@@ -78,6 +78,7 @@ __all__ = [
     "calibrate_ddg_noise",
     "calibrate_noise_multiplier",
     "ddg_noise_multiplier",
+    "device_budget",
     "epsilon_after",
     "epsilon_for",
     "epsilon_for_device",

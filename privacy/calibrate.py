@@ -20,7 +20,10 @@ and the same history calibrate the same σ. The answer depends only on the
 arguments and on the history's mechanisms (σ, q, steps, δ of each event, in any
 order: composition commutes), so it is memoised per process on exactly those
 (:func:`_calibrate`, an LRU of :data:`CACHE_SIZE` entries); a hit returns the
-very float a fresh search would.
+very float a fresh search would. A simulation also shares answers between its
+processes (``shared``: :mod:`fedlora.privacy.calibration_cache`), which is how the
+calibration prefetch (:mod:`fedlora.simprefetch`) takes the search off the devices'
+rounds.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Callable, Iterable
 from fedlora.errors import BudgetExhaustedError, PrivacyError
 from fedlora.privacy.accountants.base import check_delta
 from fedlora.privacy.accountants.registry import DEFAULT_ACCOUNTANT, epsilon_for, get_accountant
+from fedlora.privacy.calibration_cache import SharedCalibrations
 from fedlora.privacy.events import DPSGDEvent
 
 MIN_NOISE_MULTIPLIER = 0.01
@@ -162,9 +166,13 @@ def calibrate_noise_multiplier(
     *,
     rtol: float = 1e-3,
     max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
+    shared: SharedCalibrations | None = None,
 ) -> float:
     """Smallest σ (to ``rtol``, rounded up) so that ``history`` plus ``rounds`` more rounds of
     ``steps_per_round`` steps at rate ``sample_rate`` stay within ``target_epsilon`` at ``delta``.
+
+    ``shared``: answers filed by the other processes of a simulation, read before
+    searching; a search's answer is filed there.
 
     Raises :class:`BudgetExhaustedError` if ``history`` alone already reaches the
     target or no σ up to ``max_noise_multiplier`` meets it.
@@ -178,9 +186,21 @@ def calibrate_noise_multiplier(
     mechanisms = tuple(
         sorted((e.noise_multiplier, e.sample_rate, e.steps, e.delta) for e in history)
     )
-    return _calibrate(
-        target, delta, sample_rate, steps, rounds, mechanisms, accountant, rtol, max_sigma
-    )
+    key = (target, delta, sample_rate, steps, rounds, mechanisms, accountant, rtol, max_sigma)
+    if shared is None:
+        return _calibrate(*key)
+    sigma = shared.get(key)
+    if sigma is None:
+        sigma = _calibrate(*key)
+        shared.put(key, sigma)
+    return sigma
+
+
+def device_budget(run_epsilon: float, own: float | None) -> float:
+    """The ε a device trains to: the run's, or its own budget where that is smaller."""
+    if own is not None and float(own) > 0:
+        return min(float(own), run_epsilon)
+    return run_epsilon
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)

@@ -74,6 +74,12 @@ def _is_float(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
 
 
+def poisson_sample_rate(batch_size: int, num_records: int) -> float:
+    """DP-SGD's Poisson sampling rate q = B / N for an expected batch of ``batch_size``
+    from ``num_records``, capped at 1 (what a device trains with and records)."""
+    return min(1.0, batch_size / max(1, num_records))
+
+
 @dataclass(frozen=True)
 class DPSGDEvent:
     """``steps`` DP-SGD steps one device took in one round.

@@ -23,6 +23,7 @@ from typing import Any
 from fedlora.config import PrivacySection
 from fedlora.errors import UpdateError
 from fedlora.privacy import DDGEvent, DPSGDEvent, PrivacyLedger, epsilon_for, epsilon_for_device
+from fedlora.privacy.events import poisson_sample_rate
 
 #: How a device's budget refusal reads (see ``fedlora.client.device_client.plan_noise``).
 DECLINE_PATTERN = re.compile(r"device (\S+) declines round (\d+)")
@@ -189,7 +190,7 @@ class FleetBudget:
             q, steps, rnd = last.sample_rate, last.steps, last.round + 1
         elif device in self.num_records:
             # Not trained yet: its first round costs what its data size implies.
-            q = min(1.0, self.batch_size / self.num_records[device])
+            q = poisson_sample_rate(self.batch_size, self.num_records[device])
             steps, rnd = self.steps_per_round, 1
         else:
             return True  # nothing known yet; the device itself will decline if it must

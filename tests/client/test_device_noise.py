@@ -175,3 +175,44 @@ def test_nothing_the_device_keeps_or_sends_carries_its_key(world, monkeypatch):
     }
     assert event.device == DEVICE
     assert not {k for k in metrics if "seed" in k or "key" in k or "nonce" in k}
+
+
+def _plant(directory, cfg: FedloraConfig, q: float, factor: float) -> None:
+    """File σ·factor as the answer to the round-1 calibration of a device with rate q."""
+    from fedlora.privacy import calibrate_noise_multiplier
+    from fedlora.privacy.calibration_cache import SharedCalibrations
+
+    for path in directory.glob("*.json"):
+        path.unlink()
+    args = (cfg.privacy.epsilon, cfg.privacy.delta, q, cfg.training.local_steps, 3)
+    true = calibrate_noise_multiplier(*args, shared=SharedCalibrations(directory))
+    (path,) = directory.glob("*.json")  # the one question just filed
+    entry = json.loads(path.read_text())
+    path.write_text(json.dumps({**entry, "sigma": true * factor}))
+
+
+def test_a_simulated_device_takes_its_simulations_filed_sigma_a_deployed_one_never(
+    world, tmp_path, monkeypatch
+):
+    """The prefetch's answers are read by simulated devices only (the directory is the
+    simulation's own); a deployed device searches for itself whatever the environment."""
+    from fedlora.privacy import calibrate as cal
+    from fedlora.privacy.calibration_cache import ENV
+
+    cfg = _config(noise_multiplier=None)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.delenv(ENV, raising=False)
+    _, _, sim_own = world.fit(world.device(cfg, "s0", deployed=False))
+    _, _, dep_own = world.fit(world.device(cfg, "d0"))
+    monkeypatch.setenv(ENV, str(shared))
+
+    _plant(shared, cfg, sim_own["sample_rate"], factor=1.5)
+    cal._calibrate.cache_clear()
+    _, _, simulated = world.fit(world.device(cfg, "s1", deployed=False))
+    _plant(shared, cfg, dep_own["sample_rate"], factor=1.5)
+    cal._calibrate.cache_clear()
+    _, _, deployed = world.fit(world.device(cfg, "d1"))
+
+    assert simulated["noise_multiplier"] == sim_own["noise_multiplier"] * 1.5
+    assert deployed["noise_multiplier"] == dep_own["noise_multiplier"]
