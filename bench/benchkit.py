@@ -210,15 +210,21 @@ class ChildRun:
 
 
 def simulate_child(
-    config: dict[str, Any], run_dir: Path, *, rss_interval: float = 0.5, timeout: float = 3600
+    config: dict[str, Any],
+    run_dir: Path,
+    *,
+    rss_interval: float = 0.5,
+    timeout: float = 3600,
+    flags: tuple[str, ...] = (),
 ) -> ChildRun:
-    """Run ``fedlora simulate`` on ``config`` in a fresh process; sample its tree's RSS."""
+    """Run ``fedlora simulate`` on ``config`` (and ``flags``) in a fresh process; sample its
+    tree's RSS."""
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cfg_file = run_dir.parent / f"{run_dir.name}.config.json"
     cfg_file.write_text(json.dumps(config, indent=2))
     cmd = [str(FEDLORA), "simulate", "--config", str(cfg_file), "--out", str(run_dir)]
-    cmd += ["--force", "--quiet"]
+    cmd += ["--force", "--quiet", *flags]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr, cwd=REPO)
     rss = TreeRss(proc.pid, interval=rss_interval).start()

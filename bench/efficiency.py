@@ -20,10 +20,12 @@ Figure: (sum of the coordinator's ``round_s`` over rounds ≥ 1) ÷ ideal. The r
 whole wall time (process start, Ray start, round-0 evaluation, shutdown) against
 the same ideal is reported as ``whole_run_ratio``.
 
-``--quick``: 1 round with 20 of the 100 devices sampled.
+``--quick``: 1 round with 20 of the 100 devices sampled. ``--prefetch off`` runs the
+simulation without its calibration prefetch (:mod:`fedlora.simprefetch`), the other arm
+of the side-by-side comparison.
 
     .venv/bin/python bench/efficiency.py [--quick] [--devices 100] [--per-round N]
-                                         [--rounds 2] [--out DIR]
+                                         [--rounds 2] [--prefetch on|off] [--out DIR]
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-round", type=int, default=None, help="default: every device")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--secagg", choices=("on", "off"), default="on")
+    p.add_argument(
+        "--prefetch",
+        choices=("on", "off"),
+        default="on",
+        help="the simulation's calibration prefetch (off: `fedlora simulate --no-prefetch`)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument(
@@ -137,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         args.secagg = "on" if cfg_dict["secagg"]["enabled"] else "off"
     else:
         bk.log(f"efficiency: simulating {args.devices} devices, {args.rounds} round(s)")
-        run = bk.simulate_child(cfg_dict, out / "run")
+        flags = ("--no-prefetch",) if args.prefetch == "off" else ()
+        run = bk.simulate_child(cfg_dict, out / "run", flags=flags)
     rows = run.training_rows()
     rounds_s = sum(r["round_s"] for r in rows)
     slots = os.cpu_count() or 1
@@ -166,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         "unit": "ratio (simulated rounds' wall time ÷ ideal = summed local-training s ÷ slots)",
         "comparison": (
             f"sum of round_s over {args.rounds} round(s) of {args.devices} devices "
-            f"({args.per_round} sampled per round, DP-SGD, SecAgg+ {args.secagg}) against the "
+            f"({args.per_round} sampled per round, DP-SGD, SecAgg+ {args.secagg}, calibration "
+            f"prefetch {'as run' if args.from_run else args.prefetch}) against the "
             f"local-training compute of those rounds spread perfectly over {slots} worker slots"
         ),
         "target": target_for(args.devices),
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "devices": args.devices,
         "per_round": args.per_round,
         "rounds": args.rounds,
+        "prefetch": None if args.from_run else args.prefetch == "on",
         "rounds_wall_s": round(rounds_s, 2),
         "round_s": [round(r["round_s"], 2) for r in rows],
         "training_compute_s": round(compute, 2),

@@ -26,6 +26,7 @@ from typing import Any
 from fedlora.config import FedloraConfig
 from fedlora.errors import ConfigError, ExportError, FedloraError
 from fedlora.runfiles import RUN_FORMAT, versions, write_json
+from fedlora.simprefetch import Prefetch
 
 
 class ExportAfterTrainingError(ExportError):
@@ -116,18 +117,36 @@ def simulate(
     show_progress: bool = True,
     data_hook: Any = None,
     client_mods: Sequence[Any] = (),
+    prefetch: bool = True,
 ) -> dict[str, Any]:
     """Run the simulated fleet; returns the run summary (also written to ``run.json``).
 
     ``data_hook`` (:data:`fedlora.client.device_client.DataHook`) changes each simulated
     device's records: only ``fedlora audit`` passes one, to insert its canaries.
     ``client_mods``: more ClientApp mods, outermost (tests' faults; none in a normal run).
+    ``prefetch``: calibrate the devices' σ ahead of their rounds at the lowest CPU
+    priority (:mod:`fedlora.simprefetch`; calibrated DP only, never with ``data_hook``).
+    Started first, so it uses the core the model's loading leaves idle.
     """
-    import shutil
-
     if not verbose:
         quiet_libraries()
     check_run_dir(run_dir, force)
+    ahead = Prefetch(cfg) if prefetch and data_hook is None else contextlib.nullcontext()
+    with ahead:
+        return _simulate(cfg, run_dir, force, verbose, show_progress, data_hook, client_mods)
+
+
+def _simulate(
+    cfg: FedloraConfig,
+    run_dir: Path,
+    force: bool,
+    verbose: bool,
+    show_progress: bool,
+    data_hook: Any,
+    client_mods: Sequence[Any],
+) -> dict[str, Any]:
+    import shutil
+
     info = prepare(cfg)
 
     if run_dir.exists() and force:

@@ -8,8 +8,9 @@ Layers, lowest first (a module may import its own layer and those below):
    encoding, numpy only) and ``fedlora.reporting``;
 2. ``fedlora.client`` and ``fedlora.server``, which never import each other (what they
    share lives below them);
-3. commands: ``fedlora.cli`` (one module per command group), ``fedlora.simulate`` and
-   ``fedlora.testing``, which put the layers together.
+3. commands: ``fedlora.cli`` (one module per command group), ``fedlora.simulate`` (and
+   its calibration prefetch, ``fedlora.simprefetch``) and ``fedlora.testing``, which put
+   the layers together.
 
 Every import statement counts, module-level or inside a function (a function-level
 import is a dependency all the same), read from the source with ``ast``.
@@ -39,6 +40,7 @@ RANKS = {
     "fedlora.audit": 3,
     "fedlora.cli": 3,
     "fedlora.simulate": 3,
+    "fedlora.simprefetch": 3,
     "fedlora.testing": 3,
 }
 SIBLINGS = ("fedlora.client", "fedlora.server")

@@ -336,3 +336,34 @@ def test_a_users_own_checkpoint_via_model_path(tmp_path):
     merged = json.loads((tmp_path / "run" / "export" / "merged" / "config.json").read_text())
     assert merged["hidden_size"] == 48 and merged["vocab_size"] == len(tokenizer)
     assert any(a["name"] == "int8" for a in manifest["artefacts"])
+
+
+def test_devices_train_with_the_sigma_their_own_search_finds_prefetched_or_not(tmp_path):
+    """A calibrated run with the prefetch: each (round, device) the coordinator sampled is
+    the forecast's, and its σ is exactly what the device's own search returns for the
+    history it had (replayed here, every cache empty, no shared answers)."""
+    from fedlora import runtime
+    from fedlora.client.device_client import plan_noise
+    from fedlora.privacy import PrivacyLedger
+    from fedlora.privacy import calibrate as cal
+    from fedlora.simprefetch import forecast_calibrations
+    from fedlora.simulate import simulate
+
+    cfg = small_config(
+        training={"rounds": 3, "local_steps": 2, "batch_size": 8},
+        privacy={"noise_multiplier": None, "epsilon": 4.0},
+        export={"enabled": False},
+    )
+    simulate(cfg, tmp_path / "run", show_progress=False)
+    runtime.clear()
+
+    ledger = PrivacyLedger.load(tmp_path / "run" / "privacy" / "ledger.json")
+    forecast = [(c.server_round, c.device, c.sample_rate) for c in forecast_calibrations(cfg)]
+    trained = [(e.round, e.device, e.sample_rate) for e in ledger.events]
+    assert sorted(trained) == sorted(forecast) and len(trained) == 4 * 3
+    cal._calibrate.cache_clear()
+    replay = PrivacyLedger()
+    for event in sorted(ledger.events, key=lambda e: (e.round, e.device)):
+        own = plan_noise(cfg, replay, event.device, event.round, 3, event.sample_rate)
+        assert own == event.noise_multiplier
+        replay.append(event)
