@@ -166,14 +166,16 @@ class Prefetch:
             preexec_fn=_lowest_priority,
         )
 
-    def stop(self) -> None:
+    def stop(self, *, quiet: bool = False) -> None:
+        """End the process (a failure of its own is logged unless ``quiet``: the run's
+        own error, if it has one, is the one to say), put the variable back, clean up."""
         from fedlora.privacy.calibration_cache import ENV
 
         if self.process is not None:
             code = self.process.poll()
             if code is None:  # still ahead of rounds that will not come
                 self.process.terminate()
-            elif code != 0 and self.root is not None:  # costs time only, but say why
+            elif code != 0 and self.root is not None and not quiet:  # costs time only: say why
                 lines = (self.root / "prefetch.log").read_text(errors="replace").splitlines()
                 log.warning(
                     "the calibration prefetch failed (exit %d): %s",
@@ -197,8 +199,8 @@ class Prefetch:
     def __enter__(self) -> Prefetch:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.stop(quiet=exc_type is not None)
 
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

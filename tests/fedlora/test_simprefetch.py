@@ -47,8 +47,15 @@ def devices_plan(cfg: FedloraConfig, shared: SharedCalibrations | None) -> list[
         for device in chosen:
             sigma = plan_noise(cfg, ledger, device, rnd, ROUNDS, q[device], shared=shared)
             assert sigma is not None
-            ledger.append(DPSGDEvent(device=device, round=rnd, noise_multiplier=sigma,
-                                     sample_rate=q[device], steps=2, delta=cfg.privacy.delta))  # fmt: skip
+            event = DPSGDEvent(
+                device=device,
+                round=rnd,
+                noise_multiplier=sigma,
+                sample_rate=q[device],
+                steps=2,
+                delta=cfg.privacy.delta,
+            )
+            ledger.append(event)
             out.append((rnd, device, sigma))
     return out
 
@@ -142,3 +149,24 @@ def test_a_prefetch_that_fails_is_said_in_one_line_and_costs_nothing_else(monkey
         "the calibration prefetch failed (exit 3): ConfigError: no such thing"
     ]
     assert ENV not in os.environ
+
+
+def test_a_run_that_fails_says_its_own_error_not_the_prefetchs(monkeypatch, caplog):
+    import subprocess
+    import sys
+
+    def failing(config, cache, log):
+        return subprocess.Popen((sys.executable, "-c", "raise SystemExit(3)"), stderr=log)
+
+    monkeypatch.setattr(Prefetch, "_spawn", staticmethod(failing))
+    ahead = Prefetch(small())
+    with (
+        caplog.at_level("WARNING", logger="fedlora.simulate"),
+        pytest.raises(ValueError, match="own error"),
+        ahead,
+    ):
+        assert ahead.process is not None
+        ahead.process.wait(timeout=30)
+        raise ValueError("the run's own error")
+
+    assert caplog.messages == []
