@@ -30,6 +30,12 @@ if TYPE_CHECKING:  # not imported here: the data side is read without loading to
 
     from fedlora.data.fleet import Fleet
 
+#: Thread pools a simulation worker's libraries size from the environment (OpenMP,
+#: OpenBLAS, MKL): one each, in Ray's workers (:func:`fedlora.simulate.worker_environment`)
+#: and in the calibration prefetch (:mod:`fedlora.simprefetch`); a second BLAS thread
+#: spins between calls and doubles a σ calibration's CPU.
+WORKER_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
 _MAX_ENCODED = 32
 _lock = threading.RLock()
 #: Held while a model is built, so a data lookup (discovery) never waits for a model.

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import FedloraConfig
+from fedlora.runtime import WORKER_THREAD_VARS
 
 log = logging.getLogger("fedlora.simulate")
 
@@ -63,7 +64,7 @@ def forecast_calibrations(cfg: FedloraConfig) -> Iterator[Calibration]:
     from fedlora.privacy.events import poisson_sample_rate
     from fedlora.server.sampling import forecast
 
-    if not cfg.privacy.record_level or cfg.privacy.noise_multiplier is not None:
+    if not Prefetch.wanted(cfg):
         return
     info = {}
     for index in range(runtime.device_count(cfg)):
@@ -137,6 +138,7 @@ class Prefetch:
 
     @staticmethod
     def wanted(cfg: FedloraConfig) -> bool:
+        """Whether ``cfg``'s devices calibrate σ (record-level DP, no fixed σ)."""
         return cfg.privacy.record_level and cfg.privacy.noise_multiplier is None
 
     def start(self) -> Prefetch:
@@ -162,7 +164,7 @@ class Prefetch:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
-            env={**os.environ, **dict.fromkeys(_THREAD_VARS, "1")},
+            env={**os.environ, **dict.fromkeys(WORKER_THREAD_VARS, "1")},
             preexec_fn=_lowest_priority,
         )
 
@@ -201,10 +203,6 @@ class Prefetch:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop(quiet=exc_type is not None)
-
-
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-"""One BLAS thread, as a simulation worker: a second one spins and doubles the CPU spent."""
 
 
 def _lowest_priority() -> None:

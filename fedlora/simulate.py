@@ -26,6 +26,7 @@ from typing import Any
 from fedlora.config import FedloraConfig
 from fedlora.errors import ConfigError, ExportError, FedloraError
 from fedlora.runfiles import RUN_FORMAT, versions, write_json
+from fedlora.runtime import WORKER_THREAD_VARS
 from fedlora.simprefetch import Prefetch
 
 
@@ -315,11 +316,6 @@ def ray_backend_config(verbose: bool = False) -> dict[str, Any]:
     if not os.environ.get("RAY_ADDRESS"):
         init_args.update(num_cpus=os.cpu_count() or 1, num_gpus=0)
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
-
-
-#: Thread pools a simulation worker's libraries size from the environment (OpenMP,
-#: OpenBLAS, MKL); see :func:`worker_environment`.
-WORKER_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @contextlib.contextmanager
